@@ -1,0 +1,5 @@
+"""The engine: training loop, data, RecA sample builder, checkpoints, metrics and the CLI.
+
+Submodules are imported on use (`reca.engine.train`, `reca.engine.data`, ...): importing this
+package does nothing else.
+"""

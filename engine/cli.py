@@ -1,0 +1,105 @@
+"""`reca` command line: `reca train`, `reca info`.
+
+User errors (a missing folder, an unknown preset or config key, a GPU asked for and absent)
+print one line on stderr and exit with status 2; no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from reca.engine.errors import UserError
+
+EPILOG = "Any config field can be overridden with --set SECTION.FIELD=VALUE (e.g. --set optim.lr=2e-5)."
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="reca", description="RecA post-training engine for unified multimodal models.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="run RecA post-training", epilog=EPILOG)
+    t.add_argument("--preset", default="tiny", help="named preset (default: tiny)")
+    t.add_argument("--data", help="image folder (searched recursively), or 'demo' for the bundled photographs")
+    t.add_argument("--steps", type=int, help="optimizer steps")
+    t.add_argument("--out", help="run directory (config, metrics, checkpoints, previews)")
+    t.add_argument("--prompts", help="file of instructions, one a line (default: the pool shipped with reca)")
+    t.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    t.add_argument("--init-from", help="local directory of pretrained weights (see README)")
+    t.add_argument("--resume", metavar="RUN", help="continue the run in RUN exactly where its checkpoint left off")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    t.add_argument("--quiet", action="store_true", help="no config print-out and no progress bar")
+
+    i = sub.add_parser("info", help="print a preset's resolved config and parameter counts (no weights allocated)",
+                       epilog=EPILOG)
+    i.add_argument("--preset", default="tiny")
+    i.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+    return p
+
+
+def _train(args) -> None:
+    from reca.engine.config import RunConfig, apply_overrides
+    from reca.engine.presets import preset
+
+    overrides = []
+    if args.resume:
+        run = Path(args.resume)
+        if not (run / "config.json").is_file():
+            raise UserError(f"nothing to resume in {run}: no config.json")
+        cfg = RunConfig.from_dict(json.loads((run / "config.json").read_text()))
+        overrides.append(f"output.dir={run}")
+        if args.out and Path(args.out) != run:
+            raise UserError("--resume continues in its own run directory; leave out --out")
+    else:
+        cfg = preset(args.preset)
+    for flag, key in (("data", "data.source"), ("steps", "train.steps"), ("out", "output.dir"),
+                      ("prompts", "sample.prompts"), ("device", "train.device"), ("init_from", "train.init_from")):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    cfg = apply_overrides(cfg, overrides + args.set)
+    if cfg.train.steps < 1:
+        raise UserError("train.steps must be at least 1")
+
+    from reca.engine.train import train
+
+    train(cfg, resume=bool(args.resume), quiet=args.quiet)
+
+
+def _info(args) -> None:
+    from reca.engine.config import apply_overrides
+    from reca.engine.info import describe
+    from reca.engine.presets import preset
+
+    cfg = apply_overrides(preset(args.preset), args.set)
+    report = describe(cfg)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    print(f"preset {args.preset}: family {cfg.model.family}")
+    width = max(len(m) for m in report["modules"])
+    print(f"  {'module':<{width}}  {'parameters':>15}  trainable")
+    for name, row in report["modules"].items():
+        print(f"  {name:<{width}}  {row['parameters']:>15,}  {'yes' if row['trainable'] else 'no'}")
+    print(f"  {'total':<{width}}  {report['parameters']:>15,}")
+    print(f"  {'trainable':<{width}}  {report['trainable']:>15,}")
+    for key, value in report["shapes"].items():
+        print(f"  {key}: {value}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    try:
+        {"train": _train, "info": _info}[args.command](args)
+    except UserError as e:
+        print(f"reca: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("reca: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

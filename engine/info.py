@@ -1,0 +1,34 @@
+"""`reca info`: a preset's parameter counts per module, computed on the meta device (no memory)."""
+from __future__ import annotations
+
+import torch
+
+from reca.engine.config import RunConfig
+from reca.models import build_model
+
+
+def describe(cfg: RunConfig) -> dict:
+    with torch.device("meta"):
+        model = build_model(cfg.model)
+    modules = {}
+    for name, child in model.named_children():
+        n = sum(p.numel() for p in child.parameters())
+        if n:
+            modules[name] = {"parameters": n, "trainable": any(p.requires_grad for p in child.parameters())}
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    text = cfg.sample.max_text_tokens
+    gen_tokens = getattr(model, "latent_grid", 0) ** 2
+    return {
+        "preset": cfg.preset,
+        "family": cfg.model.family,
+        "modules": modules,
+        "parameters": total,
+        "trainable": trainable,
+        "shapes": {
+            "understanding view": f"{model.views.und_size} px -> {model.num_visual_tokens} visual tokens",
+            "generation view": f"{model.views.gen_size} px -> {gen_tokens} generation tokens",
+            "prompt length": f"{model.num_visual_tokens} visual + <= {text} instruction tokens + template",
+            "batch": cfg.data.batch_size,
+        },
+    }

@@ -1,0 +1,100 @@
+"""What a user looks at: RUN/metrics.jsonl (one line per step), TensorBoard when installed,
+RUN/loss.png and the reconstruction grids RUN/recon_step{N}.png."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+class MetricsWriter:
+    def __init__(self, run_dir: str | Path, tensorboard: bool = True, resume_step: int = 0):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        if resume_step == 0:
+            self.path.unlink(missing_ok=True)
+        else:  # drop lines past the checkpoint: the resumed run writes them again
+            self._truncate(resume_step)
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except Exception:  # tensorboard is optional
+                SummaryWriter = None
+            if SummaryWriter is not None:
+                self.tb = SummaryWriter(str(Path(run_dir) / "tb"))
+
+    def _truncate(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        self.path.write_text("".join(line + "\n" for line in keep))
+
+    def write(self, rows: list[dict]) -> None:
+        with self.path.open("a") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for row in rows:
+                for key, value in row.items():
+                    if key != "step" and isinstance(value, (int, float)):
+                        self.tb.add_scalar(key, value, row["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+
+
+def plot_loss(run_dir: str | Path) -> Path | None:
+    rows = [r for r in read_metrics(run_dir) if "loss" in r and math.isfinite(r["loss"])]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display on training machines
+    import matplotlib.pyplot as plt
+
+    steps = np.array([r["step"] for r in rows])
+    loss = np.array([r["loss"] for r in rows])
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot(steps, loss, lw=0.8, alpha=0.4, label="loss")
+    k = max(1, len(loss) // 50)
+    if k > 1:
+        smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
+        ax.plot(steps[k - 1 :], smooth, lw=1.6, label=f"mean of {k}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("generation loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = Path(run_dir) / "loss.png"
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def save_grid(columns: list[torch.Tensor], path: str | Path, pad: int = 2) -> Path:
+    """Images [N, 3, H, W] in [-1, 1], one tensor per column (input | reconstruction ...) -> PNG."""
+    cols = [((c.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8) for c in columns]
+    n, _, h, w = cols[0].shape
+    grid = np.full((n * (h + pad) + pad, len(cols) * (w + pad) + pad, 3), 255, dtype=np.uint8)
+    for j, col in enumerate(cols):
+        for i in range(n):
+            y, x = pad + i * (h + pad), pad + j * (w + pad)
+            grid[y : y + h, x : x + w] = col[i].permute(1, 2, 0).numpy()
+    scale = max(1, 128 // h)  # tiny previews are upscaled (nearest) so they can be seen
+    img = Image.fromarray(grid)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    path = Path(path)
+    img.save(path)
+    return path

@@ -1,0 +1,99 @@
+"""RecA sample builder: the family's prompt template around the visual prompt, as token ids.
+
+For each image the template's `{image}` becomes `num_visual_tokens` placeholder ids (the
+conditioning op later writes the visual prompt over them) and `{instruction}` becomes an
+instruction drawn from a pool of "reproduce every visual detail" requests, or, with
+probability `fixed_prob`, the fixed short one ("Generate an image."), the visual tokens kept.
+Prompts are right-padded to one fixed length so the step never changes shape. Every random
+choice is a pure function of (seed, stream position): resuming reproduces it exactly.
+"""
+from __future__ import annotations
+
+import importlib.resources
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from reca.engine.errors import UserError
+from reca.models.adapter import PromptBatch, PromptTemplate, TextTokenizer
+
+_FIELD = re.compile(r"(\{image\}|\{instruction\})")
+
+
+def load_instructions(path: str = "") -> list[str]:
+    """One instruction a line from `path`, or the pool shipped with reca when `path` is empty."""
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"prompts file not found: {path}")
+        text = p.read_text(encoding="utf-8", errors="replace")
+    else:
+        text = (importlib.resources.files("reca.engine") / "prompts" / "instructions.txt").read_text(encoding="utf-8")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise UserError(f"prompts file has no instructions: {path}")
+    return lines
+
+
+class SampleBuilder:
+    def __init__(
+        self,
+        tokenizer: TextTokenizer,
+        template: PromptTemplate,
+        num_visual_tokens: int,
+        instructions: list[str],
+        *,
+        fixed_instruction: str = "Generate an image.",
+        fixed_prob: float = 0.1,
+        max_text_tokens: int = 128,
+        seed: int = 0,
+    ):
+        parts = _FIELD.split(template.text)
+        if parts.count("{image}") != 1 or parts.count("{instruction}") != 1:
+            raise ValueError(f"template needs exactly one {{image}} and one {{instruction}}: {template.text!r}")
+        self.image_id = tokenizer.token_id(template.image_token)
+        self.pad_id = tokenizer.token_id(template.pad_token)
+        self.num_visual_tokens = num_visual_tokens
+        self.fixed_prob = fixed_prob
+        self.seed = seed
+        # The template as a list of literal id chunks and two slots, tokenised once.
+        self._parts = [p if p in ("{image}", "{instruction}") else tokenizer.encode(p) for p in parts if p]
+        self._pool = [tokenizer.encode(s)[:max_text_tokens] for s in instructions]
+        self._fixed = tokenizer.encode(fixed_instruction)[:max_text_tokens]
+        literal = sum(len(p) for p in self._parts if isinstance(p, list))
+        self.length = literal + num_visual_tokens + max_text_tokens  # P, the same for every batch
+
+    def choose(self, position: int) -> int:
+        """Index into the pool for the sample at stream `position`, or -1 for the fixed instruction."""
+        rng = np.random.default_rng([self.seed, 0x5EC, position])
+        if rng.random() < self.fixed_prob:
+            return -1
+        return int(rng.integers(len(self._pool)))
+
+    def ids(self, choice: int) -> list[int]:
+        """Unpadded prompt ids for a pool index (or -1: the fixed instruction)."""
+        out: list[int] = []
+        for part in self._parts:
+            if part == "{image}":
+                out += [self.image_id] * self.num_visual_tokens
+            elif part == "{instruction}":
+                out += self._fixed if choice < 0 else self._pool[choice]
+            else:
+                out += part
+        return out
+
+    def build(self, positions: list[int] | torch.Tensor, fixed: bool = False) -> PromptBatch:
+        """Prompts for the samples at these stream positions -> ids [B, P], mask [B, P].
+
+        `fixed=True` uses the fixed instruction for every sample (previews: the visual prompt alone).
+        """
+        positions = [int(p) for p in positions]
+        ids = torch.full((len(positions), self.length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(len(positions), self.length, dtype=torch.bool)
+        for row, pos in enumerate(positions):
+            seq = self.ids(-1 if fixed else self.choose(pos))
+            ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            mask[row, : len(seq)] = True
+        return PromptBatch(input_ids=ids, mask=mask)

@@ -1,0 +1,35 @@
+"""Model families behind one adapter protocol (`reca.models.adapter.RecaAdapter`).
+
+Models are single-device and kernel-agnostic: each takes a `KernelOps` table (chosen by the
+run's `kernels.backend`) and never patches anything. `FAMILIES` maps a config's `family` field
+to its config class and its model class.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Union
+
+from reca.models.adapter import LossOutput, PromptBatch, PromptTemplate, RecaAdapter, TextTokenizer, ViewSpec
+from reca.models.flow import FlowConfig, FlowModel
+
+
+@dataclass(frozen=True)
+class Family:
+    config: type
+    build: Callable  # (config, ops) -> nn.Module implementing RecaAdapter
+
+
+FAMILIES: dict[str, Family] = {"flow": Family(FlowConfig, FlowModel)}
+
+ModelConfig = Union[FlowConfig]
+
+
+def build_model(cfg, ops=None):
+    """Instantiate the family named by `cfg.family` (on the current default device)."""
+    return FAMILIES[cfg.family].build(cfg, ops)
+
+
+__all__ = [
+    "FAMILIES", "Family", "ModelConfig", "build_model", "RecaAdapter", "ViewSpec",
+    "PromptTemplate", "PromptBatch", "LossOutput", "TextTokenizer", "FlowConfig", "FlowModel",
+]

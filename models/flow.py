@@ -1,0 +1,209 @@
+"""Flow-matching family in BAGEL's style, with one shared-weight LLM backbone.
+
+Understanding: SigLIP (second-to-last layer + post layer norm) -> MLP connector + fixed 2-D
+sin-cos positions -> visual prompt at LLM width. Generation: VAE latents cut into p x p patches
+-> linear in + timestep embedding + 2-D sin-cos positions -> Qwen2 (fed `inputs_embeds`) ->
+linear out = velocity; rectified-flow loss with logit-normal t. The sequence is
+
+    prompt (visual tokens, full attention among them; text causal; padding masked)
+    <|vision_start|> noised latent tokens <|vision_end|>   (they see the whole prompt and
+                                                            each other; nothing attends to them)
+
+The Mixture-of-Transformers split (separate understanding and generation experts) belongs to
+the BAGEL family; here `trainable` chooses which modules learn.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from transformers import Qwen2Config, Qwen2Model, SiglipVisionConfig, SiglipVisionModel
+
+from reca.kernels import KernelOps, get_ops
+from reca.models.adapter import LossOutput, PromptBatch, PromptTemplate, ViewSpec
+from reca.models.layers import MLPConnector, TimestepEmbedder, patchify, sincos_2d, unpatchify
+from reca.models.tokenizer import load_tokenizer
+from reca.models.vae import VAEConfig, build_codec
+
+MODULES = ("vit", "connector", "llm", "gen_in", "time_embed", "gen_out")
+
+
+@dataclass(kw_only=True)
+class Qwen2Shape:
+    vocab_size: int = 1024
+    hidden_size: int = 128
+    intermediate_size: int = 344
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    max_position: int = 32768
+
+
+@dataclass(kw_only=True)
+class SiglipShape:
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_layers: int = 2  # of the full encoder: the last one is never built (second-to-last features)
+    num_heads: int = 2
+    image_size: int = 32
+    patch_size: int = 8
+
+
+@dataclass(kw_only=True)
+class FlowConfig:
+    family: str = "flow"
+    llm: Qwen2Shape = field(default_factory=Qwen2Shape)
+    vit: SiglipShape = field(default_factory=SiglipShape)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    gen_size: int = 32  # generation view side, pixels
+    latent_patch: int = 2  # latents per token along a side
+    timestep_dim: int = 256
+    time_shift: float = 1.0  # t -> s t / (1 + (s - 1) t) when training
+    sample_shift: float = 1.0  # the same at sampling (BAGEL: 3.0)
+    visual_grad_scale: float = 1.0
+    trainable: tuple[str, ...] = ("connector", "llm", "gen_in", "time_embed", "gen_out")
+    tokenizer: str = ""  # a local HF tokenizer directory; empty = reca's tiny byte-level BPE
+    gradient_checkpointing: bool = False
+
+
+class FlowModel(nn.Module):
+    """RecA adapter (see `reca.models.adapter.RecaAdapter`) for the flow-matching family."""
+
+    def __init__(self, cfg: FlowConfig, ops: KernelOps | None = None):
+        super().__init__()
+        unknown = set(cfg.trainable) - set(MODULES)
+        if unknown:
+            raise ValueError(f"model.trainable names unknown modules {sorted(unknown)}; known: {', '.join(MODULES)}")
+        self.cfg = cfg
+        self.ops = ops or get_ops("torch")
+        v, q = cfg.vit, cfg.llm
+        self.vit = SiglipVisionModel(SiglipVisionConfig(
+            hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
+            num_hidden_layers=v.num_layers - 1, num_attention_heads=v.num_heads,
+            image_size=v.image_size, patch_size=v.patch_size, vision_use_head=False,
+            attn_implementation="sdpa",
+        ))
+        self.connector = MLPConnector(v.hidden_size, q.hidden_size)
+        self.llm = Qwen2Model(Qwen2Config(
+            vocab_size=q.vocab_size, hidden_size=q.hidden_size, intermediate_size=q.intermediate_size,
+            num_hidden_layers=q.num_layers, num_attention_heads=q.num_heads,
+            num_key_value_heads=q.num_kv_heads, rope_theta=q.rope_theta, rms_norm_eps=q.rms_norm_eps,
+            max_position_embeddings=q.max_position, tie_word_embeddings=False, attn_implementation="sdpa",
+        ))
+        if cfg.gradient_checkpointing:
+            self.llm.gradient_checkpointing_enable()
+        self.codec = build_codec(cfg.vae)
+        self.latent_channels = self.codec.latent_channels
+        self.latent_grid = cfg.gen_size // self.codec.downsample // cfg.latent_patch
+        token_dim = self.latent_channels * cfg.latent_patch**2
+        self.gen_in = nn.Linear(token_dim, q.hidden_size)
+        self.time_embed = TimestepEmbedder(q.hidden_size, cfg.timestep_dim)
+        self.gen_out = nn.Linear(q.hidden_size, token_dim)
+        vit_grid = v.image_size // v.patch_size
+        self.register_buffer("vit_pos", sincos_2d(q.hidden_size, vit_grid), persistent=False)
+        self.register_buffer("latent_pos", sincos_2d(q.hidden_size, self.latent_grid), persistent=False)
+
+        for name in MODULES:
+            getattr(self, name).requires_grad_(name in cfg.trainable)
+        self.codec.requires_grad_(False)
+
+        self.tokenizer = load_tokenizer(cfg.tokenizer or None, q.vocab_size)
+        if self.tokenizer.vocab_size > q.vocab_size:
+            raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} tokens but the LLM only {q.vocab_size}")
+        self.template = PromptTemplate(text="<|vision_start|>{image}<|vision_end|><|im_start|>{instruction}<|im_end|>")
+        self.views = ViewSpec(und_size=v.image_size, und_mean=(0.5, 0.5, 0.5), und_std=(0.5, 0.5, 0.5),
+                              gen_size=cfg.gen_size, gen_resize="crop")
+        self.num_visual_tokens = vit_grid**2
+        self.image_token_id = self.tokenizer.token_id(self.template.image_token)
+        self.visual_grad_scale = cfg.visual_grad_scale
+        self._marker_ids = (self.tokenizer.token_id("<|vision_start|>"), self.tokenizer.token_id("<|vision_end|>"))
+
+    # --- adapter protocol -------------------------------------------------------------------
+    def input_embeddings(self) -> torch.Tensor:
+        return self.llm.embed_tokens.weight
+
+    def encode_visual_prompt(self, und: torch.Tensor) -> torch.Tensor:
+        """[B, 3, Hu, Wu] -> [B, (Hu/patch)^2, D]."""
+        grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.vit.parameters())
+        with torch.set_grad_enabled(grad):
+            feats = self.vit(pixel_values=und).last_hidden_state  # post-LN of the second-to-last layer
+        return self.connector(feats) + self.vit_pos.to(feats.dtype)
+
+    @torch.no_grad()
+    def make_target(self, gen: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """[B, 3, Hg, Wg] in [-1, 1] -> clean latent tokens x0 [B, T, C p p] (float32)."""
+        z = self.codec.encode(gen.float(), generator=generator)
+        return patchify(z, self.cfg.latent_patch).float()
+
+    def generation_loss(self, prompt_embeds, prompt: PromptBatch, target, generator=None) -> LossOutput:
+        x0 = target
+        b = x0.shape[0]
+        t = torch.sigmoid(torch.randn(b, device=x0.device, generator=generator))
+        t = self._shift(t, self.cfg.time_shift)
+        noise = torch.randn(x0.shape, device=x0.device, generator=generator, dtype=x0.dtype)
+        x_t = self.ops.flow_matching_noise(x0, noise, t)
+        pred = self.velocity(prompt_embeds, prompt, x_t, t)
+        loss = self.ops.flow_matching_loss(pred, x0, noise)
+        return LossOutput(loss=loss, metrics={"t_mean": t.mean().detach()})
+
+    @torch.no_grad()
+    def sample(self, prompt_embeds, prompt: PromptBatch, steps: int, generator=None) -> torch.Tensor:
+        """Euler integration of the velocity from noise (t = 1) to data (t = 0) -> [B, 3, Hg, Wg]."""
+        b, dev = prompt_embeds.shape[0], prompt_embeds.device
+        tokens = self.latent_grid**2
+        x = torch.randn(b, tokens, self.gen_out.out_features, device=dev, generator=generator)
+        ts = self._shift(torch.linspace(1.0, 0.0, steps + 1, device=dev), self.cfg.sample_shift)
+        for i in range(steps):
+            t = ts[i].expand(b)
+            x = x + (ts[i + 1] - ts[i]) * self.velocity(prompt_embeds, prompt, x, t).float()
+        z = unpatchify(x, self.cfg.latent_patch, self.latent_channels, self.latent_grid)
+        return self.codec.decode(z).clamp(-1, 1)
+
+    def decode_target(self, x0: torch.Tensor) -> torch.Tensor:
+        """Latent tokens [B, T, C p p] -> images [B, 3, Hg, Wg] (what the model is asked to regenerate)."""
+        z = unpatchify(x0.float(), self.cfg.latent_patch, self.latent_channels, self.latent_grid)
+        return self.codec.decode(z).clamp(-1, 1)
+
+    # --- internals ---------------------------------------------------------------------------
+    @staticmethod
+    def _shift(t: torch.Tensor, s: float) -> torch.Tensor:
+        return t if s == 1.0 else s * t / (1 + (s - 1) * t)
+
+    def velocity(self, prompt_embeds, prompt: PromptBatch, x_t, t) -> torch.Tensor:
+        """Prompt [B, P, D] + noised latent tokens [B, T, Cpp] at time t [B] -> velocity [B, T, Cpp]."""
+        b, p, _ = prompt_embeds.shape
+        n = x_t.shape[1]
+        w = self.llm.embed_tokens.weight
+        gen = self.gen_in(x_t.to(w.dtype)) + self.time_embed(t)[:, None] + self.latent_pos.to(w.dtype)
+        start, end = (w[i].expand(b, 1, -1) for i in self._marker_ids)
+        seq = torch.cat([prompt_embeds.to(gen.dtype), start.to(gen.dtype), gen, end.to(gen.dtype)], dim=1)
+        mask, pos = self._attention(prompt, n)
+        hidden = self.llm(inputs_embeds=seq, attention_mask=mask, position_ids=pos).last_hidden_state
+        return self.gen_out(hidden[:, p + 1 : p + 1 + n])
+
+    def _attention(self, prompt: PromptBatch, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Boolean mask [B, 1, L, L] (True = may attend) and position ids [B, L], L = P + n + 2.
+
+        Visual tokens attend to each other fully, text causally, padding is never a key; the
+        latent block (with its two markers) sees the prompt and itself. All latent tokens share
+        one rotary position (their 2-D position is in the sin-cos table), as BAGEL does.
+        """
+        ids, valid = prompt.input_ids, prompt.mask
+        b, p = ids.shape
+        dev = ids.device
+        group = torch.where(ids == self.image_token_id, 1, 0)
+        group = torch.cat([group, torch.full((b, n + 2), 2, device=dev, dtype=group.dtype)], dim=1)
+        key_ok = torch.cat([valid, torch.ones(b, n + 2, device=dev, dtype=torch.bool)], dim=1)
+        idx = torch.arange(p + n + 2, device=dev)
+        causal = idx[None, :, None] >= idx[None, None, :]
+        same = (group[:, :, None] == group[:, None, :]) & (group[:, :, None] > 0)
+        diag = torch.eye(p + n + 2, device=dev, dtype=torch.bool)[None]  # pad rows see themselves: no NaN
+        mask = ((causal | same) & key_ok[:, None, :]) | diag
+
+        length = valid.sum(1, keepdim=True)
+        prompt_pos = (valid.cumsum(1) - 1).clamp_min(0)
+        gen_pos = torch.cat([length, (length + 1).expand(b, n), length + 2], dim=1)
+        return mask[:, None], torch.cat([prompt_pos, gen_pos], dim=1)

@@ -1,0 +1,66 @@
+"""Small shared parts of the families: position tables, timestep embedding, connector MLP, patchify."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def sincos_2d(dim: int, grid: int) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position table [grid * grid, dim] (half the channels per axis)."""
+    if dim % 4:
+        raise ValueError(f"sin-cos 2-D embedding needs a width divisible by 4, got {dim}")
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    coords = torch.arange(grid, dtype=torch.float64)
+    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+
+    def axis(pos: torch.Tensor) -> torch.Tensor:
+        angles = pos.reshape(-1, 1) * omega[None]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([axis(yy), axis(xx)], dim=1).float()
+
+
+class TimestepEmbedder(nn.Module):
+    """Scalar t in [0, 1] [B] -> [B, D]: sinusoidal features of 1000 t, then an MLP (DiT/BAGEL style)."""
+
+    def __init__(self, dim: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        args = (t.float() * 1000)[:, None] * freqs[None]
+        feats = torch.cat([args.cos(), args.sin()], dim=-1)
+        return self.mlp(feats.to(self.mlp[0].weight.dtype))
+
+
+class MLPConnector(nn.Module):
+    """fc1 -> GELU(tanh) -> fc2: understanding features [.., Din] -> LLM width [.., D]."""
+
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(in_dim, dim)
+        self.fc2 = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+def patchify(z: torch.Tensor, p: int) -> torch.Tensor:
+    """Latents [B, C, H, W] -> tokens [B, (H/p)(W/p), C p p] in row-major patch order."""
+    b, c, h, w = z.shape
+    z = z.reshape(b, c, h // p, p, w // p, p)
+    return z.permute(0, 2, 4, 1, 3, 5).reshape(b, (h // p) * (w // p), c * p * p)
+
+
+def unpatchify(x: torch.Tensor, p: int, channels: int, grid: int) -> torch.Tensor:
+    """Inverse of `patchify` for a square grid: [B, grid^2, C p p] -> [B, C, grid p, grid p]."""
+    b = x.shape[0]
+    x = x.reshape(b, grid, grid, channels, p, p)
+    return x.permute(0, 3, 1, 4, 2, 5).reshape(b, channels, grid * p, grid * p)
