@@ -86,3 +86,21 @@ def test_loss_halves_on_the_demo(tmp_path):
     losses = [r["loss"] for r in read_metrics(cfg.output.dir)]
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert last <= 0.5 * first, (first, last)
+
+
+def test_broken_images_are_skipped_and_counted_in_metrics(tmp_path):
+    from PIL import Image
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(5):
+        Image.new("RGB", (40 + i, 48), (40 * i, 100, 200 - 30 * i)).save(data / f"ok{i}.png")
+    (data / "empty.jpg").write_bytes(b"")
+    (data / "page.png").write_text("<html><body>not an image</body></html>")
+    good = (data / "ok0.png").read_bytes()
+    (data / "cut.png").write_bytes(good[: len(good) // 2])
+    cfg = _cfg(tmp_path, **{"data.source": data, "data.batch_size": 4, "train.steps": 4, "output.log_every": 2})
+    train(cfg, quiet=True)
+    rows = [r for r in read_metrics(cfg.output.dir) if "skipped" in r]
+    assert rows[-1]["skipped"] >= 3  # each broken file met at least once in 16 samples of 8 files
+    assert all(r["loss"] > 0 for r in read_metrics(cfg.output.dir))
