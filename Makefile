@@ -32,7 +32,7 @@ endif
 install: $(VENV)/.installed
 
 demo: install
-	$(BIN)/reca train --preset tiny --data demo --out runs/demo
+	$(BIN)/reca train --preset tiny --data demo --out runs/demo --overwrite
 
 test: install
 	$(BIN)/python -m pytest tests -q -p no:cacheprovider

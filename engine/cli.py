@@ -28,6 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     t.add_argument("--init-from", help="local directory of pretrained weights (see README)")
     t.add_argument("--resume", metavar="RUN", help="continue the run in RUN exactly where its checkpoint left off")
+    t.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out instead of refusing")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     t.add_argument("--quiet", action="store_true", help="no config print-out and no progress bar")
 
@@ -59,6 +60,8 @@ def _train(args) -> None:
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"{key}={value}")
+    if args.overwrite:
+        overrides.append("output.overwrite=true")
     cfg = apply_overrides(cfg, overrides + args.set)
     if cfg.train.steps < 1:
         raise UserError("train.steps must be at least 1")

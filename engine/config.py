@@ -77,6 +77,7 @@ class TrainConfig:
 @dataclass(kw_only=True)
 class OutputConfig:
     dir: str = "runs/default"
+    overwrite: bool = False  # a new run may replace a finished or interrupted run in `dir`
     log_every: int = 10  # steps between metrics.jsonl lines
     ckpt_every: int = 100  # steps between checkpoints (one is always written at the end)
     preview_every: int = 0  # steps between reconstruction grids; 0 = only at the end
@@ -122,11 +123,7 @@ def _build(cls, d: dict[str, Any], where: str, **given):
             raise UserError(f"unknown config key {_join(where, key)!r}")
         if key in given:
             continue
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp) and isinstance(value, dict):
-            kwargs[key] = _build(tp, value, _join(where, key))
-        else:
-            kwargs[key] = _coerce(value, tp, _join(where, key))
+        kwargs[key] = _coerce(value, hints[key], _join(where, key))
     return cls(**kwargs)
 
 

@@ -117,6 +117,9 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: int | None = None
     run = Path(cfg.output.dir)
     if resume and not (run / "checkpoint.pt").exists():
         raise UserError(f"nothing to resume: {run / 'checkpoint.pt'} does not exist")
+    if not resume and (run / "checkpoint.pt").exists() and not cfg.output.overwrite:
+        raise UserError(f"{run} already holds a run; continue it with --resume {run}, "
+                        "or replace it with --overwrite")
     c = build(cfg)
     model, opt = c.model, c.optimizer
     start = 0
@@ -129,6 +132,9 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: int | None = None
         set_rng_state(ckpt["rng"], c.generator)
         start = ckpt["step"]
     run.mkdir(parents=True, exist_ok=True)
+    if not resume:  # --overwrite: no picture of the replaced run may pass for this one's
+        for old in run.glob("recon_step*.png"):
+            old.unlink()
     (run / "config.json").write_text(cfg.to_json())
     model.tokenizer.save(str(run / "tokenizer"))
     if not quiet:

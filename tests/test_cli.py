@@ -92,3 +92,11 @@ def test_every_preset_round_trips_through_json():
     for name, fn in PRESETS.items():
         cfg = fn()
         assert RunConfig.from_dict(json.loads(cfg.to_json())) == cfg, name
+
+
+def test_an_existing_run_is_never_silently_replaced(tmp_path):
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(b"precious")
+    _one_line_error(reca("train", "--out", str(run), "--steps", "1"), "--resume")
+    assert (run / "checkpoint.pt").read_bytes() == b"precious"
