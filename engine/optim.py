@@ -9,12 +9,16 @@ from reca.engine.config import OptimConfig
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Trainable parameters split into decayed (>= 2-D weights) and undecayed (1-D: norms, biases)."""
+    """Trainable parameters split into decayed (>= 2-D weights) and undecayed (1-D: norms,
+    biases, and whole modules the model names in an optional `no_weight_decay()` -> prefixes,
+    e.g. Harmon's diffusion head)."""
+    exempt = tuple(getattr(model, "no_weight_decay", lambda: ())())
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.ndim >= 2 and not name.endswith(".bias") else no_decay).append(p)
+        plain = p.ndim < 2 or name.endswith(".bias") or (exempt and name.startswith(exempt))
+        (no_decay if plain else decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

@@ -92,10 +92,10 @@ def build(cfg: RunConfig) -> Components:
         except ValueError as e:  # inconsistent model settings from the CLI
             raise UserError(f"model config: {e}") from None
     if cfg.train.init_from:
-        from reca.models.loading import load_pretrained
-
+        if not hasattr(model, "load_pretrained"):
+            raise UserError(f"the {cfg.model.family} family cannot load --init-from weights")
         try:
-            load_pretrained(model, cfg.train.init_from)
+            model.load_pretrained(cfg.train.init_from)
         except (ValueError, OSError) as e:
             raise UserError(str(e)) from None
     model.train()

@@ -114,6 +114,9 @@ class RecaAdapter(Protocol):
         """
         ...
 
+    # Optional: `load_pretrained(directory)` for `--init-from`, and `no_weight_decay()` ->
+    # parameter-name prefixes the optimizer must not decay (beyond 1-D tensors and biases).
+
     def sample(
         self,
         prompt_embeds: torch.Tensor,

@@ -167,6 +167,12 @@ class FlowModel(nn.Module):
         z = unpatchify(x0.float(), self.cfg.latent_patch, self.latent_channels, self.latent_grid)
         return self.codec.decode(z).clamp(-1, 1)
 
+    def load_pretrained(self, directory: str) -> dict[str, int]:
+        """Weights from a local directory (layout in `reca.models.loading`); tensors loaded per part."""
+        from reca.models.loading import load_pretrained
+
+        return load_pretrained(self, directory)
+
     # --- internals ---------------------------------------------------------------------------
     @staticmethod
     def _shift(t: torch.Tensor, s: float) -> torch.Tensor:

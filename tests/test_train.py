@@ -104,3 +104,25 @@ def test_broken_images_are_skipped_and_counted_in_metrics(tmp_path):
     rows = [r for r in read_metrics(cfg.output.dir) if "skipped" in r]
     assert rows[-1]["skipped"] >= 3  # each broken file met at least once in 16 samples of 8 files
     assert all(r["loss"] > 0 for r in read_metrics(cfg.output.dir))
+
+
+def test_weight_decay_groups():
+    from reca.engine.optim import param_groups
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Linear(4, 4)
+            self.norm = torch.nn.LayerNorm(4)
+            self.head = torch.nn.Linear(4, 4)
+            self.frozen = torch.nn.Linear(4, 4).requires_grad_(False)
+
+        def no_weight_decay(self):
+            return ("head.",)
+
+    m = M()
+    decay, plain = param_groups(m, 0.1)
+    assert decay["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    assert {id(p) for p in decay["params"]} == {id(m.body.weight)}
+    assert {id(p) for p in plain["params"]} == {id(m.body.bias), id(m.norm.weight), id(m.norm.bias),
+                                                id(m.head.weight), id(m.head.bias)}
