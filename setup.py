@@ -36,7 +36,8 @@ setup(
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda130"],
-        "test": ["pytest", "pytest-benchmark"],
+        "parquet": ["pyarrow"],  # Parquet data sources (imported lazily)
+        "test": ["pytest", "pytest-benchmark", "pyarrow"],
         "bench": ["pytest-benchmark", "liger-kernel"],
         "tensorboard": ["tensorboard"],
     },

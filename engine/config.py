@@ -21,7 +21,11 @@ from reca.models import FAMILIES, ModelConfig
 class DataConfig:
     """Where images come from and how a RecA sample's two views are cut from one decode."""
 
-    source: str = "demo"  # an image folder (searched recursively), or "demo": photographs bundled in scikit-image
+    # "demo" (photographs bundled in scikit-image), an image folder (recursive; NAME.txt is the
+    # caption), WebDataset tar shards (a .tar, a folder of *.tar, or a pattern 's-{000..099}.tar'
+    # / 's-*.tar'), or Parquet (a .parquet, a folder of them, a pattern); mix sources with
+    # weights: "a/:0.7,b.tar:0.3" (weights hold exactly over every 1024 positions)
+    source: str = "demo"
     batch_size: int = 8  # images per micro-batch
     num_workers: int = 0  # decoding processes; 0 decodes in the training process
     seed: int = 0  # shuffle order and augmentation are pure functions of (seed, stream position)
@@ -30,6 +34,12 @@ class DataConfig:
     und_downscale: float = 1.0  # < 1 blurs the understanding view on purpose (an information bottleneck)
     min_side: int = 16  # images with a shorter side are skipped as broken
     max_pixels: int = 64_000_000  # header sizes beyond this are skipped unread (decompression bombs)
+    parquet_image_column: str = "image"  # raw bytes, or the HF datasets struct {bytes, path}
+    parquet_caption_column: str = ""  # a string column kept as the caption; "" = none
+    shuffle_window: int = 8  # Parquet: rows are shuffled within runs of this many shuffled row groups; 0 = full shuffle
+    decoder: str = "auto"  # "auto" | "dali" | "nvjpeg" | "pil"; auto = dali, else nvjpeg, on CUDA; pil on CPU
+    decode_device: str = "auto"  # where a batch decoder runs: "auto" (current CUDA device, else cpu) | "cpu" | "cuda:N"
+    decode_threads: int = 2  # DALI's CPU threads
 
 
 @dataclass(kw_only=True)

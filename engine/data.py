@@ -1,35 +1,44 @@
-"""Image data for RecA: a source of encoded images -> decoded RGB -> batches of two views.
+"""Image data for RecA: sources of encoded images -> decoded RGB -> batches of two views.
 
     loader = build_loader(cfg.data, model.views, rank=rank, world_size=world_size)
-    batch = next(loader)          # ImageBatch: und [B, 3, Hu, Wu], gen [B, 3, Hg, Wg], keys, positions
+    batch = next(loader)          # ImageBatch: und [B, 3, Hu, Wu], gen [B, 3, Hg, Wg], keys,
+                                  #             positions [B], captions (str | None each)
     state = loader.state_dict()   # {"position", "skipped"}: save per rank, load to resume exactly
 
-Order: stream position p = 0, 1, 2, ... reads sample `perm_e[p % n]`, where `perm_e` is a
-permutation seeded by (seed, epoch e = p // n); rank r of w takes positions r, r + w, ...
-Augmentation for position p is seeded by (seed, p) alone. Nothing depends on what was read
-before, so resuming from a position reproduces the uninterrupted run bit for bit, with or
-without worker processes. Broken images are skipped (the next position takes their place),
-counted in `loader.skipped` and named once in a warning on the `reca.engine.data` logger.
+Sources (`data_sources`): an image folder, WebDataset tar shards, Parquet files or the demo;
+`data.source = "a/:0.7,b.tar:0.3"` mixes several with weights (`data_order`).
+Order (`data_order.Order`): stream position p reads a sample that is a pure function of
+(seed, p); rank r of w takes positions r, r + w, ...; augmentation for position p is seeded
+by (seed, p) alone. Nothing depends on what was read before, so resuming from a position
+reproduces the uninterrupted run bit for bit, with or without worker processes. Broken
+images are skipped (the next position takes their place), counted in `loader.skipped` and
+named once in a warning on the `reca.engine.data` logger.
 
-Sources (`ImageSource`) and the decoder (`ImageDecoder`, in `data_decode`) are small
-interfaces so that WebDataset/Parquet sources and GPU decoding can be dropped in later.
+Decoding (`data.decoder`): Pillow in the workers, or a batch backend (`data_dali`: DALI, or
+nvJPEG via torchvision) that decodes a whole batch in the training process, on the GPU when
+there is one. With a CUDA backend `und`/`gen` are FIXED device buffers, refilled in place on
+torch's current stream each batch (same storage, same shape: a CUDA-graph-captured step can
+read them); copy them if a batch must outlive the next `next(loader)`.
 """
 from __future__ import annotations
 
-import io
 import logging
-import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Iterator, NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
 
+from reca.engine.data_dali import PLAIN_MODES, BatchBackend, make_backend
 from reca.engine.data_decode import (
-    IMAGE_EXTENSIONS, BadImage, ImageDecoder, PillowDecoder, make_views, needed_side,
+    BadImage, ImageDecoder, PillowDecoder, crop_box, make_views, needed_side, probe,
+)
+from reca.engine.data_order import Order, parse_source_spec
+from reca.engine.data_sources import (
+    DemoSource, FolderSource, ImageSource, ParquetSource, TarSource, caption_of, open_one,
 )
 from reca.engine.errors import UserError
 if TYPE_CHECKING:  # duck-typed at run time: any object with ViewSpec's fields works
@@ -37,7 +46,8 @@ if TYPE_CHECKING:  # duck-typed at run time: any object with ViewSpec's fields w
 
 __all__ = [
     "BadImage", "DemoSource", "FolderSource", "ImageBatch", "ImageDecoder", "ImageSource",
-    "Loader", "PillowDecoder", "build_loader", "make_views", "open_source",
+    "Loader", "ParquetSource", "PillowDecoder", "TarSource", "build_loader", "make_views",
+    "open_source", "open_sources",
 ]
 
 log = logging.getLogger(__name__)
@@ -45,170 +55,122 @@ log = logging.getLogger(__name__)
 CACHE_BYTES = 256 << 20  # decoded-image LRU per process: holds a demo or small folder entirely
 
 
-@runtime_checkable
-class ImageSource(Protocol):
-    """Indexable encoded images; `key(i)` names sample i in logs and batches."""
-
-    def __len__(self) -> int: ...
-
-    def key(self, i: int) -> str: ...
-
-    def read(self, i: int) -> bytes: ...
+def open_source(spec: str, cfg: Any = None) -> ImageSource:
+    """One source: 'demo', an image folder, tar shard(s), Parquet file(s) (see `data_sources`)."""
+    return open_one(spec, cfg)
 
 
-class FolderSource:
-    """Image files under `root`, searched recursively, in sorted relative-path order.
-
-    Picked by extension (IMAGE_EXTENSIONS, any case); the decoder then trusts content only.
-    Hidden files and folders (leading '.', e.g. macOS '._x.jpg') are ignored; symlinked files
-    are read, symlinked folders are not followed (no cycles).
-    """
-
-    def __init__(self, root: str):
-        self.root = os.path.abspath(os.path.expanduser(root))
-        if not os.path.exists(self.root):
-            raise UserError(f"data source {root!r}: no such folder (give an image folder or 'demo')")
-        if not os.path.isdir(self.root):
-            raise UserError(f"data source {root!r} is a file, not a folder of images")
-        found = []
-        for folder, dirs, files in os.walk(self.root):
-            dirs[:] = [d for d in dirs if not d.startswith(".")]
-            rel = os.path.relpath(folder, self.root)
-            found += [
-                name if rel == "." else f"{rel}/{name}".replace(os.sep, "/")
-                for name in files
-                if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
-            ]
-        if not found:
-            exts = " ".join(IMAGE_EXTENSIONS)
-            raise UserError(f"data source {root!r}: no image files ({exts}) found")
-        self.files = sorted(found)
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def key(self, i: int) -> str:
-        return self.files[i]
-
-    def read(self, i: int) -> bytes:
-        with open(os.path.join(self.root, self.files[i]), "rb") as f:
-            return f.read()
-
-
-# (key, skimage.data function, tuple item or None): the photographs that ship inside
-# scikit-image; eagle/kidney/lily/skin are left out because they need a download.
-_DEMO = [("astronaut", "astronaut", None), ("chelsea", "chelsea", None), ("coffee", "coffee", None),
-         ("rocket", "rocket", None), ("hubble_deep_field", "hubble_deep_field", None),
-         ("immunohistochemistry", "immunohistochemistry", None), ("retina", "retina", None),
-         ("stereo_motorcycle_left", "stereo_motorcycle", 0),
-         ("stereo_motorcycle_right", "stereo_motorcycle", 1),
-         ("camera", "camera", None), ("moon", "moon", None), ("grass", "grass", None),
-         ("gravel", "gravel", None), ("brick", "brick", None)]
-
-
-class DemoSource:
-    """Photographs bundled in scikit-image, offline: 14 images, 9 colour and 5 grey.
-
-    Each is encoded as PNG on first read (lazily, once per process) so the demo runs exactly
-    the decode path a folder of files does.
-    """
-
-    def __init__(self):
-        self._png: dict[int, bytes] = {}
-
-    def __len__(self) -> int:
-        return len(_DEMO)
-
-    def key(self, i: int) -> str:
-        return f"skimage/{_DEMO[i][0]}"
-
-    def read(self, i: int) -> bytes:
-        if i not in self._png:
-            import skimage.data  # slow import, and only the demo needs it
-
-            _, fn, item = _DEMO[i]
-            pixels = getattr(skimage.data, fn)()
-            pixels = pixels if item is None else pixels[item]
-            buf = io.BytesIO()
-            Image.fromarray(pixels).save(buf, "PNG", compress_level=1)  # fast; size is irrelevant
-            self._png[i] = buf.getvalue()
-        return self._png[i]
-
-
-def open_source(spec: str) -> ImageSource:
-    """'demo' -> DemoSource; anything else is a folder (write './demo' for a folder so named)."""
-    return DemoSource() if spec == "demo" else FolderSource(spec)
+def open_sources(spec: str, cfg: Any = None) -> list[tuple[str, ImageSource, float]]:
+    """'a/:0.7,b.tar:0.3' -> [(name, source, weight)]; one entry for a plain spec."""
+    return [(name, open_one(name, cfg), w) for name, w in parse_source_spec(spec)]
 
 
 @dataclass
 class ImageBatch:
     und: torch.Tensor  # [B, 3, Hu, Wu] float32, normalised by the model's und_mean/und_std
     gen: torch.Tensor  # [B, 3, Hg, Wg] float32 in [-1, 1]
-    keys: list[str]  # source key of each sample
+    keys: list[str]  # source key of each sample ("S:key" in a mix of sources, S its index)
     positions: torch.Tensor  # [B] int64 stream positions the samples came from
+    captions: list[str | None] | None = None  # text that came with each image (RecA ignores it)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "ImageBatch":
         return ImageBatch(self.und.to(device, non_blocking=non_blocking),
-                          self.gen.to(device, non_blocking=non_blocking), self.keys, self.positions)
+                          self.gen.to(device, non_blocking=non_blocking), self.keys, self.positions,
+                          self.captions)
 
 
-Sample = tuple[int, int, str, Any, Any, str]  # position, index, key, und | None, gen | None, reason
+class Sample(NamedTuple):
+    """One stream position, as a worker hands it over (pickled)."""
+
+    position: int
+    item: tuple[int, int]  # (source, index): what bad-sample memos are keyed by
+    key: str
+    caption: str | None
+    und: np.ndarray | None  # [3, Hu, Wu] (Pillow path) or None
+    gen: np.ndarray | None  # [3, Hg, Wg] (Pillow path) or None
+    raw: tuple[bytes, tuple[int, int, int, int], bool] | None  # for a batch backend
+    reason: str  # non-empty: a bad sample
 
 
 class _Samples(torch.utils.data.Dataset):
     """Map-style dataset over stream positions: what both the in-process path and the
-    DataLoader workers run. Each process keeps its own decoded-image LRU and bad-index memo."""
+    DataLoader workers run. Each process keeps its own decoded-image LRU and bad-item memo.
 
-    def __init__(self, source: ImageSource, decoder: ImageDecoder, views: ViewSpec, cfg: Any,
-                 cache_bytes: int):
-        self.source, self.decoder, self.views, self.cfg = source, decoder, views, cfg
-        self.n = len(source)
+    `formats`: image formats a batch backend decodes; those samples come back as `raw`
+    (bytes + the shared crop box + flip, from the header alone), the rest as Pillow views.
+    """
+
+    def __init__(self, sources: list[tuple[str, ImageSource, float]], decoder: ImageDecoder,
+                 views: ViewSpec, cfg: Any, cache_bytes: int, formats: frozenset[str] = frozenset()):
+        self.sources = [s for _, s, _ in sources]
+        self.prefix = [f"{k}:" if len(sources) > 1 else "" for k in range(len(sources))]
+        self.decoder, self.views, self.cfg = decoder, views, cfg
+        self.formats = formats
+        self.order = Order(self.sources, [w for _, _, w in sources], seed=cfg.seed,
+                           window=getattr(cfg, "shuffle_window", 0))
+        self.n = sum(len(s) for s in self.sources)
         self.cache_bytes = cache_bytes
-        self._cache: OrderedDict[int, Image.Image] = OrderedDict()
+        self._cache: OrderedDict[tuple[int, int], Image.Image] = OrderedDict()
         self._cached = 0
-        self._bad: dict[int, str] = {}
-        self._perm: tuple[int, np.ndarray] = (-1, np.empty(0, np.int64))
-
-    def index(self, position: int) -> int:
-        epoch = position // self.n
-        if self._perm[0] != epoch:
-            self._perm = (epoch, np.random.default_rng([self.cfg.seed, 0, epoch]).permutation(self.n))
-        return int(self._perm[1][position % self.n])
+        self._bad: dict[tuple[int, int], str] = {}
 
     def __getitem__(self, position: int) -> Sample:
-        i = self.index(position)
-        key = self.source.key(i)
-        try:
-            img = self._image(i, key)
-        except BadImage as e:
-            return position, i, key, None, None, " ".join(str(e).split())
+        s, i = self.order.locate(position)
+        src = self.sources[s]
+        key = self.prefix[s] + src.key(i)
         rng = np.random.default_rng([self.cfg.seed, 1, position])
-        und, gen = make_views(img, self.views, self.cfg, rng)
-        return position, i, key, und, gen, ""
-
-    def _image(self, i: int, key: str) -> Image.Image:
-        if i in self._bad:
-            raise BadImage(self._bad[i])
-        if i in self._cache:
-            self._cache.move_to_end(i)
-            return self._cache[i]
         try:
-            data = self.source.read(i)
+            caption = caption_of(src, i)
+            if self.formats and (s, i) not in self._cache:
+                raw = self._raw(s, i, rng)
+                if raw is not None:
+                    return Sample(position, (s, i), key, caption, None, None, raw, "")
+                rng = np.random.default_rng([self.cfg.seed, 1, position])  # Pillow redraws
+            img = self._image(s, i, key)
+        except BadImage as e:
+            return Sample(position, (s, i), key, None, None, None, None, " ".join(str(e).split()))
+        und, gen = make_views(img, self.views, self.cfg, rng)
+        return Sample(position, (s, i), key, caption, und, gen, None, "")
+
+    def _read(self, s: int, i: int) -> bytes:
+        if (s, i) in self._bad:
+            raise BadImage(self._bad[(s, i)])
+        try:
+            return self.sources[s].read(i)
         except OSError as e:
             raise BadImage(f"cannot read: {e}") from None
+
+    def _raw(self, s: int, i: int, rng: np.random.Generator) -> Any:
+        """(bytes, box, flip) when the backend takes this image; None: Pillow decodes it."""
+        data = self._read(s, i)
+        try:
+            fmt, mode, w, h = probe(data, max_pixels=self.cfg.max_pixels, min_side=self.cfg.min_side)
+        except BadImage as e:
+            self._bad[(s, i)] = str(e)
+            raise
+        if fmt not in self.formats or mode not in PLAIN_MODES:
+            return None
+        box, flip = crop_box(w, h, self.views, self.cfg, rng)
+        return data, box, flip
+
+    def _image(self, s: int, i: int, key: str) -> Image.Image:
+        if (s, i) in self._cache:
+            self._cache.move_to_end((s, i))
+            return self._cache[(s, i)]
+        data = self._read(s, i)
         try:
             img = self.decoder.decode(data, key)
         except BadImage as e:
-            self._bad[i] = str(e)  # decoding is deterministic: never try this one again
+            self._bad[(s, i)] = str(e)  # decoding is deterministic: never try this one again
             raise
-        self._remember(i, img)
+        self._remember((s, i), img)
         return img
 
-    def _remember(self, i: int, img: Image.Image) -> None:
+    def _remember(self, item: tuple[int, int], img: Image.Image) -> None:
         size = img.width * img.height * 3
         if size > self.cache_bytes:
             return
-        self._cache[i] = img
+        self._cache[item] = img
         self._cached += size
         while self._cached > self.cache_bytes:
             _, old = self._cache.popitem(last=False)
@@ -235,25 +197,30 @@ def _keep(sample: Sample) -> Sample:  # DataLoader's collate_fn: module-level so
 class Loader:
     """Endless iterator of full `ImageBatch`es for one rank (see the module docstring).
 
+    `source`: one `ImageSource`, or [(name, source, weight)] to mix (see `open_sources`).
+    `backend`: a batch decoder (`data_dali.make_backend`) or None for Pillow.
     Attributes the train loop reads: `skipped` (bad-sample skip events so far), `wait_seconds`
     (cumulative time spent inside `__next__`, i.e. the loop waiting for data).
     """
 
-    def __init__(self, source: ImageSource, views: ViewSpec, cfg: Any, *, rank: int = 0,
-                 world_size: int = 1, decoder: ImageDecoder | None = None,
-                 cache_bytes: int = CACHE_BYTES):
+    def __init__(self, source: ImageSource | list[tuple[str, ImageSource, float]], views: ViewSpec,
+                 cfg: Any, *, rank: int = 0, world_size: int = 1, decoder: ImageDecoder | None = None,
+                 cache_bytes: int = CACHE_BYTES, backend: BatchBackend | None = None):
         if decoder is None:
             decoder = PillowDecoder(min_side=cfg.min_side, max_pixels=cfg.max_pixels,
                                     target_side=needed_side(views, cfg.crop_scale))
-        self.cfg, self.views = cfg, views
+        sources = source if isinstance(source, list) else [(cfg.source, source, 1.0)]
+        self.cfg, self.views, self.backend = cfg, views, backend
         self.rank, self.world_size = rank, world_size
-        self.samples = _Samples(source, decoder, views, cfg, cache_bytes)
+        formats = backend.formats if backend is not None else frozenset()
+        self.samples = _Samples(sources, decoder, views, cfg, cache_bytes, formats)
         self.skipped = 0
         self.wait_seconds = 0.0
         self._next = rank  # next stream position of this rank not yet in a yielded batch
-        self._bad: dict[int, str] = {}  # index -> reason, for warn-once and the all-bad check
+        self._bad: dict[tuple[int, int], str] = {}  # item -> reason: warn once, all-bad check
         self._dataloader: torch.utils.data.DataLoader | None = None
         self._workers: Iterator[Sample] | None = None
+        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __iter__(self) -> "Loader":
         return self
@@ -265,20 +232,67 @@ class Loader:
         finally:
             self.wait_seconds += time.perf_counter() - t0
 
+    def _good(self) -> Sample:
+        """The next usable sample of this rank's stream (bad ones are counted and skipped)."""
+        while True:
+            sample = self._sample()
+            self._next = sample.position + self.world_size
+            if sample.item in self._bad:  # a backend found it bad; workers may not know yet
+                self._skip(sample.item, sample.key, self._bad[sample.item])
+            elif sample.reason:
+                self._skip(sample.item, sample.key, sample.reason)
+            else:
+                return sample
+
     def _batch(self) -> ImageBatch:
-        und, gen, keys, positions = [], [], [], []
-        while len(keys) < self.cfg.batch_size:
-            p, i, key, u, g, reason = self._sample()
-            self._next = p + self.world_size
-            if u is None:
-                self._skip(i, key, reason)
-                continue
-            und.append(u)
-            gen.append(g)
-            keys.append(key)
-            positions.append(p)
-        return ImageBatch(torch.from_numpy(np.stack(und)), torch.from_numpy(np.stack(gen)),
-                          keys, torch.tensor(positions, dtype=torch.int64))
+        b = self.cfg.batch_size
+        if self.backend is None:
+            got = [self._good() for _ in range(b)]
+            und = torch.from_numpy(np.stack([s.und for s in got]))
+            gen = torch.from_numpy(np.stack([s.gen for s in got]))
+        else:
+            got, und, gen = self._backend_batch(b)
+        return ImageBatch(und, gen, [s.key for s in got],
+                          torch.tensor([s.position for s in got], dtype=torch.int64),
+                          [s.caption for s in got])
+
+    def _backend_batch(self, b: int) -> tuple[list[Sample], torch.Tensor, torch.Tensor]:
+        """Fill [B] slots: backend-decoded samples in one call, Pillow ones copied in; a sample
+        the backend rejects is dropped and the rows after it move up, then more are fetched."""
+        dev, v = self.backend.device, self.views  # type: ignore[union-attr]
+        if dev.type == "cuda" and self._buffers is not None:
+            und, gen = self._buffers  # fixed storage: refilled in place (see module docstring)
+        else:
+            und = torch.empty(b, 3, v.und_size, v.und_size, device=dev)
+            gen = torch.empty(b, 3, v.gen_size, v.gen_size, device=dev)
+            if dev.type == "cuda":
+                self._buffers = (und, gen)
+        got: list[Sample] = []
+        while len(got) < b:
+            new = [self._good() for _ in range(b - len(got))]
+            fast = [j for j, s in enumerate(new) if s.raw is not None]
+            ok = [True] * len(new)
+            base = len(got)
+            for j, s in enumerate(new):
+                if s.raw is None:
+                    und[base + j].copy_(torch.from_numpy(s.und), non_blocking=True)
+                    gen[base + j].copy_(torch.from_numpy(s.gen), non_blocking=True)
+            if fast:
+                u, g, reasons = self.backend.decode_views([new[j].raw for j in fast])  # type: ignore
+                done = [j for j, r in zip(fast, reasons) if not r]
+                rows = torch.tensor([base + j for j in done], device=dev, dtype=torch.int64)
+                und.index_copy_(0, rows, u)
+                gen.index_copy_(0, rows, g)
+                for j, r in zip(fast, reasons):
+                    if r:
+                        ok[j] = False
+                        self._skip(new[j].item, new[j].key, r)
+            if not all(ok):  # rare: compact the rows that decoded
+                keep = torch.tensor([base + j for j in range(len(new)) if ok[j]], device=dev, dtype=torch.int64)
+                und[base: base + len(keep)] = und.index_select(0, keep)
+                gen[base: base + len(keep)] = gen.index_select(0, keep)
+            got += [s for s, good in zip(new, ok) if good]
+        return got, und, gen
 
     def _sample(self) -> Sample:
         if self.cfg.num_workers <= 0:
@@ -295,10 +309,10 @@ class Loader:
             prefetch_factor=max(2, -(-2 * self.cfg.batch_size // w)))  # ~2 batches in flight
         return iter(self._dataloader)
 
-    def _skip(self, i: int, key: str, reason: str) -> None:
+    def _skip(self, item: tuple[int, int], key: str, reason: str) -> None:
         self.skipped += 1
-        if i not in self._bad:
-            self._bad[i] = reason
+        if item not in self._bad:
+            self._bad[item] = reason
             log.warning("skipping image %s: %s", key, reason)
             if len(self._bad) >= self.samples.n:
                 self.close()
@@ -328,6 +342,17 @@ class Loader:
         self.close()
 
 
+def decode_device(cfg: Any) -> torch.device:
+    """`data.decode_device`: "auto" is this process's current CUDA device if any, else CPU."""
+    spec = getattr(cfg, "decode_device", "auto")
+    if spec == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        return torch.device(spec)
+    except RuntimeError:
+        raise UserError(f"data.decode_device must be auto, cpu or cuda[:N], got {spec!r}") from None
+
+
 def build_loader(cfg: Any, views: ViewSpec, *, rank: int = 0, world_size: int = 1) -> Loader:
     """The loader for a `DataConfig` and a model's `ViewSpec`; workers start on the first batch."""
     if cfg.batch_size < 1:
@@ -344,4 +369,6 @@ def build_loader(cfg: Any, views: ViewSpec, *, rank: int = 0, world_size: int = 
         raise UserError(f"gen_resize must be 'crop' or 'stretch', got {views.gen_resize!r}")
     if not 0 <= rank < world_size:
         raise UserError(f"rank {rank} is outside world_size {world_size}")
-    return Loader(open_source(cfg.source), views, cfg, rank=rank, world_size=world_size)
+    backend = make_backend(cfg, views, cfg.batch_size, decode_device(cfg))
+    return Loader(open_sources(cfg.source, cfg), views, cfg, rank=rank, world_size=world_size,
+                  backend=backend)

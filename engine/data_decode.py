@@ -128,6 +128,55 @@ def _to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
     return np.clip(np.rint(a * scale), 0, 255).astype(np.uint8)
 
 
+def crop_box(w: int, h: int, views: ViewSpec, cfg: Any,
+             rng: np.random.Generator) -> tuple[tuple[int, int, int, int], bool]:
+    """The ONE crop (x0, y0, x1, y1 in pixels of a w x h image) and flip both views share.
+
+    Every backend calls this (GPU ones on the header's size) so they cut the same region.
+    """
+    u_scale, u_x, u_y, u_flip = rng.random(4)  # always 4 draws, whatever the settings
+    short = min(w, h)
+    if cfg.crop_scale < 1.0:
+        side = min(short, max(1, round(short * (cfg.crop_scale + (1.0 - cfg.crop_scale) * u_scale))))
+        x0, y0 = int(u_x * (w - side + 1)), int(u_y * (h - side + 1))
+        box = (x0, y0, x0 + side, y0 + side)
+    elif views.gen_resize == "stretch":
+        box = (0, 0, w, h)
+    else:
+        x0, y0 = (w - short) // 2, (h - short) // 2
+        box = (x0, y0, x0 + short, y0 + short)
+    return box, bool(cfg.hflip) and u_flip < 0.5
+
+
+def probe(data: bytes, *, max_pixels: int, min_side: int) -> tuple[str, str, int, int]:
+    """(format, mode, width, height) from the header alone, upright (EXIF orientation applied
+    to the size), with the same size checks as `PillowDecoder`; raises `BadImage`."""
+    if not data:
+        raise BadImage("empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            fmt, mode = img.format or "", img.mode
+            if "transparency" in img.info:
+                mode += "+t"  # palette/grey transparency: only Pillow composites it
+            if w * h > max_pixels:
+                raise BadImage(f"{w}x{h} pixels exceeds max_pixels={max_pixels} (not decoded)")
+            if min(w, h) < min_side:
+                raise BadImage(f"{w}x{h} is smaller than min_side={min_side}")
+            orient = img.getexif().get(0x0112, 1) if fmt in ("JPEG", "WEBP", "PNG", "TIFF") else 1
+    except BadImage:
+        raise
+    except Image.DecompressionBombError as e:
+        raise BadImage(f"decompression bomb: {e}") from None
+    except UnidentifiedImageError:
+        raise BadImage("not an image in any format Pillow reads (content, not name, decides)") from None
+    except Exception as e:
+        raise BadImage(f"cannot read the header: {type(e).__name__}: {e}") from None
+    return (fmt, mode, h, w) if orient in (5, 6, 7, 8) else (fmt, mode, w, h)
+
+
 def make_views(
     img: Image.Image, views: ViewSpec, cfg: Any, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -139,20 +188,7 @@ def make_views(
     which the loader seeds from (seed, stream position) alone, so a sample is reproducible
     anywhere: in a worker, in the main process, or after a resume.
     """
-    u_scale, u_x, u_y, u_flip = rng.random(4)  # always 4 draws, whatever the settings
-    w, h = img.size
-    short = min(w, h)
-    if cfg.crop_scale < 1.0:
-        side = min(short, max(1, round(short * (cfg.crop_scale + (1.0 - cfg.crop_scale) * u_scale))))
-        x0, y0 = int(u_x * (w - side + 1)), int(u_y * (h - side + 1))
-        box = (x0, y0, x0 + side, y0 + side)
-    elif views.gen_resize == "stretch":
-        box = (0, 0, w, h)
-    else:
-        x0, y0 = (w - short) // 2, (h - short) // 2
-        box = (x0, y0, x0 + short, y0 + short)
-    flip = bool(cfg.hflip) and u_flip < 0.5
-
+    box, flip = crop_box(img.width, img.height, views, cfg, rng)
     if cfg.und_downscale < 1.0:  # down then up: detail is lost on purpose, the size is kept
         small = max(1, round(views.und_size * cfg.und_downscale))
         und_img = img.resize((small, small), Image.Resampling.BICUBIC, box=box)
