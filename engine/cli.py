@@ -88,6 +88,10 @@ def _info(args) -> None:
         print(f"  {name:<{width}}  {row['parameters']:>15,}  {'yes' if row['trainable'] else 'no'}")
     print(f"  {'total':<{width}}  {report['parameters']:>15,}")
     print(f"  {'trainable':<{width}}  {report['trainable']:>15,}")
+    if report["parts"]:
+        print("  parts:")
+        for name, n in report["parts"].items():
+            print(f"    {name}: {n:,}")
     for key, value in report["shapes"].items():
         print(f"  {key}: {value}")
 

@@ -19,8 +19,10 @@ def describe(cfg: RunConfig) -> dict:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     text = cfg.sample.max_text_tokens
     gen_tokens = getattr(model, "latent_grid", 0) ** 2
+    parts = model.parameter_breakdown() if hasattr(model, "parameter_breakdown") else {}
     return {
         "preset": cfg.preset,
+        "parts": parts,  # a family's finer split, when it gives one (e.g. Harmon's head apart from MAR)
         "family": cfg.model.family,
         "modules": modules,
         "parameters": total,

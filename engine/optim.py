@@ -10,9 +10,9 @@ from reca.engine.config import OptimConfig
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Trainable parameters split into decayed (>= 2-D weights) and undecayed (1-D: norms,
-    biases, and whole modules the model names in an optional `no_weight_decay()` -> prefixes,
+    biases, and whole modules the model names in an optional `no_weight_decay_modules()` -> prefixes,
     e.g. Harmon's diffusion head)."""
-    exempt = tuple(getattr(model, "no_weight_decay", lambda: ())())
+    exempt = tuple(getattr(model, "no_weight_decay_modules", lambda: ())())
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:

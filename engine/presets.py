@@ -5,8 +5,11 @@ from typing import Callable
 
 from reca.engine.config import DataConfig, OptimConfig, OutputConfig, RunConfig, SampleConfig, TrainConfig
 from reca.engine.errors import UserError
+from reca.models.diffhead import DiffHeadShape
 from reca.models.flow import FlowConfig, Qwen2Shape, SiglipShape
-from reca.models.vae import VAEConfig, flux_vae_config
+from reca.models.harmon import HarmonConfig
+from reca.models.mar import MARShape
+from reca.models.vae import VAEConfig, flux_vae_config, kl16_config
 
 
 def tiny() -> RunConfig:
@@ -59,7 +62,80 @@ def flow_7b() -> RunConfig:
     )
 
 
-PRESETS: dict[str, Callable[[], RunConfig]] = {"tiny": tiny, "flow-7b": flow_7b}
+def harmon_tiny() -> RunConfig:
+    """Harmon (AR + MAR) at CPU scale: a 2-layer Qwen2, a 2 + 2-block MAR of width 64 with 8
+    buffers, a 2-block head, 32 px images through the pixel-patch "VAE" (4 x 4 patches: an 8 x 8
+    grid of 48-channel tokens, 72 visual-prompt tokens). Several steps per second on two cores."""
+    return RunConfig(
+        preset="harmon-tiny",
+        model=HarmonConfig(
+            llm=Qwen2Shape(vocab_size=1024, hidden_size=128, intermediate_size=344, num_layers=2,
+                           num_heads=4, num_kv_heads=2, max_position=1024),
+            mar=MARShape(width=64, encoder_depth=2, decoder_depth=2, num_heads=4, buffer_size=8, pos_grid=8,
+                         dropout=0.0, num_classes=10),
+            head=DiffHeadShape(width=128, depth=2, batch_mul=4, sample_steps=20),
+            vae=VAEConfig(kind="patch", patch=4),
+            image_size=32,
+            sample_clip=1.0,  # pixel tokens lie in [-1, 1]; keeps previews of a young head from diverging
+        ),
+        data=DataConfig(source="demo", batch_size=8),
+        sample=SampleConfig(max_text_tokens=32),
+        optim=OptimConfig(lr=1e-3, warmup_steps=20, weight_decay=0.01, schedule="cosine", min_lr_ratio=0.1),
+        train=TrainConfig(steps=1200, precision="fp32"),
+        output=OutputConfig(dir="runs/harmon-tiny", log_every=10, ckpt_every=200, preview_every=400, preview_steps=4),
+    )
+
+
+def _harmon(name: str, llm: Qwen2Shape, mar: MARShape, head: DiffHeadShape, batch: int) -> RunConfig:
+    """Harmon's RecA recipe (RECA_SPEC.md): 512 px stretched, KL-16 latents (1024 tokens, 1088
+    visual-prompt tokens), AdamW lr 1e-5, betas (0.9, 0.95), weight decay 0.02, clip 1.0, 1 %
+    warm-up then cosine to 0, accumulation 4, 12,500 updates, gradient checkpointing; bf16 on
+    CUDA (precision auto). Everything but the VAE trains."""
+    steps = 12_500
+    return RunConfig(
+        preset=name,
+        model=HarmonConfig(llm=llm, mar=mar, head=head, vae=VAEConfig(kind="kl", kl=kl16_config()),
+                           image_size=512, gradient_checkpointing=True),
+        data=DataConfig(batch_size=batch, num_workers=8),
+        sample=SampleConfig(max_text_tokens=128),
+        optim=OptimConfig(lr=1e-5, betas=(0.9, 0.95), weight_decay=0.02, warmup_steps=steps // 100,
+                          schedule="cosine", min_lr_ratio=0.0, clip_grad=1.0, grad_accum=4),
+        train=TrainConfig(steps=steps),
+        output=OutputConfig(dir=f"runs/{name}", log_every=10, ckpt_every=500, preview_every=1000, preview_steps=8),
+    )
+
+
+def harmon_0_5b() -> RunConfig:
+    """Harmon-0.5B: Qwen2.5-0.5B (896 wide, 24 layers, 14 heads, 2 KV heads, MLP 4864), MAR-base
+    (768 wide, 12 + 12 blocks, 12 heads), head 6 x 1024; batch 96."""
+    return _harmon(
+        "harmon-0.5b",
+        Qwen2Shape(vocab_size=151_936, hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
+                   num_kv_heads=2, rope_theta=1_000_000.0, max_position=32768),
+        MARShape(width=768, encoder_depth=12, decoder_depth=12, num_heads=12, buffer_size=64, pos_grid=16, dropout=0.1),
+        DiffHeadShape(width=1024, depth=6, batch_mul=4, sample_steps=25),
+        batch=96,
+    )
+
+
+def harmon_1_5b() -> RunConfig:
+    """Harmon-1.5B: Qwen2.5-1.5B (1536 wide, 28 layers, 12 heads, 2 KV heads, MLP 8960), MAR-huge
+    (1280 wide, 20 + 20 blocks, 16 heads), head 12 x 1536; batch 48."""
+    return _harmon(
+        "harmon-1.5b",
+        Qwen2Shape(vocab_size=151_936, hidden_size=1536, intermediate_size=8960, num_layers=28, num_heads=12,
+                   num_kv_heads=2, rope_theta=1_000_000.0, max_position=32768),
+        MARShape(width=1280, encoder_depth=20, decoder_depth=20, num_heads=16, buffer_size=64, pos_grid=16,
+                 dropout=0.1),
+        DiffHeadShape(width=1536, depth=12, batch_mul=4, sample_steps=25),
+        batch=48,
+    )
+
+
+PRESETS: dict[str, Callable[[], RunConfig]] = {
+    "tiny": tiny, "flow-7b": flow_7b,
+    "harmon-tiny": harmon_tiny, "harmon-0.5b": harmon_0_5b, "harmon-1.5b": harmon_1_5b,
+}
 
 
 def preset(name: str) -> RunConfig:

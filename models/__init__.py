@@ -11,6 +11,7 @@ from typing import Callable, Union
 
 from reca.models.adapter import LossOutput, PromptBatch, PromptTemplate, RecaAdapter, TextTokenizer, ViewSpec
 from reca.models.flow import FlowConfig, FlowModel
+from reca.models.harmon import HarmonConfig, HarmonModel
 
 
 @dataclass(frozen=True)
@@ -19,9 +20,12 @@ class Family:
     build: Callable  # (config, ops) -> nn.Module implementing RecaAdapter
 
 
-FAMILIES: dict[str, Family] = {"flow": Family(FlowConfig, FlowModel)}
+FAMILIES: dict[str, Family] = {
+    "flow": Family(FlowConfig, FlowModel),
+    "harmon": Family(HarmonConfig, HarmonModel),
+}
 
-ModelConfig = Union[FlowConfig]
+ModelConfig = Union[FlowConfig, HarmonConfig]
 
 
 def build_model(cfg, ops=None):
@@ -32,4 +36,5 @@ def build_model(cfg, ops=None):
 __all__ = [
     "FAMILIES", "Family", "ModelConfig", "build_model", "RecaAdapter", "ViewSpec",
     "PromptTemplate", "PromptBatch", "LossOutput", "TextTokenizer", "FlowConfig", "FlowModel",
+    "HarmonConfig", "HarmonModel",
 ]

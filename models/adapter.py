@@ -114,7 +114,7 @@ class RecaAdapter(Protocol):
         """
         ...
 
-    # Optional: `load_pretrained(directory)` for `--init-from`, and `no_weight_decay()` ->
+    # Optional: `load_pretrained(directory)` for `--init-from`, and `no_weight_decay_modules()` ->
     # parameter-name prefixes the optimizer must not decay (beyond 1-D tensors and biases).
 
     def sample(

@@ -117,7 +117,7 @@ def test_weight_decay_groups():
             self.head = torch.nn.Linear(4, 4)
             self.frozen = torch.nn.Linear(4, 4).requires_grad_(False)
 
-        def no_weight_decay(self):
+        def no_weight_decay_modules(self):
             return ("head.",)
 
     m = M()

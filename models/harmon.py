@@ -1,0 +1,242 @@
+"""Harmon family (AR + MAR): a Qwen2 LLM between a MAR encoder and decoder, a diffusion-MLP head.
+
+Understanding (the visual prompt): image -> frozen VAE latents [B, T, C] -> MAR encoder with
+nothing masked -> its nb + T outputs, buffers moved to the end -> proj_in -> LLM width.
+Generation (Harmon's `text2image_loss`, which RecA reuses): masked latents + buffers -> MAR
+encoder -> proj_in -> appended after the prompt -> LLM -> proj_out, added as a residual to the
+encoder stream -> MAR decoder (mask tokens where masked) -> per-token condition z -> DDPM loss
+of the AdaLN-MLP head on the masked tokens only. The LLM sequence is
+
+    prompt [P] (right-padded)  |  T latent-token slots (raster order)  |  nb buffers
+
+under Harmon's plain causal mask: Harmon appends the encoder outputs after the prompt and calls
+the LLM with a 2-D padding mask, so the image tokens attend causally among themselves (raster
+order, buffers last: each buffer sees every kept token). Padding and dropped tokens are never
+keys; position ids count only the tokens that are keys, which reproduces Harmon's gathered,
+right-padded sequence exactly at every kept position (see `reca.models.mar` on fixed shapes).
+Shapes: B batch, P prompt, D LLM width, T = h w latent tokens, nb buffers, W MAR width.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from reca.kernels import KernelOps, get_ops
+from reca.models.adapter import LossOutput, PromptBatch, PromptTemplate, ViewSpec
+from reca.models.diffhead import DiffHeadShape
+from reca.models.flow import Qwen2Shape
+from reca.models.layers import patchify, unpatchify
+from reca.models.mar import MAR, MARShape, mask_by_order, random_masking, random_orders
+from reca.models.tokenizer import load_tokenizer
+from reca.models.vae import VAEConfig, build_codec
+
+MODULES = ("llm", "proj_in", "proj_out", "mar")
+
+
+@dataclass(kw_only=True)
+class HarmonConfig:
+    family: str = "harmon"
+    llm: Qwen2Shape = field(default_factory=Qwen2Shape)
+    mar: MARShape = field(default_factory=MARShape)
+    head: DiffHeadShape = field(default_factory=DiffHeadShape)
+    vae: VAEConfig = field(default_factory=lambda: VAEConfig(kind="patch", patch=4))
+    image_size: int = 32  # both views (Harmon: 512, stretched to square)
+    tie_embeddings: bool = True  # Qwen2.5-0.5B/1.5B tie the LM head to the embedding
+    mask_ratio_min: float = 0.7  # mask ratio ~ normal(1, std) truncated to [min, 1]
+    mask_ratio_std: float = 0.25
+    sample_temperature: float = 1.0
+    sample_clip: float = 0.0  # > 0: clamp the head's x0 predictions while sampling (tiny: pixels in [-1, 1])
+    visual_grad_scale: float = 0.1
+    trainable: tuple[str, ...] = MODULES  # all but the VAE
+    tokenizer: str = ""  # a local HF tokenizer directory (Qwen2.5); empty = reca's tiny byte-level BPE
+    gradient_checkpointing: bool = False  # LLM, MAR blocks and head blocks
+
+
+def _mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(d_in, d_hidden), nn.SiLU(), nn.Linear(d_hidden, d_out))
+
+
+class HarmonModel(nn.Module):
+    """RecA adapter (see `reca.models.adapter.RecaAdapter`) for Harmon. Parameter names are those
+    of Harmon's checkpoints (`llm.`, `proj_in.`, `proj_out.`, `mar.`), plus the frozen `codec.`."""
+
+    def __init__(self, cfg: HarmonConfig, ops: KernelOps | None = None):
+        super().__init__()
+        unknown = set(cfg.trainable) - set(MODULES)
+        if unknown:
+            raise ValueError(f"model.trainable names unknown modules {sorted(unknown)}; known: {', '.join(MODULES)}")
+        if cfg.mar.buffer_size < 1:
+            raise ValueError("mar.buffer_size must be >= 1 (a fully masked image leaves only the buffers)")
+        self.cfg = cfg
+        self.ops = ops or get_ops("torch")
+        q = cfg.llm
+        self.llm = Qwen2ForCausalLM(Qwen2Config(
+            vocab_size=q.vocab_size, hidden_size=q.hidden_size, intermediate_size=q.intermediate_size,
+            num_hidden_layers=q.num_layers, num_attention_heads=q.num_heads,
+            num_key_value_heads=q.num_kv_heads, rope_theta=q.rope_theta, rms_norm_eps=q.rms_norm_eps,
+            max_position_embeddings=q.max_position, tie_word_embeddings=cfg.tie_embeddings,
+            attn_implementation="sdpa",
+        ))
+        self.codec = build_codec(cfg.vae)
+        if cfg.image_size % self.codec.downsample:
+            raise ValueError(f"image_size {cfg.image_size} is not a multiple of the VAE's factor "
+                             f"{self.codec.downsample}")
+        self.latent_channels = self.codec.latent_channels
+        self.latent_grid = cfg.image_size // self.codec.downsample
+        self.mar = MAR(cfg.mar, self.latent_channels, cfg.head)
+        self.proj_in = _mlp(cfg.mar.width, q.hidden_size, q.hidden_size)
+        self.proj_out = _mlp(q.hidden_size, q.hidden_size, cfg.mar.width)
+        if cfg.gradient_checkpointing:
+            kw = {"use_reentrant": False}
+            if hasattr(self.llm, "activation_checkpointing_enable"):  # transformers >= 5.2x renamed it
+                self.llm.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+            else:
+                self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+            self.mar.grad_checkpointing = self.mar.diffloss.net.grad_checkpointing = True
+        for name in MODULES:
+            getattr(self, name).requires_grad_(name in cfg.trainable)
+        self.codec.requires_grad_(False)
+
+        self.tokenizer = load_tokenizer(cfg.tokenizer or None, q.vocab_size)
+        if self.tokenizer.vocab_size > q.vocab_size:
+            raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} tokens but the LLM only {q.vocab_size}")
+        self.template = PromptTemplate(
+            text="<|im_start|>user\n{image}\n{instruction}<|im_end|>\n<|im_start|>assistant\n")
+        self.views = ViewSpec(und_size=cfg.image_size, und_mean=(0.5, 0.5, 0.5), und_std=(0.5, 0.5, 0.5),
+                              gen_size=cfg.image_size, gen_resize="stretch")
+        self.num_visual_tokens = self.latent_grid**2 + cfg.mar.buffer_size
+        self.image_token_id = self.tokenizer.token_id(self.template.image_token)
+        self.visual_grad_scale = cfg.visual_grad_scale
+
+    # --- adapter protocol -------------------------------------------------------------------
+    def input_embeddings(self) -> torch.Tensor:
+        return self.llm.model.embed_tokens.weight
+
+    def lm_head_weight(self) -> torch.Tensor:
+        """[V, D]; the embedding itself when tied."""
+        return self.llm.lm_head.weight
+
+    def encode_visual_prompt(self, und: torch.Tensor) -> torch.Tensor:
+        """Understanding view [B, 3, H, W] in [-1, 1] -> [B, T + nb, D]: the MAR encoder over all
+        latents, buffers moved to the end, through proj_in. The 0.1 gradient scale is the engine's."""
+        x = self.make_target(und)
+        nb = self.mar.buffer_size
+        z = self.proj_in(self.mar.encode(x))
+        return torch.cat([z[:, nb:], z[:, :nb]], dim=1)
+
+    @torch.no_grad()
+    def make_target(self, gen: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """[B, 3, H, W] in [-1, 1] -> latent tokens x0 [B, T, C] (float32, raster order)."""
+        return patchify(self.codec.encode(gen.float(), generator=generator), 1).float()
+
+    def generation_loss(self, prompt_embeds, prompt: PromptBatch, target, generator=None) -> LossOutput:
+        x0 = target
+        mask, _, ratio = random_masking(x0.shape[0], x0.shape[1], generator, x0.device,
+                                        self.cfg.mask_ratio_min, self.cfg.mask_ratio_std)
+        z = self.condition_tokens(prompt_embeds, prompt, x0, ~mask)
+        loss = self.mar.diffloss.loss(z, x0, mask, self.ops, generator)
+        return LossOutput(loss=loss, metrics={"mask_ratio": ratio.detach().float().squeeze()})
+
+    @torch.no_grad()
+    def sample(self, prompt_embeds, prompt: PromptBatch, steps: int, generator=None) -> torch.Tensor:
+        """MAR's iterative unmasking: `steps` rounds, cosine schedule of the masked count, a random
+        order per sample, each round's tokens drawn by the head's respaced DDPM
+        (`head.sample_steps`). No classifier-free guidance. -> [B, 3, H, W] in [-1, 1]."""
+        b, dev = prompt_embeds.shape[0], prompt_embeds.device
+        t, steps = self.latent_grid**2, max(1, steps)
+        tokens = torch.zeros(b, t, self.latent_channels, device=dev)
+        orders = random_orders(b, t, generator, dev)
+        mask = torch.ones(b, t, dtype=torch.bool, device=dev)
+        masked = t
+        for step in range(steps):
+            z = self.condition_tokens(prompt_embeds, prompt, tokens, ~mask)
+            if step == steps - 1:
+                predict, nxt = mask, torch.zeros_like(mask)
+            else:
+                masked = max(1, min(masked - 1, math.floor(t * math.cos(math.pi / 2 * (step + 1) / steps))))
+                nxt = mask_by_order(orders, masked)
+                predict = mask & ~nxt
+            drawn = self.mar.diffloss.sample(z.flatten(0, 1), self.cfg.head.sample_steps, generator,
+                                             self.cfg.sample_temperature, self.cfg.sample_clip)
+            tokens = torch.where(predict[..., None], drawn.view_as(tokens), tokens)
+            mask = nxt
+        return self.decode_target(tokens)
+
+    def decode_target(self, x0: torch.Tensor) -> torch.Tensor:
+        """Latent tokens [B, T, C] -> images [B, 3, H, W] in [-1, 1]."""
+        z = unpatchify(x0.float(), 1, self.latent_channels, self.latent_grid)
+        return self.codec.decode(z).float().clamp(-1, 1)
+
+    # --- Harmon internals -----------------------------------------------------------------------
+    def condition_tokens(self, prompt_embeds, prompt: PromptBatch, x0: torch.Tensor, keep: torch.Tensor):
+        """Prompt [B, P, D] + latent tokens x0 [B, T, C] of which `keep` [B, T] are visible ->
+        per-token conditions z [B, T, W] for the head. Nothing of a dropped token reaches z."""
+        b, p, _ = prompt_embeds.shape
+        nb = self.mar.buffer_size
+        x_enc = self.mar.encode(x0, keep)  # [B, nb + T, W], buffers first
+        z = self.proj_in(x_enc)
+        z = torch.cat([z[:, nb:], z[:, :nb]], dim=1).to(prompt_embeds.dtype)  # buffers last, as Harmon
+        valid = torch.cat([prompt.mask, keep, keep.new_ones(b, nb)], dim=1)
+        hidden = self.llm_hidden(torch.cat([prompt_embeds, z], dim=1), valid)[:, p:]
+        hidden = torch.cat([hidden[:, -nb:], hidden[:, :-nb]], dim=1)  # buffers back in front
+        return self.mar.decode(x_enc + self.proj_out(hidden).to(x_enc.dtype), keep)
+
+    def llm_hidden(self, embeds: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Final-norm hidden states [B, L, D] of the LLM over embeds [B, L, D] under a causal mask
+        where only `valid` [B, L] positions are keys; positions count the valid tokens only."""
+        n = valid.shape[1]
+        idx = torch.arange(n, device=valid.device)
+        causal = idx[:, None] >= idx[None, :]
+        mask = (causal[None] & valid[:, None, :]) | torch.eye(n, dtype=torch.bool, device=valid.device)[None]
+        pos = (valid.long().cumsum(1) - 1).clamp_min(0)
+        out = self.llm.model(inputs_embeds=embeds, attention_mask=mask[:, None], position_ids=pos, use_cache=False)
+        return out.last_hidden_state
+
+    def caption_loss(self, prompt_embeds: torch.Tensor, prompt_mask: torch.Tensor, answer_ids: torch.Tensor,
+                     answer_mask: torch.Tensor) -> LossOutput:
+        """Image-to-text cross-entropy on answer tokens only. prompt_embeds [B, P, D] (visual prompt
+        in place), prompt_mask [B, P] (right-padded), answer_ids [B, A], answer_mask [B, A]
+        (right-padded). Answer token j is predicted from the token before it: the last valid
+        prompt token for j = 0. Logits are never materialised (`ops.linear_cross_entropy`)."""
+        b, p, d = prompt_embeds.shape
+        a = answer_ids.shape[1]
+        answers = F.embedding(answer_ids, self.input_embeddings()).to(prompt_embeds.dtype)
+        hidden = self.llm_hidden(torch.cat([prompt_embeds, answers], dim=1), torch.cat([prompt_mask, answer_mask], 1))
+        j = torch.arange(a, device=answer_ids.device)[None]
+        src = torch.where(j == 0, prompt_mask.long().sum(1, keepdim=True) - 1, p + j - 1)  # [B, A]
+        h = hidden.gather(1, src[..., None].expand(b, a, d))
+        targets = answer_ids.masked_fill(~answer_mask, -100)
+        loss = self.ops.linear_cross_entropy(h.flatten(0, 1), self.lm_head_weight(), targets.flatten(),
+                                             ignore_index=-100)
+        return LossOutput(loss=loss, metrics={"caption_tokens": answer_mask.sum().detach().float()})
+
+    def no_weight_decay_modules(self) -> tuple[str, ...]:
+        """Parameter-name prefixes exempt from weight decay besides 1-D tensors and biases (spec:
+        the diffusion head)."""
+        return ("mar.diffloss.",)
+
+    def parameter_breakdown(self) -> dict[str, int]:
+        """Parameters per part, the head apart from the rest of MAR (`reca info` lists children)."""
+        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+        head = count(self.mar.diffloss)
+        return {"llm": count(self.llm), "proj_in": count(self.proj_in), "proj_out": count(self.proj_out),
+                "mar (encoder, decoder, tables)": count(self.mar) - head, "mar.diffloss (head)": head,
+                "codec": count(self.codec)}
+
+    # --- weights ------------------------------------------------------------------------------
+    def load_pretrained(self, directory: str) -> dict[str, int]:
+        """Harmon checkpoint / Qwen2.5 directory / KL-16 VAE from `directory` (`reca.models.harmon_io`)."""
+        from reca.models.harmon_io import load_pretrained
+
+        return load_pretrained(self, directory)
+
+    def export(self, path: str) -> None:
+        """Write the weights in Harmon's checkpoint layout (`.pth` or `.safetensors`)."""
+        from reca.models.harmon_io import export_harmon
+
+        export_harmon(self, path)
