@@ -103,7 +103,12 @@ class FlowModel(nn.Module):
         self.time_embed = TimestepEmbedder(q.hidden_size, cfg.timestep_dim)
         self.gen_out = nn.Linear(q.hidden_size, token_dim)
         vit_grid = v.image_size // v.patch_size
-        self.register_buffer("vit_pos", sincos_2d(q.hidden_size, vit_grid), persistent=False)
+        # One frame for both grids, in generation tokens: a visual token and the latent tokens
+        # covering the same pixels get the same position (BAGEL's ViT and latent patches are
+        # nearly the same size, 14 vs 16 px; the tiny preset's differ by 2x).
+        token_px = cfg.gen_size / self.latent_grid
+        vit_step = (v.patch_size * cfg.gen_size / v.image_size) / token_px
+        self.register_buffer("vit_pos", sincos_2d(q.hidden_size, vit_grid, vit_step), persistent=False)
         self.register_buffer("latent_pos", sincos_2d(q.hidden_size, self.latent_grid), persistent=False)
 
         for name in MODULES:

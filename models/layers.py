@@ -8,13 +8,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def sincos_2d(dim: int, grid: int) -> torch.Tensor:
-    """Fixed 2-D sine-cosine position table [grid * grid, dim] (half the channels per axis)."""
+def sincos_2d(dim: int, grid: int, step: float = 1.0) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position table [grid * grid, dim] (half the channels per axis).
+
+    Cell i sits at coordinate i * step: two grids over the same image (visual prompt, latent
+    tokens) share one frame when `step` is each cell's size in a common unit."""
     if dim % 4:
         raise ValueError(f"sin-cos 2-D embedding needs a width divisible by 4, got {dim}")
     quarter = dim // 4
     omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
-    coords = torch.arange(grid, dtype=torch.float64)
+    coords = torch.arange(grid, dtype=torch.float64) * step
     yy, xx = torch.meshgrid(coords, coords, indexing="ij")
 
     def axis(pos: torch.Tensor) -> torch.Tensor:
