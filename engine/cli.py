@@ -1,4 +1,4 @@
-"""`reca` command line: `reca train`, `reca info`.
+"""`reca` command line: `reca train`, `reca info`, `reca bench step`.
 
 User errors (a missing folder, an unknown preset or config key, a GPU asked for and absent)
 print one line on stderr and exit with status 2; no traceback.
@@ -37,6 +37,20 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--preset", default="tiny")
     i.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     i.add_argument("--json", action="store_true", help="machine-readable output")
+
+    b = sub.add_parser("bench", help="benchmarks: `reca bench step` times whole training steps", epilog=EPILOG)
+    bsub = b.add_subparsers(dest="bench", required=True)
+    s = bsub.add_parser("step", help="images/s, tokens/s, TFLOP/s, MFU of the fast mode beside the reference mode",
+                        epilog=EPILOG)
+    s.add_argument("--preset", default="tiny")
+    s.add_argument("--batch", type=int, help="images per micro-batch (default: the preset's)")
+    s.add_argument("--steps", type=int, default=10, help="timed optimizer steps per mode")
+    s.add_argument("--warmup", type=int, default=5, help="untimed steps first (compile, CUDA-graph capture)")
+    s.add_argument("--modes", default="reference,fast", help="comma-separated train.mode values to time")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--data", default="demo", help="'demo', an image folder, or 'synthetic' (no decoding)")
+    s.add_argument("--out", help="JSON file or directory (default: benchmarks/results on CUDA, a temp dir on CPU)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     return p
 
 
@@ -96,10 +110,20 @@ def _info(args) -> None:
         print(f"  {key}: {value}")
 
 
+def _bench(args) -> None:
+    from reca.engine.bench import bench_step
+
+    if args.steps < 1 or args.warmup < 0:
+        raise UserError("--steps must be at least 1 and --warmup at least 0")
+    bench_step(args.preset, batch=args.batch, steps=args.steps, warmup=args.warmup,
+               modes=[m for m in args.modes.split(",") if m], device=args.device, data=args.data,
+               sets=args.set, out=args.out)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     try:
-        {"train": _train, "info": _info}[args.command](args)
+        {"train": _train, "info": _info, "bench": _bench}[args.command](args)
     except UserError as e:
         print(f"reca: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -82,6 +82,14 @@ class TrainConfig:
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU) | "bf16" | "fp32"
     threads: int = 0  # CPU threads for torch; 0 keeps torch's default
     init_from: str = ""  # a local directory of pretrained weights (see reca.models.loading)
+    # "custom": the fields below as set; "reference": the straightforward baseline (eager, SDPA,
+    # kernels.backend torch, Pillow decoding, no graph); "fast": compile + kernels auto (Triton
+    # on CUDA) + CUDA graph on CUDA (compile only on CPU). See reca.engine.train.resolve_mode.
+    mode: str = "custom"
+    compile: bool = False  # torch.compile every repeated block (fullgraph) and the kernel ops
+    cuda_graph: bool = False  # capture forward, backward, clip, accumulation and AdamW in one CUDA graph
+    attention: str = "sdpa"  # "sdpa" | "xformers" | "flash" (flash-attn: causal only, refused for RecA masks)
+    checkpoint_every: int = 0  # recompute every k-th block in the backward (1 = all); 0 = model.gradient_checkpointing
 
 
 @dataclass(kw_only=True)

@@ -25,13 +25,16 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device,
+                    capturable: bool = False) -> torch.optim.AdamW:
+    """Fused AdamW on every device: one kernel per step, and its `found_inf` input skips a
+    non-finite step without a host sync. `capturable` (CUDA graphs): the lr is a device tensor
+    that the scheduler fills in place, since a float would be frozen into the graph."""
     groups = [g for g in param_groups(model, cfg.weight_decay) if g["params"]]
     if not groups:
         raise ValueError("the model has no trainable parameters (check model.trainable)")
-    # fused AdamW is one kernel launch per step on CUDA; foreach is the fast path on CPU.
-    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, **fast)
+    lr = torch.tensor(cfg.lr, device=device) if capturable else cfg.lr
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=True, capturable=capturable)
 
 
 def lr_factor(step: int, cfg: OptimConfig, total_steps: int) -> float:

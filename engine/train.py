@@ -1,6 +1,8 @@
 """The RecA training loop. One batch flows: images -> sample builder -> model -> loss ->
 backward -> clip -> AdamW step. Read top to bottom: `train_step` is the whole recipe,
-`train` wires the components and runs the loop with logging, previews and checkpoints."""
+`optimizer_update` one optimizer step over the micro-batches (eager, or captured in a CUDA
+graph by `reca.engine.graph`), `train` wires the components and runs the loop with logging,
+previews and checkpoints. Nothing in a step reads a value back to the host."""
 from __future__ import annotations
 
 import contextlib
@@ -8,8 +10,9 @@ import dataclasses
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -18,7 +21,8 @@ from reca.engine.checkpoint import load_checkpoint, load_trainable, save_checkpo
 from reca.engine.config import RunConfig
 from reca.engine.data import build_loader
 from reca.engine.errors import UserError
-from reca.engine.metrics import MetricsWriter, plot_loss, save_grid
+from reca.engine.compile import apply_checkpointing, apply_compile, compile_ops, set_attention
+from reca.engine.metrics import MetricsWriter, plot_loss, read_metrics, save_grid
 from reca.engine.optim import build_optimizer, build_scheduler
 from reca.engine.sample import SampleBuilder, load_instructions
 from reca.kernels import KernelOps, get_ops
@@ -37,6 +41,46 @@ def train_step(model, ops: KernelOps, und: torch.Tensor, gen: torch.Tensor, prom
     return model.generation_loss(embeds, prompt, target, generator)
 
 
+def optimizer_update(c: "Components", batches: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimizer step over micro-batches [(und, gen, prompt)]: forward + backward each, clip,
+    AdamW. A non-finite loss or gradient norm skips the update on the device (fused AdamW's
+    `found_inf`, as GradScaler uses it: no host sync). Returns device scalars (loss, grad_norm, skipped)."""
+    loss = torch.zeros((), device=c.device)
+    for und, gen, prompt in batches:
+        with autocast(c.cfg, c.device, cache=not c.cfg.train.cuda_graph):  # no cast cache inside a graph
+            out = train_step(c.model, c.ops, und, gen, prompt, c.generator)
+        (out.loss / len(batches)).backward()
+        loss += out.loss.detach().float() / len(batches)
+    clip = c.cfg.optim.clip_grad
+    grad_norm = torch.nn.utils.clip_grad_norm_(c.params, clip) if clip > 0 else torch.zeros((), device=c.device)
+    skipped = (~(loss.isfinite() & grad_norm.isfinite())).float()
+    c.optimizer.found_inf = skipped
+    c.optimizer.step()
+    c.optimizer.zero_grad(set_to_none=not c.cfg.train.cuda_graph)  # a graph keeps its gradients, zeroed in place
+    return loss, grad_norm.float(), skipped
+
+
+MODES = ("custom", "fast", "reference")
+
+
+def resolve_mode(cfg: RunConfig, device: torch.device) -> RunConfig:
+    """The config a `train.mode` stands for. reference: eager, SDPA, torch kernels, Pillow, no
+    graph (the baseline benchmarks print). fast: per-block compile, kernels auto (Triton on
+    CUDA), CUDA graph on CUDA. custom: the fields as set."""
+    t = cfg.train
+    if t.mode not in MODES:
+        raise UserError(f"train.mode must be one of {', '.join(MODES)}, got {t.mode!r}")
+    if t.mode == "reference":
+        cfg = replace(cfg, train=replace(t, compile=False, cuda_graph=False, attention="sdpa"),
+                      kernels=replace(cfg.kernels, backend="torch"), data=replace(cfg.data, decoder="pil"))
+    elif t.mode == "fast":
+        cfg = replace(cfg, train=replace(t, compile=True, cuda_graph=device.type == "cuda"),
+                      kernels=replace(cfg.kernels, backend="auto"))
+    if cfg.train.cuda_graph and device.type != "cuda":
+        raise UserError("train.cuda_graph needs CUDA")
+    return cfg
+
+
 def resolve_device(spec: str) -> torch.device:
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -53,13 +97,13 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
-def autocast(cfg: RunConfig, device: torch.device):
+def autocast(cfg: RunConfig, device: torch.device, cache: bool = True):
     """bf16 autocast on CUDA (or when asked for), fp32 on CPU by default."""
     precision = cfg.train.precision
     if precision not in ("auto", "bf16", "fp32"):
         raise UserError(f"train.precision must be auto, bf16 or fp32, got {precision!r}")
     bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=cache)
 
 
 @dataclass
@@ -75,16 +119,22 @@ class Components:
     optimizer: torch.optim.Optimizer
     scheduler: object
     generator: torch.Generator
+    params: list[torch.nn.Parameter]
+    update: Callable  # (Components, batches) -> (loss, grad_norm, skipped): optimizer_update or a GraphStep
 
 
 def build(cfg: RunConfig) -> Components:
+    """Components of a run; `cfg.train.mode` is resolved here (`Components.cfg` is the result)."""
     device = resolve_device(cfg.train.device)
+    cfg = resolve_mode(cfg, device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     try:
         ops = get_ops(cfg.kernels.backend, device)
     except ValueError as e:
         raise UserError(str(e)) from None
+    if cfg.train.compile:
+        ops = compile_ops(ops)
     torch.manual_seed(cfg.train.seed)  # frozen weights are rebuilt from this on resume
     with torch.device(device):
         try:
@@ -98,6 +148,10 @@ def build(cfg: RunConfig) -> Components:
             model.load_pretrained(cfg.train.init_from)
         except (ValueError, OSError) as e:
             raise UserError(str(e)) from None
+    set_attention(model, cfg.train.attention)
+    apply_checkpointing(model, cfg.train.checkpoint_every)
+    if cfg.train.compile:
+        apply_compile(model)
     model.train()
     builder = SampleBuilder(
         model.tokenizer, model.template, model.num_visual_tokens, load_instructions(cfg.sample.prompts),
@@ -105,10 +159,36 @@ def build(cfg: RunConfig) -> Components:
         max_text_tokens=cfg.sample.max_text_tokens, seed=cfg.data.seed,
     )
     loader = build_loader(cfg.data, model.views)
-    optimizer = build_optimizer(model, cfg.optim, device)
+    try:
+        optimizer = build_optimizer(model, cfg.optim, device, capturable=cfg.train.cuda_graph)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
     generator = torch.Generator(device).manual_seed(cfg.train.seed + 1)
-    return Components(cfg, device, model, ops, builder, loader, optimizer, scheduler, generator)
+    update = optimizer_update
+    if cfg.train.cuda_graph:
+        from reca.engine.graph import GraphStep
+
+        update = GraphStep(optimizer_update)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return Components(cfg, device, model, ops, builder, loader, optimizer, scheduler, generator, params, update)
+
+
+def next_batches(c: Components) -> list[tuple]:
+    """`optim.grad_accum` micro-batches [(und, gen, prompt)] on the device (pinned, asynchronous copies)."""
+    out = []
+    for _ in range(c.cfg.optim.grad_accum):
+        images = next(c.loader)
+        p = c.builder.build(images.positions)
+        out.append((_to(images.und, c.device), _to(images.gen, c.device),
+                    PromptBatch(_to(p.input_ids, c.device), _to(p.mask, c.device))))
+    return out
+
+
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda" and t.device.type == "cpu":
+        t = t.pin_memory()  # pageable host memory would make the copy synchronous
+    return t.to(device, non_blocking=True)
 
 
 def train(cfg: RunConfig, *, resume: bool = False, stop_after: int | None = None, quiet: bool = False) -> dict:
@@ -142,17 +222,17 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: int | None = None
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in model.parameters())
         print(f"reca: {cfg.preset or cfg.model.family} on {c.device}: {n_all / 1e6:.2f}M parameters, "
-              f"{n_train / 1e6:.2f}M trainable; kernels={c.ops.backend}; "
+              f"{n_train / 1e6:.2f}M trainable; mode={cfg.train.mode} (kernels={c.ops.backend}, "
+              f"compile={c.cfg.train.compile}, cuda_graph={c.cfg.train.cuda_graph}); "
               f"{'resuming at step ' + str(start) if resume else 'starting'} into {run}", flush=True)
 
     metrics = MetricsWriter(run, cfg.output.tensorboard, resume_step=start)
+    readback = _Readback(c.device, nonfinite=_nonfinite_before(run, start) if resume else 0)
     preview = _preview_batch(c)
-    params = [p for p in model.parameters() if p.requires_grad]
     accum, end = cfg.optim.grad_accum, cfg.train.steps
     if stop_after is not None:
         end = min(end, start + stop_after)
     stop = _StopFlag()
-    pending: list[tuple] = []  # (step, loss, grad_norm, lr) as device tensors: read back at log time
     last: dict = {}
     t_log, wait_log, n_log = time.perf_counter(), c.loader.wait_seconds, 0
     bar = tqdm(total=cfg.train.steps, initial=start, disable=quiet, desc="reca train", unit="step",
@@ -160,36 +240,29 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: int | None = None
     with stop.installed():
         for step in range(start, end):
             lr = c.scheduler.get_last_lr()[0]
-            loss = torch.zeros((), device=c.device)
-            for _ in range(accum):
-                images = next(c.loader)
-                prompt = c.builder.build(images.positions).to(c.device)
-                with autocast(cfg, c.device):
-                    out = train_step(model, c.ops, images.und.to(c.device, non_blocking=True),
-                                     images.gen.to(c.device, non_blocking=True), prompt, c.generator)
-                (out.loss / accum).backward()
-                loss += out.loss.detach() / accum
-            if cfg.optim.clip_grad > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad)
-            else:
-                grad_norm = torch.zeros((), device=c.device)
-            opt.step()
+            loss, grad_norm, skipped = c.update(c, next_batches(c))
             c.scheduler.step()
-            opt.zero_grad(set_to_none=True)
-            pending.append((step + 1, loss, grad_norm, lr))
+            readback.push(step + 1, lr, torch.stack([loss, grad_norm, skipped]))
             n_log += 1
             bar.update(1)
 
             done = step + 1
-            if done % cfg.output.log_every == 0 or done == end or stop.requested:
+            ckpt = done % cfg.output.ckpt_every == 0 or done == end or stop.requested
+            if done % cfg.output.log_every == 0 or ckpt:
                 now, wait = time.perf_counter(), c.loader.wait_seconds
                 speed = n_log * accum * cfg.data.batch_size / max(now - t_log, 1e-9)
-                last = _flush(metrics, pending, speed, (wait - wait_log) / max(now - t_log, 1e-9), c.loader.skipped)
-                bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{speed:.1f}", skipped=last["skipped"])
+                readback.submit(images_per_s=round(speed, 2), data_wait=round((wait - wait_log) / max(now - t_log, 1e-9), 4),
+                                skipped=c.loader.skipped)
+                rows = readback.collect(wait=ckpt)  # the previous interval's rows: long computed, no stall
+                if rows:
+                    metrics.write(rows)
+                    last = rows[-1]
+                    bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{last['images_per_s']:.1f}",
+                                    skipped=last["skipped"], nonfinite=last["nonfinite"])
                 t_log, wait_log, n_log = now, wait, 0
             if cfg.output.preview_every and done % cfg.output.preview_every == 0 and done != end:
                 _write_preview(c, preview, done)
-            if done % cfg.output.ckpt_every == 0 or done == end or stop.requested:
+            if ckpt:
                 save_checkpoint(run, step=done, model=model, optimizer=opt, scheduler=c.scheduler,
                                 loader=c.loader, generator=c.generator)
             if stop.requested:
@@ -206,14 +279,53 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: int | None = None
     return last
 
 
-def _flush(metrics: MetricsWriter, pending: list[tuple], images_per_s: float, wait_frac: float, skipped: int) -> dict:
-    """One host sync for all steps since the last log: their losses become metrics.jsonl lines."""
-    values = torch.stack([torch.stack([l.float(), g.float()]) for _, l, g, _ in pending]).tolist()
-    rows = [{"step": s, "loss": v[0], "grad_norm": v[1], "lr": lr} for (s, _, _, lr), v in zip(pending, values)]
-    rows[-1].update(images_per_s=round(images_per_s, 2), data_wait=round(wait_frac, 4), skipped=skipped)
-    metrics.write(rows)
-    pending.clear()
-    return rows[-1]
+class _Readback:
+    """Per-step (loss, grad_norm, skipped) stay on the device. Each log interval is copied to the
+    host at once (pinned buffer, non_blocking, an event on CUDA) and becomes metrics rows at the
+    next interval, when the copy has long finished: logging never drains the GPU queue.
+    `collect(wait=True)` (checkpoints, the end) returns everything now. `nonfinite` counts the
+    skipped updates of the run; the log rows carry it."""
+
+    def __init__(self, device: torch.device, nonfinite: int = 0):
+        self.cuda = device.type == "cuda"
+        self.meta: list[tuple] = []  # (step, lr) of the current interval
+        self.values: list[torch.Tensor] = []
+        self.inflight: list[tuple] = []  # (meta, host values, event, extra)
+        self.nonfinite = nonfinite
+
+    def push(self, step: int, lr, values: torch.Tensor) -> None:
+        self.meta.append((step, lr))
+        self.values.append(values)
+
+    def submit(self, **extra) -> None:
+        values = torch.stack(self.values).float()
+        event = None
+        if self.cuda:
+            host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            host.copy_(values, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            values = host
+        self.inflight.append((self.meta, values, event, extra))
+        self.meta, self.values = [], []
+
+    def collect(self, wait: bool) -> list[dict]:
+        rows = []
+        while self.inflight and (wait or len(self.inflight) > 1):
+            meta, values, event, extra = self.inflight.pop(0)
+            if event is not None:
+                event.synchronize()
+            for (step, lr), (loss, grad_norm, skipped) in zip(meta, values.tolist()):
+                self.nonfinite += int(skipped)
+                rows.append({"step": step, "loss": loss, "grad_norm": grad_norm, "lr": float(lr)})
+            rows[-1].update(extra, nonfinite=self.nonfinite)
+        return rows
+
+
+def _nonfinite_before(run: Path, start: int) -> int:
+    """Skipped updates the run counted up to `start` (its metrics lines survive a resume)."""
+    rows = [r for r in read_metrics(run) if r["step"] <= start and "nonfinite" in r]
+    return rows[-1]["nonfinite"] if rows else 0
 
 
 def _preview_batch(c: Components):

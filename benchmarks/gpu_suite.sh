@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Every GPU check and benchmark in one go, on the GPU image as it is (torch 2.11, triton 3.6, no
+# DALI): installs nothing. The package is imported through PYTHONPATH from a symlink tree
+# (reca/ -> reca, reca/engine -> engine, ...: the layout setup.py installs), so no pip is needed.
+#   bash benchmarks/gpu_suite.sh            # JSON under $OUT when set, else benchmarks/results/
+# Budget: under 9 minutes (each stage has its own timeout; a failed stage is reported, the rest run).
+set -u
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+RES="${OUT:-$ROOT/benchmarks/results}"
+mkdir -p "$RES"
+SHIM="$(mktemp -d)/py"
+mkdir -p "$SHIM/reca"
+ln -s "$ROOT/reca/__init__.py" "$SHIM/reca/__init__.py"
+for part in engine kernels models; do ln -s "$ROOT/$part" "$SHIM/reca/$part"; done
+export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
+cd "$ROOT"
+python -c "import reca.engine, torch; print('reca from', reca.engine.__file__, '| torch', torch.__version__, '| cuda', torch.cuda.is_available())" || exit 1
+nvidia-smi -L || true
+
+failed=()
+stage() {  # stage NAME SECONDS CMD...
+  local name=$1 limit=$2; shift 2
+  echo "=== $name ($(date +%T), limit ${limit}s): $*"
+  local t0=$SECONDS
+  timeout "$limit" "$@" 2>&1 | tee "$RES/log_$name.txt"
+  local rc=${PIPESTATUS[0]}
+  echo "=== $name: rc=$rc in $((SECONDS - t0))s"
+  [ "$rc" -eq 0 ] || failed+=("$name(rc=$rc)")
+}
+
+stage gpu_tests 200 python -m pytest tests -m gpu -q -p no:cacheprovider -x
+stage kernels 120 python benchmarks/kernels/run_all.py
+stage corpus 40 python benchmarks/data/make_corpus.py /tmp/reca_corpus --n 300 --side 1024
+stage data 50 python benchmarks/data/bench_decode.py /tmp/reca_corpus --batch 64 --batches 4 --out "$RES"
+stage step_tiny 60 python -m reca.engine bench step --preset tiny --steps 20 --warmup 6 --data /tmp/reca_corpus --out "$RES"
+# The largest preset that fits one H100 for training (flow-7b's 7.1B trainable weights with fp32
+# AdamW states need ~113 GB before activations); harmon-1.5b at a micro-batch of 8.
+if python -c "from reca.engine.presets import PRESETS; assert 'harmon-1.5b' in PRESETS" 2>/dev/null; then
+  stage step_harmon_1_5b 150 python -m reca.engine bench step --preset harmon-1.5b --batch 8 --steps 5 --warmup 5 \
+    --data /tmp/reca_corpus --out "$RES"
+fi
+# Kernel and data scripts write to benchmarks/results; gather them under $OUT.
+if [ "$RES" != "$ROOT/benchmarks/results" ]; then cp "$ROOT"/benchmarks/results/*.json "$RES"/ 2>/dev/null || true; fi
+echo "=== suite done in ${SECONDS}s; results in $RES"
+if [ ${#failed[@]} -gt 0 ]; then echo "FAILED: ${failed[*]}"; exit 1; fi

@@ -1,0 +1,183 @@
+"""`reca bench step`: throughput of whole training steps, the reference mode beside the fast
+one in the same run, against the matmul peak measured in the same run.
+
+Per mode: images/s, tokens/s (LLM sequence tokens), achieved TFLOP/s from the analytic count
+(`reca.engine.flops`), MFU against the peak of a large matmul in the step's dtype (bf16 on
+CUDA, fp32 on CPU), peak CUDA memory, the data-wait fraction, and the GPU-hours the preset's
+published recipe would take at that throughput. JSON (device, library versions, date) goes to
+`--out`, else `benchmarks/results/step_<device>.json` on CUDA and a temporary directory on CPU
+(CPU times are checks that the benchmark runs, not results).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from reca.engine.config import RunConfig, apply_overrides
+from reca.engine.data import ImageBatch
+from reca.engine.flops import codec_flops, counted_flops, step_flops
+from reca.engine.presets import preset as get_preset
+from reca.engine.train import build, next_batches, resolve_device
+
+# Published RecA budgets: the images a recipe trains on come from the preset (steps x accum x batch).
+PAPER_GPU_HOURS = {"flow-7b": (27.0, "BAGEL RecA: 6 x A100-80GB x 4.5 h")}
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+
+
+class SyntheticLoader:
+    """Random views of the model's sizes, no decoding: isolates the step from the data path."""
+
+    def __init__(self, batch: int, views, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.und = torch.rand(batch, 3, views.und_size, views.und_size, generator=g) * 2 - 1
+        self.gen = torch.rand(batch, 3, views.gen_size, views.gen_size, generator=g) * 2 - 1
+        self.position, self.wait_seconds, self.skipped = 0, 0.0, 0
+
+    def __next__(self) -> ImageBatch:
+        b = self.und.shape[0]
+        pos = torch.arange(self.position, self.position + b)
+        self.position += b
+        return ImageBatch(self.und, self.gen, [str(int(p)) for p in pos], pos)
+
+    def close(self) -> None:
+        pass
+
+
+def peak_tflops(device: torch.device) -> tuple[float, str]:
+    """Measured dense-matmul TFLOP/s in the step's dtype: the MFU denominator."""
+    cuda = device.type == "cuda"
+    n, dtype = (8192, torch.bfloat16) if cuda else (1024, torch.float32)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    for _ in range(2):
+        a @ b
+    reps = 20 if cuda else 5
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    _sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12, str(dtype).replace("torch.", "")
+
+
+def measure(cfg: RunConfig, steps: int, warmup: int, data: str) -> dict:
+    c = build(cfg)
+    if data == "synthetic":
+        c.loader.close()
+        c.loader = SyntheticLoader(cfg.data.batch_size, c.model.views, cfg.data.seed)
+    batch, accum = cfg.data.batch_size, cfg.optim.grad_accum
+    prompt_len = c.builder.build(torch.arange(1)).input_ids.shape[1]
+    try:
+        flops = step_flops(c.model, prompt_len, batch, codec_flops(c.model, c.device))
+        llm_tokens, how = flops["tokens_per_sample"].get("llm", max(flops["tokens_per_sample"].values())), "analytic"
+        micro_flops = flops["total"]
+    except AttributeError:  # a family without a token plan: count one step instead
+        micro_flops = counted_flops(lambda: c.update(c, next_batches(c))) / accum
+        llm_tokens, how = prompt_len, "FlopCounterMode"
+    for _ in range(warmup):
+        c.update(c, next_batches(c))
+        c.scheduler.step()
+    if c.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(c.device)
+    _sync(c.device)
+    wait0, t0 = c.loader.wait_seconds, time.perf_counter()
+    losses = []
+    for _ in range(steps):
+        loss, _, skipped = c.update(c, next_batches(c))
+        c.scheduler.step()
+        losses.append(loss.detach().clone())
+    _sync(c.device)
+    dt = time.perf_counter() - t0
+    c.loader.close()
+    images = steps * accum * batch
+    return {
+        "mode": cfg.train.mode, "compile": c.cfg.train.compile, "cuda_graph": c.cfg.train.cuda_graph,
+        "kernels": c.ops.backend, "step_ms": 1e3 * dt / steps, "images_per_s": images / dt,
+        "tokens_per_s": images * llm_tokens / dt, "tflops": micro_flops * accum * steps / dt / 1e12,
+        "flops_per_image": micro_flops / batch, "flop_count": how,
+        "peak_memory_gb": torch.cuda.max_memory_allocated(c.device) / 2**30 if c.device.type == "cuda" else None,
+        "data_wait": (c.loader.wait_seconds - wait0) / dt, "final_loss": float(losses[-1]),
+    }
+
+
+def bench_step(preset: str, *, batch: int | None, steps: int, warmup: int, modes: list[str], device: str,
+               data: str, sets: list[str], out: str | None) -> dict:
+    base = get_preset(preset)
+    recipe_images = base.train.steps * base.optim.grad_accum * base.data.batch_size
+    dev = resolve_device(device)
+    peak, dtype = peak_tflops(dev)
+    print(f"peak ({dtype} matmul, measured in this run): {peak:.2f} TFLOP/s on {_device_name(dev)}", flush=True)
+    rows = []
+    for mode in modes:
+        overrides = [f"train.mode={mode}", f"train.device={device}", f"train.steps={warmup + steps + 1}",
+                     "output.tensorboard=false", "optim.warmup_steps=1"]
+        if batch:
+            overrides.append(f"data.batch_size={batch}")
+        if data != "synthetic":
+            overrides.append(f"data.source={data}")
+        row = measure(apply_overrides(base, overrides + sets), steps, warmup, data)
+        row["mfu"] = row["tflops"] / peak
+        row["recipe_gpu_hours"] = recipe_images / row["images_per_s"] / 3600
+        rows.append(row)
+        _print_row(row)
+    ref = next((r for r in rows if r["mode"] == "reference"), None)
+    for r in rows:
+        r["speedup_vs_reference"] = r["images_per_s"] / ref["images_per_s"] if ref else None
+    report = {
+        "benchmark": "step", "preset": preset, "batch": batch or base.data.batch_size, "steps": steps,
+        "warmup": warmup, "data": data, "device": _device_name(dev), "peak_tflops": peak, "peak_dtype": dtype,
+        "recipe_images": recipe_images, "paper_gpu_hours": PAPER_GPU_HOURS.get(preset),
+        "versions": _versions(), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "modes": rows,
+    }
+    if ref and len(rows) > 1:
+        for r in rows:
+            if r is not ref:
+                print(f"{r['mode']} / reference: {r['speedup_vs_reference']:.2f}x images/s")
+    paper = PAPER_GPU_HOURS.get(preset)
+    print(f"{preset} recipe ({recipe_images:,} images), hours on one {report['device']}: "
+          + ", ".join(f"{r['mode']} {r['recipe_gpu_hours']:.2f}" for r in rows)
+          + (f"; paper: {paper[0]} GPU-h ({paper[1]})" if paper else ""))
+    path = Path(out) if out else (RESULTS if dev.type == "cuda" else Path(tempfile.mkdtemp(prefix="reca-bench-")))
+    if path.suffix != ".json":
+        path = path / f"step_{preset}_{_slug(report['device'])}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2))
+    print(f"wrote {path}")
+    return report
+
+
+def _print_row(r: dict) -> None:
+    mem = f"{r['peak_memory_gb']:.1f} GiB" if r["peak_memory_gb"] is not None else "-"
+    print(f"{r['mode']:>9} (compile={r['compile']}, graph={r['cuda_graph']}, kernels={r['kernels']}): "
+          f"{r['step_ms']:8.1f} ms/step {r['images_per_s']:9.1f} img/s {r['tokens_per_s']:11.0f} tok/s "
+          f"{r['tflops']:7.3f} TFLOP/s MFU {100 * r['mfu']:5.1f}% mem {mem} data-wait {100 * r['data_wait']:.1f}%",
+          flush=True)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{platform.machine()}"
+
+
+def _slug(name: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in name.lower()).strip("_")
+
+
+def _versions() -> dict:
+    out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
+    for mod in ("triton", "transformers"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:
+            out[mod] = None
+    return out

@@ -1,0 +1,120 @@
+"""Speed applied from outside the model: per-block torch.compile, the kernel ops compiled into
+graphs, selective activation checkpointing, the attention implementation.
+
+Nothing here runs at import and no global compiler flag is set: `apply_compile` calls
+`Module.compile` on each repeated block (state-dict names do not change, so checkpoints and
+`--init-from` are unaffected), the way torchtitan compiles one transformer block at a time.
+Blocks are what the model's optional `blocks()` returns, else every child of an
+`nn.ModuleList` whose children are at least two modules of one class (innermost lists win:
+the VAE's ResNet blocks, not its levels). One graph serves every block of a class; shapes
+are fixed (`dynamic=False`): prompts are padded to P, so the step never recompiles.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+import torch.nn as nn
+
+from reca.engine.errors import UserError
+from reca.kernels import KernelOps
+
+ATTENTION = ("sdpa", "flash", "xformers")
+_OPS = ("condition", "flow_matching_noise", "flow_matching_loss", "ddpm_loss", "linear_cross_entropy")
+
+
+def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every repeated block: `model.blocks()` when defined, else found."""
+    if hasattr(model, "blocks") and callable(model.blocks):
+        names = {id(m): n for n, m in model.named_modules()}
+        return [(names.get(id(m), "?"), m) for m in model.blocks()]
+    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and _repeated(m)]
+    inner = [(n, m) for n, m in lists if not any(o.startswith(n + ".") for o, _ in lists if o != n)]
+    return [(f"{n}.{i}", b) for n, m in inner for i, b in enumerate(m)]
+
+
+def _repeated(m: nn.ModuleList) -> bool:
+    kinds = {type(c) for c in m}
+    return len(m) >= 2 and len(kinds) == 1 and any(True for _ in m[0].parameters())
+
+
+def apply_compile(model: nn.Module) -> list[str]:
+    """Compile every block in place (fullgraph: a graph break is an error, not a slow path)."""
+    blocks = find_blocks(model)
+    for _, block in blocks:
+        block.compile(fullgraph=True, dynamic=False)
+    return [n for n, _ in blocks]
+
+
+def compile_ops(ops: KernelOps) -> KernelOps:
+    """The op table with each op compiled whole: the torch references fuse under inductor; the
+    Triton kernels (user-defined kernels inside their autograd.Function) enter the graph as is."""
+    compiled = {k: torch.compile(getattr(ops, k), fullgraph=True, dynamic=False) for k in _OPS}
+    return dataclasses.replace(ops, **compiled)
+
+
+def apply_checkpointing(model: nn.Module, every: int) -> int:
+    """Selective activation checkpointing: recompute every `every`-th block in the backward
+    (1 = all, 2 = half ...), trading compute for activation memory; 0 leaves the model's own
+    `gradient_checkpointing` setting. Applies to Hugging Face layers (Qwen2, SigLIP); returns
+    the number of blocks checkpointed."""
+    if every <= 0:
+        return 0
+    from torch.utils.checkpoint import checkpoint
+
+    n = 0
+    for i, (_, block) in enumerate(find_blocks(model)):
+        if not hasattr(block, "_gradient_checkpointing_func") and not hasattr(type(block), "gradient_checkpointing"):
+            continue
+        block.gradient_checkpointing = i % every == 0
+        block._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False)
+        n += block.gradient_checkpointing
+    return n
+
+
+def set_attention(model: nn.Module, name: str) -> None:
+    """Attention of every Hugging Face submodule: "sdpa" (default, any mask), "xformers"
+    (memory_efficient_attention with the boolean mask as an additive bias) or "flash"
+    (flash-attn 2: causal or unmasked attention only)."""
+    if name not in ATTENTION:
+        raise UserError(f"train.attention must be one of {', '.join(ATTENTION)}, got {name!r}")
+    if name == "sdpa":
+        return
+    module = {"flash": "flash_attn", "xformers": "xformers.ops"}[name]
+    try:
+        __import__(module)
+    except Exception as e:  # ImportError, or a wheel built for another torch
+        raise UserError(f"train.attention={name} but {module} cannot be imported ({type(e).__name__}: {e}); "
+                        "use train.attention=sdpa") from None
+    if name == "flash":
+        # Every family here attends bidirectionally inside the visual and generation blocks of a
+        # prefix mask; flash-attn has no arbitrary masks, so it would train the wrong model.
+        raise UserError("train.attention=flash: flash-attn supports only causal or full attention, and the "
+                        "RecA sequence uses a block (prefix) mask; use sdpa or xformers")
+    from transformers import AttentionInterface, PreTrainedModel
+
+    AttentionInterface.register("reca_xformers", _xformers_attention)
+    for m in model.modules():
+        if isinstance(m, PreTrainedModel):
+            m.set_attn_implementation("reca_xformers")
+
+
+def _xformers_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """HF attention signature: q [B, H, L, Dh], k/v [B, Hkv, L, Dh], mask [B, 1, L, L] bool or
+    additive -> ([B, L, H, Dh], None)."""
+    import xformers.ops as xops
+
+    h, hkv = query.shape[1], key.shape[1]
+    if hkv != h:
+        key, value = (t.repeat_interleave(h // hkv, dim=1) for t in (key, value))
+    bias = None
+    if attention_mask is not None:
+        bias = attention_mask
+        if bias.dtype == torch.bool:
+            bias = torch.zeros(bias.shape, dtype=query.dtype, device=query.device).masked_fill(~bias, float("-inf"))
+        bias = bias.expand(query.shape[0], h, query.shape[2], key.shape[2]).to(query.dtype)
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+    out = xops.memory_efficient_attention(q, k, v, attn_bias=bias, p=dropout if module.training else 0.0,
+                                          scale=scaling)
+    return out, None

@@ -1,0 +1,96 @@
+"""FLOPs of one RecA training step, counted analytically: what MFU and the GPU-hour projections
+are computed from (nanoGPT's `estimate_mfu`, torchtitan's explicit count).
+
+`step_flops` is the one formula. `counted_flops` runs a function under PyTorch's FlopCounterMode
+(matmuls, convolutions, attention): the tests check the two agree on the tiny preset, and it is
+the fallback for a family that describes no token plan.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One module of the step: `tokens` it processes per sample; its attention layers (if any)
+    over sequences of `attn_len` with query width `attn_width`."""
+
+    module: str
+    tokens: int
+    attn_layers: int = 0
+    attn_len: int = 0
+    attn_width: int = 0
+
+
+def flow_plan(model: nn.Module, prompt_len: int) -> list[Stage]:
+    """The flow family: ViT and connector on the Nv visual tokens; the LLM on the whole sequence
+    (P prompt + T generation tokens + 2 markers); gen_in/gen_out on the T tokens; the timestep MLP
+    once per sample."""
+    nv, t = model.num_visual_tokens, model.latent_grid**2
+    vit, llm = model.vit.config, model.llm.config
+    seq = prompt_len + t + 2
+    return [
+        Stage("vit", nv, vit.num_hidden_layers, nv, vit.hidden_size),
+        Stage("connector", nv),
+        Stage("llm", seq, llm.num_hidden_layers, seq, llm.num_attention_heads * (llm.hidden_size // llm.num_attention_heads)),
+        Stage("gen_in", t),
+        Stage("time_embed", 1),
+        Stage("gen_out", t),
+    ]
+
+
+def matmul_params(module: nn.Module) -> int:
+    """Weights multiplied once per token: Linear weights, and convolutions applied once per token
+    (patch embeddings, kernel == stride). Embedding tables are lookups: no FLOPs."""
+    n = 0
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            n += m.weight.numel()
+        elif isinstance(m, nn.Conv2d) and m.kernel_size == m.stride:
+            n += m.weight.numel()
+    return n
+
+
+def step_flops(model: nn.Module, prompt_len: int, batch: int, codec_flops: float = 0.0) -> dict:
+    """FLOPs of one micro-batch of `batch` samples, forward and backward:
+
+        module that trains:   6 M n      (forward 2 M n; backward 4 M n: input and weight gradients)
+        frozen module:        2 M n      (forward only; RecA's frozen parts precede the trained ones)
+        attention, per layer: 4 L^2 d forward (Q K^T and A V over the full L x L: masked positions
+                              cost SDPA the same), x3 when the module trains
+        codec (frozen VAE):   `codec_flops` per sample (convolutions: measured, see `codec_flops`)
+
+    M: `matmul_params` of the module, n: tokens it processes per sample (the family's plan:
+    `model.flop_plan(prompt_len)` when defined, else `flow_plan`). Returns total FLOPs and the
+    per-module split (per micro-batch)."""
+    plan = model.flop_plan(prompt_len) if hasattr(model, "flop_plan") else flow_plan(model, prompt_len)
+    parts = {}
+    for s in plan:
+        module = getattr(model, s.module)
+        trains = any(p.requires_grad for p in module.parameters())
+        k = 3 if trains else 1
+        dense = 2 * k * matmul_params(module) * s.tokens
+        attn = k * s.attn_layers * 4 * s.attn_len**2 * s.attn_width
+        parts[s.module] = float(batch * (dense + attn))
+    parts["codec"] = float(batch * codec_flops)
+    return {"total": sum(parts.values()), "modules": parts, "tokens_per_sample": {s.module: s.tokens for s in plan}}
+
+
+def counted_flops(fn: Callable[[], object]) -> float:
+    """FLOPs of fn() as FlopCounterMode counts them (matmul, convolution, attention kernels)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def codec_flops(model: nn.Module, device: torch.device | str = "cpu") -> float:
+    """Per-sample FLOPs of `make_target` (the frozen VAE encode), counted once on one image."""
+    size = model.views.gen_size
+    x = torch.zeros(1, 3, size, size, device=device)
+    return counted_flops(lambda: model.make_target(x, None))

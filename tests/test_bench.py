@@ -1,0 +1,32 @@
+"""Benchmarks that run in CI: a pytest-benchmark entry for one tiny training step per CPU mode,
+and `reca bench step` end to end (its numbers on CPU only show that it runs)."""
+import json
+
+import pytest
+
+from reca.engine.cli import main
+from reca.engine.config import apply_overrides
+from reca.engine.presets import tiny
+from reca.engine.train import build, next_batches
+
+
+@pytest.mark.parametrize("mode", ["reference", "fast"])
+def test_tiny_step(benchmark, tmp_path, mode):
+    c = build(apply_overrides(tiny(), [f"train.mode={mode}", f"output.dir={tmp_path}", "output.tensorboard=false"]))
+    batches = next_batches(c)
+    for _ in range(2):  # compile (fast) outside the timing
+        c.update(c, batches)
+    loss, _, _ = benchmark.pedantic(c.update, args=(c, batches), rounds=5, iterations=1)
+    assert loss.isfinite()
+
+
+def test_reca_bench_step_cli(tmp_path, capsys):
+    out = tmp_path / "step.json"
+    main(["bench", "step", "--preset", "tiny", "--steps", "2", "--warmup", "2", "--out", str(out)])
+    text = capsys.readouterr().out
+    for word in ("img/s", "tok/s", "TFLOP/s", "MFU", "peak", "fast / reference", "recipe"):
+        assert word in text, word
+    report = json.loads(out.read_text())
+    assert [r["mode"] for r in report["modes"]] == ["reference", "fast"]
+    assert report["peak_tflops"] > 0 and all(r["tflops"] > 0 and r["mfu"] > 0 for r in report["modes"])
+    assert report["versions"]["torch"] and report["device"]
