@@ -6,7 +6,10 @@
 # Budget: under 9 minutes (each stage has its own timeout; a failed stage is reported, the rest run).
 set -u
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-RES="${OUT:-$ROOT/benchmarks/results}"
+# Under $OUT (the device tool brings back at most 8 files) everything lands in $OUT/suite and is
+# packed into one $OUT/gpu_suite.tar.gz at the end.
+RES="${OUT:+$OUT/suite}"
+RES="${RES:-$ROOT/benchmarks/results}"
 mkdir -p "$RES"
 SHIM="$(mktemp -d)/py"
 mkdir -p "$SHIM/reca"
@@ -41,5 +44,8 @@ if python -c "from reca.engine.presets import PRESETS; assert 'harmon-1.5b' in P
 fi
 # Kernel and data scripts write to benchmarks/results; gather them under $OUT.
 if [ "$RES" != "$ROOT/benchmarks/results" ]; then cp "$ROOT"/benchmarks/results/*.json "$RES"/ 2>/dev/null || true; fi
+if [ -n "${OUT:-}" ]; then
+  tar czf "$OUT/gpu_suite.tar.gz" -C "$RES" . && rm -rf "$RES" && RES="$OUT/gpu_suite.tar.gz"
+fi
 echo "=== suite done in ${SECONDS}s; results in $RES"
 if [ ${#failed[@]} -gt 0 ]; then echo "FAILED: ${failed[*]}"; exit 1; fi

@@ -65,7 +65,9 @@ def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> No
             params[name].copy_(value)
 
 
-def save_checkpoint(run_dir: str | Path, *, step: int, model, optimizer, scheduler, loader, generator, extra=None) -> Path:
+def save_checkpoint(run_dir: str | Path, *, step: int, model, optimizer, scheduler, data: dict, generator,
+                    extra=None) -> Path:
+    """`data`: the loaders' positions (`Components.data_state()`)."""
     path = Path(run_dir) / CHECKPOINT
     atomic_save(
         {
@@ -73,7 +75,7 @@ def save_checkpoint(run_dir: str | Path, *, step: int, model, optimizer, schedul
             "model": trainable_state(model),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
-            "data": loader.state_dict(),
+            "data": data,
             "rng": rng_state(generator),
             "extra": extra or {},
         },

@@ -53,6 +53,16 @@ class SampleConfig:
 
 
 @dataclass(kw_only=True)
+class MixConfig:
+    """Objectives of successive micro-batches, cycled (Harmon: 2 reconstruction : 2 captioning)."""
+
+    cycle: tuple[str, ...] = ("recon",)  # "recon" (RecA) | "caption" (image-to-text cross-entropy)
+    caption_source: str = ""  # captioned images for "caption" micro-batches (any data.source form)
+    caption_prompt: str = "Describe this image in detail."  # the question of a captioning sample
+    max_answer_tokens: int = 64  # captions are cut to this many tokens (the end-of-turn included)
+
+
+@dataclass(kw_only=True)
 class OptimConfig:
     """AdamW with warm-up then cosine (to `min_lr_ratio` x lr) or constant; clipping."""
 
@@ -110,6 +120,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=lambda: FAMILIES["flow"].config())
     data: DataConfig = field(default_factory=DataConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    mix: MixConfig = field(default_factory=MixConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     kernels: KernelConfig = field(default_factory=KernelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

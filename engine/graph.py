@@ -23,6 +23,7 @@ execute the work, so every call performs exactly one optimizer step, as the eage
 """
 from __future__ import annotations
 
+import copy
 from typing import Callable
 
 import torch
@@ -37,12 +38,12 @@ class GraphStep:
             raise UserError("train.cuda_graph needs CUDA")
         self.update, self.warmup = update, warmup
         self.calls = 0
-        self.static: list[tuple] | None = None
+        self.static: list | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out: tuple | None = None
         self.stream: torch.cuda.Stream | None = None
 
-    def __call__(self, c, batches: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __call__(self, c, batches: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.static is None:
             self.static = [_like(b) for b in batches]
             self.stream = torch.cuda.Stream(c.device)
@@ -72,18 +73,23 @@ class GraphStep:
         return out
 
 
-def _like(batch: tuple) -> tuple:
-    und, gen, prompt = batch
-    return (torch.empty_like(und), torch.empty_like(gen),
-            PromptBatch(torch.empty_like(prompt.input_ids), torch.empty_like(prompt.mask)))
+def _like(batch):
+    """A static twin of a micro-batch: same structure, fresh device tensors."""
+    twin = copy.copy(batch)
+    twin.und, twin.gen = _empty(batch.und), _empty(batch.gen)
+    twin.prompt = PromptBatch(torch.empty_like(batch.prompt.input_ids), torch.empty_like(batch.prompt.mask))
+    twin.answer_ids, twin.answer_mask = _empty(batch.answer_ids), _empty(batch.answer_mask)
+    return twin
 
 
-def _fill(dst: tuple, src: tuple) -> None:
-    (du, dg, dp), (su, sg, sp) = dst, src
-    if su.shape != du.shape or sp.input_ids.shape != dp.input_ids.shape:
-        raise ValueError(f"a CUDA-graph step needs fixed shapes: got {tuple(su.shape)}, {tuple(sp.input_ids.shape)} "
-                         f"after {tuple(du.shape)}, {tuple(dp.input_ids.shape)}")
-    du.copy_(su, non_blocking=True)
-    dg.copy_(sg, non_blocking=True)
-    dp.input_ids.copy_(sp.input_ids, non_blocking=True)
-    dp.mask.copy_(sp.mask, non_blocking=True)
+def _empty(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else torch.empty_like(t)
+
+
+def _fill(dst, src) -> None:
+    if dst.kind != src.kind:
+        raise ValueError(f"a CUDA-graph step needs a fixed objective order: got {src.kind} where {dst.kind} was captured")
+    for d, s in zip(dst.tensors(), src.tensors()):
+        if d.shape != s.shape:
+            raise ValueError(f"a CUDA-graph step needs fixed shapes: got {tuple(s.shape)} after {tuple(d.shape)}")
+        d.copy_(s, non_blocking=True)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from reca.engine.config import DataConfig, OptimConfig, OutputConfig, RunConfig, SampleConfig, TrainConfig
+from reca.engine.config import DataConfig, MixConfig, OptimConfig, OutputConfig, RunConfig, SampleConfig, TrainConfig
 from reca.engine.errors import UserError
 from reca.models.diffhead import DiffHeadShape
 from reca.models.flow import FlowConfig, Qwen2Shape, SiglipShape
@@ -98,6 +98,9 @@ def _harmon(name: str, llm: Qwen2Shape, mar: MARShape, head: DiffHeadShape, batc
                            image_size=512, gradient_checkpointing=True),
         data=DataConfig(batch_size=batch, num_workers=8),
         sample=SampleConfig(max_text_tokens=128),
+        # 2 reconstruction : 2 image-to-text micro-batches; the captioned images must be given:
+        # --set mix.caption_source=DIR (or --set mix.cycle=recon for RecA alone)
+        mix=MixConfig(cycle=("recon", "recon", "caption", "caption"), max_answer_tokens=128),
         optim=OptimConfig(lr=1e-5, betas=(0.9, 0.95), weight_decay=0.02, warmup_steps=steps // 100,
                           schedule="cosine", min_lr_ratio=0.0, clip_grad=1.0, grad_accum=4),
         train=TrainConfig(steps=steps),

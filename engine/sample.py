@@ -62,6 +62,7 @@ class SampleBuilder:
         self._parts = [p if p in ("{image}", "{instruction}") else tokenizer.encode(p) for p in parts if p]
         self._pool = [tokenizer.encode(s)[:max_text_tokens] for s in instructions]
         self._fixed = tokenizer.encode(fixed_instruction)[:max_text_tokens]
+        self.max_text_tokens = max_text_tokens
         literal = sum(len(p) for p in self._parts if isinstance(p, list))
         self.length = literal + num_visual_tokens + max_text_tokens  # P, the same for every batch
 
@@ -74,15 +75,40 @@ class SampleBuilder:
 
     def ids(self, choice: int) -> list[int]:
         """Unpadded prompt ids for a pool index (or -1: the fixed instruction)."""
+        return self._layout(self._fixed if choice < 0 else self._pool[choice])
+
+    def _layout(self, instruction: list[int]) -> list[int]:
         out: list[int] = []
         for part in self._parts:
             if part == "{image}":
                 out += [self.image_id] * self.num_visual_tokens
             elif part == "{instruction}":
-                out += self._fixed if choice < 0 else self._pool[choice]
+                out += instruction
             else:
                 out += part
         return out
+
+    def build_caption(self, tokenizer: TextTokenizer, captions: list[str | None], question: str,
+                      max_answer_tokens: int) -> tuple[PromptBatch, torch.Tensor, torch.Tensor]:
+        """An image-to-text batch: the template with `question` as the instruction, and the
+        captions as answers ended by <|im_end|>, right-padded to `max_answer_tokens`.
+        -> prompt ids/mask [B, P], answer ids [B, A], answer mask [B, A] (all False for an image
+        without a caption: it adds nothing to the loss)."""
+        seq = self._layout(tokenizer.encode(question)[: self.max_text_tokens])
+        prompt = PromptBatch(torch.full((len(captions), self.length), self.pad_id, dtype=torch.long),
+                             torch.zeros(len(captions), self.length, dtype=torch.bool))
+        prompt.input_ids[:, : len(seq)] = torch.tensor(seq)
+        prompt.mask[:, : len(seq)] = True
+        end = tokenizer.token_id("<|im_end|>")
+        ids = torch.full((len(captions), max_answer_tokens), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(len(captions), max_answer_tokens, dtype=torch.bool)
+        for row, text in enumerate(captions):
+            if not text:
+                continue
+            answer = tokenizer.encode(text)[: max_answer_tokens - 1] + [end]
+            ids[row, : len(answer)] = torch.tensor(answer)
+            mask[row, : len(answer)] = True
+        return prompt, ids, mask
 
     def build(self, positions: list[int] | torch.Tensor, fixed: bool = False) -> PromptBatch:
         """Prompts for the samples at these stream positions -> ids [B, P], mask [B, P].

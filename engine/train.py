@@ -41,14 +41,45 @@ def train_step(model, ops: KernelOps, und: torch.Tensor, gen: torch.Tensor, prom
     return model.generation_loss(embeds, prompt, target, generator)
 
 
-def optimizer_update(c: "Components", batches: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One optimizer step over micro-batches [(und, gen, prompt)]: forward + backward each, clip,
-    AdamW. A non-finite loss or gradient norm skips the update on the device (fused AdamW's
-    `found_inf`, as GradScaler uses it: no host sync). Returns device scalars (loss, grad_norm, skipped)."""
+def caption_step(model, ops: KernelOps, und: torch.Tensor, prompt: PromptBatch, answer_ids: torch.Tensor,
+                 answer_mask: torch.Tensor) -> LossOutput:
+    """One image-to-text micro-batch (mixed with RecA, e.g. Harmon's 2 : 2): the same visual
+    prompt, then cross-entropy on the caption's tokens only. answer ids/mask [B, A]."""
+    visual = model.encode_visual_prompt(und)
+    embeds = ops.condition(prompt.input_ids, model.input_embeddings(), visual.flatten(0, 1),
+                           model.image_token_id, model.visual_grad_scale)
+    return model.caption_loss(embeds, prompt.mask, answer_ids, answer_mask)
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch on the device. kind "recon": und, gen, prompt; kind "caption": und,
+    prompt, answer ids/mask [B, A] (gen unused)."""
+
+    kind: str
+    und: torch.Tensor
+    gen: torch.Tensor | None
+    prompt: PromptBatch
+    answer_ids: torch.Tensor | None = None
+    answer_mask: torch.Tensor | None = None
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor, in a fixed order (a CUDA graph copies into static twins)."""
+        parts = [self.und, self.gen, self.prompt.input_ids, self.prompt.mask, self.answer_ids, self.answer_mask]
+        return [t for t in parts if t is not None]
+
+
+def optimizer_update(c: "Components", batches: list[MicroBatch]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimizer step over micro-batches: forward + backward each, clip, AdamW. A non-finite
+    loss or gradient norm skips the update on the device (fused AdamW's `found_inf`, as
+    GradScaler uses it: no host sync). Returns device scalars (loss, grad_norm, skipped)."""
     loss = torch.zeros((), device=c.device)
-    for und, gen, prompt in batches:
+    for b in batches:
         with autocast(c.cfg, c.device, cache=not c.cfg.train.cuda_graph):  # no cast cache inside a graph
-            out = train_step(c.model, c.ops, und, gen, prompt, c.generator)
+            if b.kind == "recon":
+                out = train_step(c.model, c.ops, b.und, b.gen, b.prompt, c.generator)
+            else:
+                out = caption_step(c.model, c.ops, b.und, b.prompt, b.answer_ids, b.answer_mask)
         (out.loss / len(batches)).backward()
         loss += out.loss.detach().float() / len(batches)
     clip = c.cfg.optim.clip_grad
@@ -121,6 +152,18 @@ class Components:
     generator: torch.Generator
     params: list[torch.nn.Parameter]
     update: Callable  # (Components, batches) -> (loss, grad_norm, skipped): optimizer_update or a GraphStep
+    caption_loader: object = None  # captioned images, when mix.cycle holds "caption"
+
+    def data_state(self) -> dict:
+        state = {"images": self.loader.state_dict()}
+        if self.caption_loader is not None:
+            state["captions"] = self.caption_loader.state_dict()
+        return state
+
+    def load_data_state(self, state: dict) -> None:
+        self.loader.load_state_dict(state["images"])
+        if self.caption_loader is not None:
+            self.caption_loader.load_state_dict(state["captions"])
 
 
 def build(cfg: RunConfig) -> Components:
@@ -159,6 +202,7 @@ def build(cfg: RunConfig) -> Components:
         max_text_tokens=cfg.sample.max_text_tokens, seed=cfg.data.seed,
     )
     loader = build_loader(cfg.data, model.views)
+    caption_loader = _caption_loader(cfg, model)
     try:
         optimizer = build_optimizer(model, cfg.optim, device, capturable=cfg.train.cuda_graph)
     except ValueError as e:
@@ -171,18 +215,48 @@ def build(cfg: RunConfig) -> Components:
 
         update = GraphStep(optimizer_update)
     params = [p for p in model.parameters() if p.requires_grad]
-    return Components(cfg, device, model, ops, builder, loader, optimizer, scheduler, generator, params, update)
+    return Components(cfg, device, model, ops, builder, loader, optimizer, scheduler, generator, params, update,
+                      caption_loader)
 
 
-def next_batches(c: Components) -> list[tuple]:
-    """`optim.grad_accum` micro-batches [(und, gen, prompt)] on the device (pinned, asynchronous copies)."""
+def _caption_loader(cfg: RunConfig, model):
+    kinds = set(cfg.mix.cycle)
+    if not kinds or kinds - {"recon", "caption"}:
+        raise UserError(f"mix.cycle takes 'recon' and 'caption' entries, got {cfg.mix.cycle!r}")
+    if "caption" not in kinds:
+        return None
+    if not hasattr(model, "caption_loss"):
+        raise UserError(f"the {cfg.model.family} family has no image-to-text objective; drop 'caption' from mix.cycle")
+    if not cfg.mix.caption_source:
+        raise UserError(f"mix.cycle {','.join(cfg.mix.cycle)} has captioning micro-batches: name the captioned "
+                        "images with --set mix.caption_source=DIR (NAME.txt beside each image), "
+                        "or train RecA alone with --set mix.cycle=recon")
+    return build_loader(replace(cfg.data, source=cfg.mix.caption_source), model.views)
+
+
+def next_batches(c: Components) -> list[MicroBatch]:
+    """The next optimizer step's `optim.grad_accum` micro-batches on the device (pinned,
+    asynchronous copies). Micro-batch i of step s has objective mix.cycle[(s * accum + i) % len]."""
+    accum, cycle = c.cfg.optim.grad_accum, c.cfg.mix.cycle
+    step = c.scheduler.last_epoch  # optimizer steps taken so far (restored on resume)
     out = []
-    for _ in range(c.cfg.optim.grad_accum):
-        images = next(c.loader)
-        p = c.builder.build(images.positions)
-        out.append((_to(images.und, c.device), _to(images.gen, c.device),
-                    PromptBatch(_to(p.input_ids, c.device), _to(p.mask, c.device))))
+    for i in range(accum):
+        kind = cycle[(step * accum + i) % len(cycle)]
+        if kind == "recon":
+            images = next(c.loader)
+            p = c.builder.build(images.positions)
+            out.append(MicroBatch("recon", _to(images.und, c.device), _to(images.gen, c.device), _prompt_to(p, c.device)))
+        else:
+            images = next(c.caption_loader)
+            p, ids, mask = c.builder.build_caption(c.model.tokenizer, images.captions, c.cfg.mix.caption_prompt,
+                                                   c.cfg.mix.max_answer_tokens)
+            out.append(MicroBatch("caption", _to(images.und, c.device), None, _prompt_to(p, c.device),
+                                  _to(ids, c.device), _to(mask, c.device)))
     return out
+
+
+def _prompt_to(p: PromptBatch, device: torch.device) -> PromptBatch:
+    return PromptBatch(_to(p.input_ids, device), _to(p.mask, device))
 
 
 def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -208,7 +282,7 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: int | None = None
         load_trainable(model, ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         c.scheduler.load_state_dict(ckpt["scheduler"])
-        c.loader.load_state_dict(ckpt["data"])
+        c.load_data_state(ckpt["data"])
         set_rng_state(ckpt["rng"], c.generator)
         start = ckpt["step"]
     run.mkdir(parents=True, exist_ok=True)
@@ -264,11 +338,13 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: int | None = None
                 _write_preview(c, preview, done)
             if ckpt:
                 save_checkpoint(run, step=done, model=model, optimizer=opt, scheduler=c.scheduler,
-                                loader=c.loader, generator=c.generator)
+                                data=c.data_state(), generator=c.generator)
             if stop.requested:
                 break
     bar.close()
     c.loader.close()
+    if c.caption_loader is not None:
+        c.caption_loader.close()
     final = start if not last else last["step"]
     if final > start or not (run / f"recon_step{final}.png").exists():
         _write_preview(c, preview, final)

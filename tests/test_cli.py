@@ -100,3 +100,8 @@ def test_an_existing_run_is_never_silently_replaced(tmp_path):
     (run / "checkpoint.pt").write_bytes(b"precious")
     _one_line_error(reca("train", "--out", str(run), "--steps", "1"), "--resume")
     assert (run / "checkpoint.pt").read_bytes() == b"precious"
+
+
+def test_recipe_with_captioning_needs_captioned_images(tmp_path):
+    _one_line_error(reca("train", "--preset", "harmon-tiny", "--set", "mix.cycle=recon,caption",
+                         "--out", str(tmp_path / "r")), "mix.caption_source")

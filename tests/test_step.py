@@ -124,7 +124,7 @@ def test_flop_count_matches_flop_counter(tmp_path):
     input gradient are what the formula leaves out)."""
     c = build(_cfg(tmp_path))
     batches = next_batches(c)
-    prompt_len = batches[0][2].input_ids.shape[1]
+    prompt_len = batches[0].prompt.input_ids.shape[1]
     analytic = step_flops(c.model, prompt_len, c.cfg.data.batch_size, codec_flops(c.model))
     with sdpa_kernel(SDPBackend.MATH):
         counted = counted_flops(lambda: optimizer_update(c, batches))
