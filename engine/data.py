@@ -148,8 +148,8 @@ class _Samples(torch.utils.data.Dataset):
         except BadImage as e:
             self._bad[(s, i)] = str(e)
             raise
-        if fmt not in self.formats or mode not in PLAIN_MODES:
-            return None
+        if fmt not in self.formats or mode not in PLAIN_MODES or self.views.gen_resize == "pad":
+            return None  # padding to a square is done by the Pillow path alone
         box, flip = crop_box(w, h, self.views, self.cfg, rng)
         return data, box, flip
 
@@ -365,8 +365,8 @@ def build_loader(cfg: Any, views: ViewSpec, *, rank: int = 0, world_size: int = 
         raise UserError(f"data.crop_scale must be in (0, 1], got {cfg.crop_scale}")
     if not 0 < cfg.und_downscale <= 1:
         raise UserError(f"data.und_downscale must be in (0, 1], got {cfg.und_downscale}")
-    if views.gen_resize not in ("crop", "stretch"):
-        raise UserError(f"gen_resize must be 'crop' or 'stretch', got {views.gen_resize!r}")
+    if views.gen_resize not in ("crop", "stretch", "pad"):
+        raise UserError(f"gen_resize must be 'crop', 'stretch' or 'pad', got {views.gen_resize!r}")
     if not 0 <= rank < world_size:
         raise UserError(f"rank {rank} is outside world_size {world_size}")
     backend = make_backend(cfg, views, cfg.batch_size, decode_device(cfg))

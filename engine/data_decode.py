@@ -140,7 +140,7 @@ def crop_box(w: int, h: int, views: ViewSpec, cfg: Any,
         side = min(short, max(1, round(short * (cfg.crop_scale + (1.0 - cfg.crop_scale) * u_scale))))
         x0, y0 = int(u_x * (w - side + 1)), int(u_y * (h - side + 1))
         box = (x0, y0, x0 + side, y0 + side)
-    elif views.gen_resize == "stretch":
+    elif views.gen_resize in ("stretch", "pad"):  # pad: `make_views` adds the grey bands
         box = (0, 0, w, h)
     else:
         x0, y0 = (w - short) // 2, (h - short) // 2
@@ -189,6 +189,8 @@ def make_views(
     anywhere: in a worker, in the main process, or after a resume.
     """
     box, flip = crop_box(img.width, img.height, views, cfg, rng)
+    if views.gen_resize == "pad" and box[2] - box[0] != box[3] - box[1]:
+        img, box = _pad_square(img.crop(box)), None  # Harmon's image-to-text input: grey bands, nothing cut
     if cfg.und_downscale < 1.0:  # down then up: detail is lost on purpose, the size is kept
         small = max(1, round(views.und_size * cfg.und_downscale))
         und_img = img.resize((small, small), Image.Resampling.BICUBIC, box=box)
@@ -202,6 +204,13 @@ def make_views(
     und = (_chw(und_img, flip) * np.float32(1 / 255) - mean) / std
     gen = _chw(gen_img, flip) * np.float32(2 / 255) - np.float32(1.0)
     return np.ascontiguousarray(und, np.float32), np.ascontiguousarray(gen, np.float32)
+
+
+def _pad_square(img: Image.Image) -> Image.Image:
+    side = max(img.size)
+    canvas = Image.new("RGB", (side, side), (ALPHA_BACKGROUND,) * 3)
+    canvas.paste(img, ((side - img.width) // 2, (side - img.height) // 2))
+    return canvas
 
 
 def _chw(img: Image.Image, flip: bool) -> np.ndarray:

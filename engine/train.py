@@ -231,7 +231,9 @@ def _caption_loader(cfg: RunConfig, model):
         raise UserError(f"mix.cycle {','.join(cfg.mix.cycle)} has captioning micro-batches: name the captioned "
                         "images with --set mix.caption_source=DIR (NAME.txt beside each image), "
                         "or train RecA alone with --set mix.cycle=recon")
-    return build_loader(replace(cfg.data, source=cfg.mix.caption_source), model.views)
+    # whole images, unflipped: a caption may speak of any corner, or of left and right
+    data = replace(cfg.data, source=cfg.mix.caption_source, crop_scale=1.0, hflip=False)
+    return build_loader(data, getattr(model, "caption_views", model.views))
 
 
 def next_batches(c: Components) -> list[MicroBatch]:

@@ -30,6 +30,7 @@ class ViewSpec:
     und_std: tuple[float, float, float]
     gen_size: int  # generation target's square side, pixels; values in [-1, 1]
     gen_resize: str = "crop"  # "crop": aspect-preserving resize + centre crop | "stretch": to square (Harmon)
+    #                           | "pad": to square with grey (127) bands (Harmon's image-to-text input)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -114,8 +115,10 @@ class RecaAdapter(Protocol):
         """
         ...
 
-    # Optional: `load_pretrained(directory)` for `--init-from`, and `no_weight_decay_modules()` ->
-    # parameter-name prefixes the optimizer must not decay (beyond 1-D tensors and biases).
+    # Optional: `load_pretrained(directory)` for `--init-from`; `no_weight_decay_modules()` ->
+    # parameter-name prefixes the optimizer must not decay (beyond 1-D tensors and biases);
+    # `caption_loss(embeds, prompt_mask, answer_ids, answer_mask) -> LossOutput` and
+    # `caption_views: ViewSpec` for image-to-text micro-batches (`mix.cycle`).
 
     def sample(
         self,

@@ -18,6 +18,7 @@ Shapes: B batch, P prompt, D LLM width, T = h w latent tokens, nb buffers, W MAR
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -109,6 +110,7 @@ class HarmonModel(nn.Module):
             text="<|im_start|>user\n{image}\n{instruction}<|im_end|>\n<|im_start|>assistant\n")
         self.views = ViewSpec(und_size=cfg.image_size, und_mean=(0.5, 0.5, 0.5), und_std=(0.5, 0.5, 0.5),
                               gen_size=cfg.image_size, gen_resize="stretch")
+        self.caption_views = dataclasses.replace(self.views, gen_resize="pad")  # image-to-text: grey-padded
         self.num_visual_tokens = self.latent_grid**2 + cfg.mar.buffer_size
         self.image_token_id = self.tokenizer.token_id(self.template.image_token)
         self.visual_grad_scale = cfg.visual_grad_scale

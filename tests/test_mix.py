@@ -75,3 +75,20 @@ def test_mixed_training_runs_and_resumes_exactly(tmp_path):
 def test_the_published_recipe_asks_for_captioned_images():
     cfg = harmon_1_5b()
     assert cfg.mix.cycle == ("recon", "recon", "caption", "caption") and cfg.optim.grad_accum == 4
+
+
+def test_caption_images_are_padded_with_grey_not_cut(tmp_path):
+    """Harmon's image-to-text input: the whole image, padded to a square with grey 127."""
+    root = tmp_path / "wide"
+    root.mkdir()
+    Image.new("RGB", (64, 32), (250, 10, 10)).save(root / "red.png")  # 2:1, pure red
+    (root / "red.txt").write_text("a red band")
+    cfg = _cfg(tmp_path, "mix.cycle=recon,caption", "optim.grad_accum=2", f"mix.caption_source={root}")
+    c = build(cfg)
+    (cap,) = [b for b in next_batches(c) if b.kind == "caption"]
+    assert c.model.caption_views.gen_resize == "pad" and c.model.views.gen_resize == "stretch"
+    und = cap.und[0] * 0.5 + 0.5  # the understanding view, back to [0, 1]
+    side = und.shape[-1]
+    grey, red = und[:, : side // 4 - 1], und[:, side // 2]  # a top band row, the middle row
+    torch.testing.assert_close(grey, torch.full_like(grey, 127 / 255), atol=2e-2, rtol=0)
+    assert red[0].min() > 0.9 and red[1].max() < 0.1  # the image itself, uncut
