@@ -8,7 +8,6 @@ batch multiplier), C latent channels, W head width, Z condition width.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +15,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from reca.kernels import DDPMSchedule, cosine_schedule
+from reca.models.layers import TimestepEmbedder
 
 
 @dataclass(kw_only=True)
@@ -30,21 +30,6 @@ class DiffHeadShape:
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale) + shift
-
-
-class TimestepEmbedder(nn.Module):
-    """Integer DDPM step t [N] -> [N, W]: cos/sin features of t itself (not t / num_steps), then an MLP."""
-
-    def __init__(self, width: int, freq_dim: int = 256):
-        super().__init__()
-        self.freq_dim = freq_dim
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        half = self.freq_dim // 2
-        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-        args = t.float()[:, None] * freqs[None]
-        return self.mlp(torch.cat([args.cos(), args.sin()], dim=-1).to(self.mlp[0].weight.dtype))
 
 
 class ResBlock(nn.Module):
@@ -79,7 +64,7 @@ class AdaLNMLP(nn.Module):
     def __init__(self, channels: int, cond_dim: int, shape: DiffHeadShape):
         super().__init__()
         w = shape.width
-        self.time_embed = TimestepEmbedder(w, shape.freq_dim)
+        self.time_embed = TimestepEmbedder(w, shape.freq_dim, scale=1.0)  # integer DDPM steps
         self.cond_embed = nn.Linear(cond_dim, w)
         self.input_proj = nn.Linear(channels, w)
         self.res_blocks = nn.ModuleList(ResBlock(w) for _ in range(shape.depth))

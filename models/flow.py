@@ -22,7 +22,8 @@ from transformers import Qwen2Config, Qwen2Model, SiglipVisionConfig, SiglipVisi
 
 from reca.kernels import KernelOps, get_ops
 from reca.models.adapter import LossOutput, PromptBatch, PromptTemplate, ViewSpec
-from reca.models.layers import MLPConnector, TimestepEmbedder, patchify, sincos_2d, unpatchify
+from reca.models.layers import (MLPConnector, TimestepEmbedder, enable_hf_checkpointing, freeze_except, patchify,
+                                sincos_2d, unpatchify)
 from reca.models.tokenizer import load_tokenizer
 from reca.models.vae import VAEConfig, build_codec
 
@@ -74,9 +75,6 @@ class FlowModel(nn.Module):
 
     def __init__(self, cfg: FlowConfig, ops: KernelOps | None = None):
         super().__init__()
-        unknown = set(cfg.trainable) - set(MODULES)
-        if unknown:
-            raise ValueError(f"model.trainable names unknown modules {sorted(unknown)}; known: {', '.join(MODULES)}")
         self.cfg = cfg
         self.ops = ops or get_ops("torch")
         v, q = cfg.vit, cfg.llm
@@ -94,7 +92,7 @@ class FlowModel(nn.Module):
             max_position_embeddings=q.max_position, tie_word_embeddings=False, attn_implementation="sdpa",
         ))
         if cfg.gradient_checkpointing:
-            self.llm.gradient_checkpointing_enable()
+            enable_hf_checkpointing(self.llm)
         self.codec = build_codec(cfg.vae)
         self.latent_channels = self.codec.latent_channels
         self.latent_grid = cfg.gen_size // self.codec.downsample // cfg.latent_patch
@@ -111,8 +109,7 @@ class FlowModel(nn.Module):
         self.register_buffer("vit_pos", sincos_2d(q.hidden_size, vit_grid, vit_step), persistent=False)
         self.register_buffer("latent_pos", sincos_2d(q.hidden_size, self.latent_grid), persistent=False)
 
-        for name in MODULES:
-            getattr(self, name).requires_grad_(name in cfg.trainable)
+        freeze_except(self, MODULES, cfg.trainable)
         self.codec.requires_grad_(False)
 
         self.tokenizer = load_tokenizer(cfg.tokenizer or None, q.vocab_size)

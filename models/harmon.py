@@ -31,7 +31,7 @@ from reca.kernels import KernelOps, get_ops
 from reca.models.adapter import LossOutput, PromptBatch, PromptTemplate, ViewSpec
 from reca.models.diffhead import DiffHeadShape
 from reca.models.flow import Qwen2Shape
-from reca.models.layers import patchify, unpatchify
+from reca.models.layers import enable_hf_checkpointing, freeze_except, patchify, unpatchify
 from reca.models.mar import MAR, MARShape, mask_by_order, random_masking, random_orders
 from reca.models.tokenizer import load_tokenizer
 from reca.models.vae import VAEConfig, build_codec
@@ -68,9 +68,6 @@ class HarmonModel(nn.Module):
 
     def __init__(self, cfg: HarmonConfig, ops: KernelOps | None = None):
         super().__init__()
-        unknown = set(cfg.trainable) - set(MODULES)
-        if unknown:
-            raise ValueError(f"model.trainable names unknown modules {sorted(unknown)}; known: {', '.join(MODULES)}")
         if cfg.mar.buffer_size < 1:
             raise ValueError("mar.buffer_size must be >= 1 (a fully masked image leaves only the buffers)")
         self.cfg = cfg
@@ -93,14 +90,9 @@ class HarmonModel(nn.Module):
         self.proj_in = _mlp(cfg.mar.width, q.hidden_size, q.hidden_size)
         self.proj_out = _mlp(q.hidden_size, q.hidden_size, cfg.mar.width)
         if cfg.gradient_checkpointing:
-            kw = {"use_reentrant": False}
-            if hasattr(self.llm, "activation_checkpointing_enable"):  # transformers >= 5.2x renamed it
-                self.llm.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
-            else:
-                self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+            enable_hf_checkpointing(self.llm)
             self.mar.grad_checkpointing = self.mar.diffloss.net.grad_checkpointing = True
-        for name in MODULES:
-            getattr(self, name).requires_grad_(name in cfg.trainable)
+        freeze_except(self, MODULES, cfg.trainable)
         self.codec.requires_grad_(False)
 
         self.tokenizer = load_tokenizer(cfg.tokenizer or None, q.vocab_size)

@@ -28,19 +28,40 @@ def sincos_2d(dim: int, grid: int, step: float = 1.0) -> torch.Tensor:
 
 
 class TimestepEmbedder(nn.Module):
-    """Scalar t in [0, 1] [B] -> [B, D]: sinusoidal features of 1000 t, then an MLP (DiT/BAGEL style)."""
+    """Timestep t [B] -> [B, D]: cos/sin features of `scale * t`, then an MLP (DiT / MAR style).
 
-    def __init__(self, dim: int, freq_dim: int = 256):
+    scale 1000 for flow time t in [0, 1] (BAGEL); 1 for integer DDPM steps (MAR's head)."""
+
+    def __init__(self, dim: int, freq_dim: int = 256, scale: float = 1000.0):
         super().__init__()
-        self.freq_dim = freq_dim
+        self.freq_dim, self.scale = freq_dim, scale
         self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         half = self.freq_dim // 2
         freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-        args = (t.float() * 1000)[:, None] * freqs[None]
+        args = (t.float() * self.scale)[:, None] * freqs[None]
         feats = torch.cat([args.cos(), args.sin()], dim=-1)
         return self.mlp(feats.to(self.mlp[0].weight.dtype))
+
+
+def enable_hf_checkpointing(model: nn.Module) -> None:
+    """Activation checkpointing of a transformers model, non-reentrant (the method was renamed
+    in transformers 5.2x; the GPU image has 5.17)."""
+    kw = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+
+
+def freeze_except(model: nn.Module, modules: tuple[str, ...], trainable: tuple[str, ...]) -> None:
+    """`requires_grad` per named child: only those in `trainable` learn (the config's split)."""
+    unknown = set(trainable) - set(modules)
+    if unknown:
+        raise ValueError(f"model.trainable names unknown modules {sorted(unknown)}; known: {', '.join(modules)}")
+    for name in modules:
+        getattr(model, name).requires_grad_(name in trainable)
 
 
 class MLPConnector(nn.Module):
