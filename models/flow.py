@@ -18,29 +18,16 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-from transformers import Qwen2Config, Qwen2Model, SiglipVisionConfig, SiglipVisionModel
+from transformers import Qwen2Model, SiglipVisionConfig, SiglipVisionModel
 
 from reca.kernels import KernelOps, get_ops
 from reca.models.adapter import LossOutput, PromptBatch, PromptTemplate, ViewSpec
-from reca.models.layers import (MLPConnector, TimestepEmbedder, enable_hf_checkpointing, freeze_except, patchify,
-                                sincos_2d, unpatchify)
+from reca.models.layers import (MLPConnector, Qwen2Shape, TimestepEmbedder, enable_hf_checkpointing, freeze_except,
+                                patchify, sincos_2d, unpatchify)
 from reca.models.tokenizer import load_tokenizer
 from reca.models.vae import VAEConfig, build_codec
 
 MODULES = ("vit", "connector", "llm", "gen_in", "time_embed", "gen_out")
-
-
-@dataclass(kw_only=True)
-class Qwen2Shape:
-    vocab_size: int = 1024
-    hidden_size: int = 128
-    intermediate_size: int = 344
-    num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    rope_theta: float = 1_000_000.0
-    rms_norm_eps: float = 1e-6
-    max_position: int = 32768
 
 
 @dataclass(kw_only=True)
@@ -85,12 +72,7 @@ class FlowModel(nn.Module):
             attn_implementation="sdpa",
         ))
         self.connector = MLPConnector(v.hidden_size, q.hidden_size)
-        self.llm = Qwen2Model(Qwen2Config(
-            vocab_size=q.vocab_size, hidden_size=q.hidden_size, intermediate_size=q.intermediate_size,
-            num_hidden_layers=q.num_layers, num_attention_heads=q.num_heads,
-            num_key_value_heads=q.num_kv_heads, rope_theta=q.rope_theta, rms_norm_eps=q.rms_norm_eps,
-            max_position_embeddings=q.max_position, tie_word_embeddings=False, attn_implementation="sdpa",
-        ))
+        self.llm = Qwen2Model(q.hf_config(tie_word_embeddings=False))
         if cfg.gradient_checkpointing:
             enable_hf_checkpointing(self.llm)
         self.codec = build_codec(cfg.vae)

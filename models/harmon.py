@@ -25,13 +25,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import Qwen2ForCausalLM
 
 from reca.kernels import KernelOps, get_ops
 from reca.models.adapter import LossOutput, PromptBatch, PromptTemplate, ViewSpec
 from reca.models.diffhead import DiffHeadShape
-from reca.models.flow import Qwen2Shape
-from reca.models.layers import enable_hf_checkpointing, freeze_except, patchify, unpatchify
+from reca.models.layers import Qwen2Shape, enable_hf_checkpointing, freeze_except, patchify, unpatchify
 from reca.models.mar import MAR, MARShape, mask_by_order, random_masking, random_orders
 from reca.models.tokenizer import load_tokenizer
 from reca.models.vae import VAEConfig, build_codec
@@ -73,13 +72,7 @@ class HarmonModel(nn.Module):
         self.cfg = cfg
         self.ops = ops or get_ops("torch")
         q = cfg.llm
-        self.llm = Qwen2ForCausalLM(Qwen2Config(
-            vocab_size=q.vocab_size, hidden_size=q.hidden_size, intermediate_size=q.intermediate_size,
-            num_hidden_layers=q.num_layers, num_attention_heads=q.num_heads,
-            num_key_value_heads=q.num_kv_heads, rope_theta=q.rope_theta, rms_norm_eps=q.rms_norm_eps,
-            max_position_embeddings=q.max_position, tie_word_embeddings=cfg.tie_embeddings,
-            attn_implementation="sdpa",
-        ))
+        self.llm = Qwen2ForCausalLM(q.hf_config(tie_word_embeddings=cfg.tie_embeddings))
         self.codec = build_codec(cfg.vae)
         if cfg.image_size % self.codec.downsample:
             raise ValueError(f"image_size {cfg.image_size} is not a multiple of the VAE's factor "

@@ -2,10 +2,34 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+@dataclass(kw_only=True)
+class Qwen2Shape:
+    vocab_size: int = 1024
+    hidden_size: int = 128
+    intermediate_size: int = 344
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    max_position: int = 32768
+
+    def hf_config(self, **extra):
+        """The transformers `Qwen2Config` of this shape (SDPA attention unless `extra` says otherwise)."""
+        from transformers import Qwen2Config
+
+        kw = dict(vocab_size=self.vocab_size, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+                  num_hidden_layers=self.num_layers, num_attention_heads=self.num_heads,
+                  num_key_value_heads=self.num_kv_heads, rope_theta=self.rope_theta, rms_norm_eps=self.rms_norm_eps,
+                  max_position_embeddings=self.max_position, attn_implementation="sdpa")
+        return Qwen2Config(**{**kw, **extra})
 
 
 def sincos_2d(dim: int, grid: int, step: float = 1.0) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """`--init-from DIR`: real weights from local Hugging Face-format directories (written here)."""
 import torch
 from safetensors.torch import save_file
-from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
+from transformers import Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
 from reca.engine.config import apply_overrides
 from reca.engine.presets import tiny
@@ -11,11 +11,7 @@ from reca.engine.train import build
 def _donors(cfg):
     q, v = cfg.model.llm, cfg.model.vit
     torch.manual_seed(123)
-    llm = Qwen2ForCausalLM(Qwen2Config(
-        vocab_size=q.vocab_size, hidden_size=q.hidden_size, intermediate_size=q.intermediate_size,
-        num_hidden_layers=q.num_layers, num_attention_heads=q.num_heads, num_key_value_heads=q.num_kv_heads,
-        rope_theta=q.rope_theta, rms_norm_eps=q.rms_norm_eps, max_position_embeddings=q.max_position,
-        tie_word_embeddings=False))
+    llm = Qwen2ForCausalLM(q.hf_config(tie_word_embeddings=False))
     vit = SiglipVisionModel(SiglipVisionConfig(  # the full encoder, last layer included
         hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_hidden_layers=v.num_layers,
         num_attention_heads=v.num_heads, image_size=v.image_size, patch_size=v.patch_size))
