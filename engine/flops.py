@@ -16,8 +16,10 @@ import torch.nn as nn
 
 @dataclass(frozen=True)
 class Stage:
-    """One module of the step: `tokens` it processes per sample; its attention layers (if any)
-    over sequences of `attn_len` with query width `attn_width`."""
+    """One module of the step (a dotted path under the model: "llm", "mar.encoder_blocks"):
+    `tokens` it processes per sample; its attention layers (if any) over sequences of `attn_len`
+    with query width `attn_width`. A module run twice (Harmon's MAR encoder: the visual prompt,
+    then the kept tokens) is two stages; their FLOPs add up under its name."""
 
     module: str
     tokens: int
@@ -62,22 +64,24 @@ def step_flops(model: nn.Module, prompt_len: int, batch: int, codec_flops: float
         frozen module:        2 M n      (forward only; RecA's frozen parts precede the trained ones)
         attention, per layer: 4 L^2 d forward (Q K^T and A V over the full L x L: masked positions
                               cost SDPA the same), x3 when the module trains
-        codec (frozen VAE):   `codec_flops` per sample (convolutions: measured, see `codec_flops`)
+        codec (frozen VAE):   `codec_flops` per sample and pass (convolutions: measured, see
+                              `codec_flops`), `model.codec_passes` passes (default 1)
 
     M: `matmul_params` of the module, n: tokens it processes per sample (the family's plan:
     `model.flop_plan(prompt_len)` when defined, else `flow_plan`). Returns total FLOPs and the
     per-module split (per micro-batch)."""
     plan = model.flop_plan(prompt_len) if hasattr(model, "flop_plan") else flow_plan(model, prompt_len)
-    parts = {}
+    parts, tokens = {}, {}
     for s in plan:
-        module = getattr(model, s.module)
+        module = model.get_submodule(s.module)
         trains = any(p.requires_grad for p in module.parameters())
         k = 3 if trains else 1
         dense = 2 * k * matmul_params(module) * s.tokens
         attn = k * s.attn_layers * 4 * s.attn_len**2 * s.attn_width
-        parts[s.module] = float(batch * (dense + attn))
-    parts["codec"] = float(batch * codec_flops)
-    return {"total": sum(parts.values()), "modules": parts, "tokens_per_sample": {s.module: s.tokens for s in plan}}
+        parts[s.module] = parts.get(s.module, 0.0) + float(batch * (dense + attn))
+        tokens[s.module] = tokens.get(s.module, 0) + s.tokens
+    parts["codec"] = float(batch * codec_flops * getattr(model, "codec_passes", 1))
+    return {"total": sum(parts.values()), "modules": parts, "tokens_per_sample": tokens}
 
 
 def counted_flops(fn: Callable[[], object]) -> float:

@@ -31,7 +31,7 @@ from reca.kernels import KernelOps, get_ops
 from reca.models.adapter import LossOutput, PromptBatch, PromptTemplate, ViewSpec
 from reca.models.diffhead import DiffHeadShape
 from reca.models.layers import Qwen2Shape, enable_hf_checkpointing, freeze_except, patchify, unpatchify
-from reca.models.mar import MAR, MARShape, mask_by_order, random_masking, random_orders
+from reca.models.mar import MAR, MARShape, kept_slots, mask_by_order, max_kept, random_masking, random_orders
 from reca.models.tokenizer import load_tokenizer
 from reca.models.vae import VAEConfig, build_codec
 
@@ -97,6 +97,8 @@ class HarmonModel(nn.Module):
                               gen_size=cfg.image_size, gen_resize="stretch")
         self.caption_views = dataclasses.replace(self.views, gen_resize="pad")  # image-to-text: grey-padded
         self.num_visual_tokens = self.latent_grid**2 + cfg.mar.buffer_size
+        # Token slots of the training generation pass (encoder and LLM): every kept token fits.
+        self.gen_slots = max_kept(self.latent_grid**2, cfg.mask_ratio_min)
         self.image_token_id = self.tokenizer.token_id(self.template.image_token)
         self.visual_grad_scale = cfg.visual_grad_scale
 
@@ -125,7 +127,7 @@ class HarmonModel(nn.Module):
         x0 = target
         mask, _, ratio = random_masking(x0.shape[0], x0.shape[1], generator, x0.device,
                                         self.cfg.mask_ratio_min, self.cfg.mask_ratio_std)
-        z = self.condition_tokens(prompt_embeds, prompt, x0, ~mask)
+        z = self.condition_tokens(prompt_embeds, prompt, x0, ~mask, self.gen_slots)
         loss = self.mar.diffloss.loss(z, x0, mask, self.ops, generator)
         return LossOutput(loss=loss, metrics={"mask_ratio": ratio.detach().float().squeeze()})
 
@@ -141,7 +143,7 @@ class HarmonModel(nn.Module):
         mask = torch.ones(b, t, dtype=torch.bool, device=dev)
         masked = t
         for step in range(steps):
-            z = self.condition_tokens(prompt_embeds, prompt, tokens, ~mask)
+            z = self.condition_tokens(prompt_embeds, prompt, tokens, ~mask, t)  # late rounds keep most tokens
             if step == steps - 1:
                 predict, nxt = mask, torch.zeros_like(mask)
             else:
@@ -160,18 +162,22 @@ class HarmonModel(nn.Module):
         return self.codec.decode(z).float().clamp(-1, 1)
 
     # --- Harmon internals -----------------------------------------------------------------------
-    def condition_tokens(self, prompt_embeds, prompt: PromptBatch, x0: torch.Tensor, keep: torch.Tensor):
+    def condition_tokens(self, prompt_embeds, prompt: PromptBatch, x0: torch.Tensor, keep: torch.Tensor,
+                         slots: int):
         """Prompt [B, P, D] + latent tokens x0 [B, T, C] of which `keep` [B, T] are visible ->
-        per-token conditions z [B, T, W] for the head. Nothing of a dropped token reaches z."""
+        per-token conditions z [B, T, W] for the head. The kept tokens travel in `slots` fixed
+        slots (`reca.models.mar.kept_slots`; at least the most a row keeps) through the encoder,
+        the LLM (prompt | slots | buffers) and back; nothing of a dropped token reaches z."""
         b, p, _ = prompt_embeds.shape
-        nb = self.mar.buffer_size
-        x_enc = self.mar.encode(x0, keep)  # [B, nb + T, W], buffers first
+        nb, t = self.mar.buffer_size, x0.shape[1]
+        idx, valid = kept_slots(keep, slots)
+        x_enc = self.mar.encode(x0, (idx, valid))  # [B, nb + K, W], buffers first
         z = self.proj_in(x_enc)
         z = torch.cat([z[:, nb:], z[:, :nb]], dim=1).to(prompt_embeds.dtype)  # buffers last, as Harmon
-        valid = torch.cat([prompt.mask, keep, keep.new_ones(b, nb)], dim=1)
-        hidden = self.llm_hidden(torch.cat([prompt_embeds, z], dim=1), valid)[:, p:]
+        keys = torch.cat([prompt.mask, valid, valid.new_ones(b, nb)], dim=1)
+        hidden = self.llm_hidden(torch.cat([prompt_embeds, z], dim=1), keys)[:, p:]
         hidden = torch.cat([hidden[:, -nb:], hidden[:, :-nb]], dim=1)  # buffers back in front
-        return self.mar.decode(x_enc + self.proj_out(hidden).to(x_enc.dtype), keep)
+        return self.mar.decode(x_enc + self.proj_out(hidden).to(x_enc.dtype), (idx, valid), t)
 
     def llm_hidden(self, embeds: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Final-norm hidden states [B, L, D] of the LLM over embeds [B, L, D] under a causal mask
@@ -201,6 +207,31 @@ class HarmonModel(nn.Module):
         loss = self.ops.linear_cross_entropy(h.flatten(0, 1), self.lm_head_weight(), targets.flatten(),
                                              ignore_index=-100)
         return LossOutput(loss=loss, metrics={"caption_tokens": answer_mask.sum().detach().float()})
+
+    codec_passes = 2  # the VAE encodes the understanding view and the generation view
+
+    def flop_plan(self, prompt_len: int) -> list:
+        """Tokens per sample of each module in one training micro-batch (`reca.engine.flops`):
+        the MAR encoder over nb + T (visual prompt) and nb + K (kept slots), proj_in on both, the
+        LLM body over prompt | K slots | nb buffers, proj_out and decoder_embed on nb + K, the
+        decoder over nb + T, the head over T tokens x batch_mul. The slots and masked keys are
+        counted as computed: padding costs FLOPs like any token."""
+        from reca.engine.flops import Stage
+
+        t, nb, k, m = self.latent_grid**2, self.mar.buffer_size, self.gen_slots, self.cfg.mar
+        llm = self.llm.config
+        seq = prompt_len + k + nb
+        return [
+            Stage("mar.z_proj", t + k),
+            Stage("mar.encoder_blocks", nb + t, m.encoder_depth, nb + t, m.width),
+            Stage("mar.encoder_blocks", nb + k, m.encoder_depth, nb + k, m.width),
+            Stage("proj_in", 2 * nb + t + k),
+            Stage("llm.model", seq, llm.num_hidden_layers, seq, llm.hidden_size),
+            Stage("proj_out", nb + k),
+            Stage("mar.decoder_embed", nb + k),
+            Stage("mar.decoder_blocks", nb + t, m.decoder_depth, nb + t, m.width),
+            Stage("mar.diffloss", t * self.cfg.head.batch_mul),
+        ]
 
     def no_weight_decay_modules(self) -> tuple[str, ...]:
         """Parameter-name prefixes exempt from weight decay besides 1-D tensors and biases (spec:

@@ -1,18 +1,21 @@
 """MAR (masked autoregressive) encoder/decoder with fixed shapes, and its random masking.
 
 Parameter names are MAR's (Harmon checkpoints: `mar.*`, timm ViT block names inside), so a
-checkpoint loads by a prefix change. One difference from MAR's code, on purpose: MAR gathers
-the unmasked tokens into a shorter tensor before the encoder (a shape that changes with the mask
-ratio). Here the sequence stays [B, nb + T] and a dropped token is simply never a key (a key
-padding mask) and carries zeros; the outputs at kept positions are those of MAR's gather
-(attention is permutation-equivariant and the kept order is unchanged). It costs the encoder
-(and the LLM) the FLOPs of the dropped tokens (mask ratio 0.7-1.0: up to ~3x on the encoder);
-in exchange the step never changes shape (CUDA graphs, torch.compile, no host sync for the
-mask). Shapes: B batch, T latent tokens (h w), nb buffer tokens, C latent channels, W width.
+checkpoint loads by a prefix change. MAR gathers the unmasked tokens into a shorter tensor
+before the encoder, a length that changes with the mask ratio every step. Here the gather goes
+into a FIXED number of slots, `max_kept(T, ratio_min)` (T = 1024, ratio >= 0.7: 308 slots):
+the kept tokens in raster order, then padding slots that are never keys (`kept_slots`). The
+outputs at kept positions are MAR's exactly (attention is permutation-equivariant, keys are
+masked); the encoder and the LLM pay for 308 instead of 1024 token slots (the padding is the
+price of a shape that never changes: CUDA graphs, torch.compile, no host sync for the mask).
+One ratio per batch (MAR's) keeps the kept count equal across a batch; E[kept] ~ 136 of 1024.
+Shapes: B batch, T latent tokens (h w), K slots, nb buffer tokens, C latent channels, W width.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import math
 
 import torch
 import torch.nn as nn
@@ -140,45 +143,53 @@ class MAR(nn.Module):
                 x = block(x, mask)
         return x
 
-    def encode(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """Latent tokens x [B, T, C] (square grid), keep [B, T] bool (None = all) -> [B, nb + T, W],
-        buffers first. Dropped tokens are zeroed and never attended to (the buffers always are,
-        so no attention row is empty); their outputs are meaningless and must be discarded."""
-        b, t, _ = x.shape
-        side = int(round(t**0.5))
-        if keep is not None:
-            x = x * keep[..., None].to(x.dtype)
-        h = self.z_proj(x)
-        buffers = self.fake_latent.to(h.dtype).expand(b, self.buffer_size, -1)
-        h = torch.cat([buffers, h], dim=1) + self._pos(self.encoder_pos_embed_learned, side, self.buffer_size)
-        h = self.z_proj_ln(h)
+    def encode(self, x: torch.Tensor, slots: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Latent tokens x [B, T, C] (square grid) -> encoder stream, buffers first:
+        [B, nb + T, W] over every token (slots None), or [B, nb + K, W] over the K slots of
+        `kept_slots` (idx [B, K], valid [B, K]): each kept token with its own position; padding
+        slots carry zeros, are never attended to (the buffers always are, so no attention row is
+        empty), and their outputs are meaningless."""
+        b, t, c = x.shape
+        side, nb = int(round(t**0.5)), self.buffer_size
+        pos = self._pos(self.encoder_pos_embed_learned, side, nb)  # [1, nb + T, W]
         mask = None
-        if keep is not None:
-            ones = keep.new_ones(b, self.buffer_size)
-            mask = torch.cat([ones, keep], dim=1)[:, None, None, :]
+        if slots is not None:
+            idx, valid = slots
+            x = x.gather(1, idx[..., None].expand(-1, -1, c)) * valid[..., None].to(x.dtype)
+            tok_pos = pos[:, nb:].expand(b, -1, -1).gather(1, idx[..., None].expand(-1, -1, pos.shape[-1]))
+            pos = torch.cat([pos[:, :nb].expand(b, -1, -1), tok_pos], dim=1)
+            mask = torch.cat([valid.new_ones(b, nb), valid], dim=1)[:, None, None, :]
+        h = self.z_proj(x)
+        buffers = self.fake_latent.to(h.dtype).expand(b, nb, -1)
+        h = self.z_proj_ln(torch.cat([buffers, h], dim=1) + pos)
         return self.encoder_norm(self._run(self.encoder_blocks, h, mask))
 
-    def decode(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """Encoder stream x [B, nb + T, W], keep [B, T] bool -> per-token conditions z [B, T, W]:
-        mask tokens where nothing was kept, full attention, buffers dropped, + diffusion positions."""
-        b, n, _ = x.shape
-        t = n - self.buffer_size
-        side = int(round(t**0.5))
+    def decode(self, x: torch.Tensor, slots: tuple[torch.Tensor, torch.Tensor], tokens: int) -> torch.Tensor:
+        """Encoder stream over slots x [B, nb + K, W] (`kept_slots`: idx, valid [B, K]) ->
+        per-token conditions z [B, T, W], T = `tokens`: the kept tokens scattered back to their
+        positions, mask tokens everywhere else, full attention, buffers dropped, + diffusion
+        positions (MAR's `forward_mae_decoder`)."""
+        idx, valid = slots
+        b, _, w = x.shape
+        nb = self.buffer_size
+        side = int(round(tokens**0.5))
         h = self.decoder_embed(x)
-        kept = torch.cat([keep.new_ones(b, self.buffer_size), keep], dim=1)[..., None]
-        h = torch.where(kept, h, self.mask_token.to(h.dtype))
-        h = h + self._pos(self.decoder_pos_embed_learned, side, self.buffer_size)
+        fill = self.mask_token.to(h.dtype)
+        slot_h = torch.where(valid[..., None], h[:, nb:], fill)  # padding slots write a mask token
+        grid = fill.expand(b, tokens, w).scatter(1, idx[..., None].expand(-1, -1, w), slot_h)  # idx unique per row
+        h = torch.cat([h[:, :nb], grid], dim=1) + self._pos(self.decoder_pos_embed_learned, side, nb)
         h = self.decoder_norm(self._run(self.decoder_blocks, h, None))
-        return h[:, self.buffer_size:] + _interpolate(self.diffusion_pos_embed_learned, self.shape.pos_grid, side)
+        return h[:, nb:] + _interpolate(self.diffusion_pos_embed_learned, self.shape.pos_grid, side)
 
 
 # --- masking: on the device, from the run's generator, fixed shapes -------------------------------
 
 def mask_ratio(generator: torch.Generator | None, device, low: float = 0.7, std: float = 0.25) -> torch.Tensor:
     """One ratio per batch [1] (float64) from normal(1, std) truncated to [low, 1] (MAR's scipy truncnorm),
-    by inverting the normal CDF on the device: no host sync, no numpy."""
-    a = torch.special.ndtr(torch.tensor((low - 1.0) / std, device=device, dtype=torch.float64))
-    b = torch.special.ndtr(torch.zeros((), device=device, dtype=torch.float64))
+    by inverting the normal CDF on the device: no host sync, no numpy. The CDF at the bounds is
+    host arithmetic (a `torch.tensor` on the device would be a copy that CUDA-graph capture forbids)."""
+    a = 0.5 * math.erfc((1.0 - low) / std / math.sqrt(2.0))  # Phi((low - 1) / std)
+    b = 0.5  # Phi(0)
     u = torch.rand(1, device=device, generator=generator, dtype=torch.float64)
     return (1.0 + std * torch.special.ndtri(a + u * (b - a))).clamp(low, 1.0)
 
@@ -201,3 +212,21 @@ def random_masking(batch: int, tokens: int, generator, device, low: float = 0.7,
     orders = random_orders(batch, tokens, generator, device)
     num = torch.ceil(tokens * ratio)  # MAR: int(np.ceil(seq_len * rate)), float64 as numpy
     return mask_by_order(orders, num), orders, ratio
+
+
+def max_kept(tokens: int, ratio_min: float) -> int:
+    """Slots that hold every kept token of a training mask: ceil(T ratio) >= floor(T ratio_min)
+    tokens are masked, so at most T - floor(T ratio_min) are kept (floor: never one slot short
+    to float rounding)."""
+    return max(1, min(tokens, tokens - math.floor(tokens * ratio_min)))
+
+
+def kept_slots(keep: torch.Tensor, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """keep [B, T] bool -> (idx [B, K] long, valid [B, K] bool), K = `slots`: the positions of
+    the kept tokens in raster order, then dropped positions as padding (valid False). On the
+    device, no host sync; a row keeping more than K tokens would lose its last ones, so K comes
+    from `max_kept` (or T)."""
+    t = keep.shape[1]
+    key = torch.arange(t, device=keep.device) + (~keep).long() * t  # kept first, each group in raster order
+    idx = key.argsort(dim=1)[:, :slots]
+    return idx, keep.gather(1, idx)

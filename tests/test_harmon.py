@@ -1,4 +1,4 @@
-"""Harmon family (AR + MAR): shapes, masking, the fixed-shape equivalence with MAR's gather,
+"""Harmon family (AR + MAR): shapes, masking, the fixed-slot equivalence with Harmon's packed path,
 the visual-prompt gradient scale, captioning, checkpoint layout, training, backends."""
 import math
 
@@ -13,7 +13,7 @@ from reca.engine.train import train, train_step
 from reca.kernels import get_ops
 from reca.models import build_model
 from reca.models.harmon_io import export_harmon, harmon_state_dict, load_harmon_checkpoint, load_pretrained
-from reca.models.mar import _interpolate, mask_ratio, random_masking
+from reca.models.mar import _interpolate, kept_slots, mask_ratio, max_kept, random_masking
 
 B = 3
 
@@ -89,36 +89,63 @@ def test_position_tables_interpolate_bilinearly():
     assert model.mar.encode(torch.randn(2, 64, model.latent_channels)).shape == (2, 72, 64)
 
 
-def test_fixed_shapes_equal_mars_gather_and_harmons_packed_sequence(tiny):
-    """Key padding instead of dropping tokens, and key padding instead of Harmon's packed
-    right-padded sequence, give the same outputs at every kept position."""
+def _harmon_conditions(model, embeds, prompt_mask, x0, keep):
+    """Harmon's text-to-image conditioning for ONE sample, literally (variable lengths): MAR's
+    encoder over the gathered kept tokens (no mask), the LLM over the packed sequence (valid
+    prompt | kept tokens | buffers, plain causal), MAR's decoder with mask tokens elsewhere."""
+    m, nb, t = model.mar, model.mar.buffer_size, x0.shape[0]
+    side, grid = int(t**0.5), m.shape.pos_grid
+    sel = torch.cat([torch.ones(nb, dtype=torch.bool), keep])
+    h = torch.cat([m.fake_latent.expand(nb, -1), m.z_proj(x0)]) + m._pos(m.encoder_pos_embed_learned, side, nb)[0]
+    h = m.z_proj_ln(h)[sel][None]
+    for blk in m.encoder_blocks:
+        h = blk(h)
+    enc = m.encoder_norm(h)[0]  # [nb + kept, W]
+    z = model.proj_in(enc)
+    seq = torch.cat([embeds[prompt_mask], z[nb:], z[:nb]])[None]
+    hid = model.llm.model(inputs_embeds=seq, use_cache=False).last_hidden_state[0, int(prompt_mask.sum()):]
+    y = m.decoder_embed(enc + model.proj_out(torch.cat([hid[-nb:], hid[:-nb]])))
+    full = m.mask_token[0].expand(nb + t, -1).clone()
+    full[sel] = y
+    h = (full + m._pos(m.decoder_pos_embed_learned, side, nb)[0])[None]
+    for blk in m.decoder_blocks:
+        h = blk(h)
+    return m.decoder_norm(h)[0, nb:] + _interpolate(m.diffusion_pos_embed_learned, grid, side)[0]
+
+
+@pytest.mark.parametrize("ratio_seed", [3, 4])
+def test_fixed_slots_equal_harmons_variable_length_path(tiny, ratio_seed):
+    """The kept tokens in fixed slots (padding slots as non-keys; positions count keys only)
+    give, at every position, the conditions of Harmon's gathered, packed sequence; so do T slots
+    (the sampler's) and a row with nothing kept."""
     model, builder, images = tiny
     model.eval()
     x0 = model.make_target(images)
-    keep = ~random_masking(B, 64, torch.Generator().manual_seed(3), "cpu", low=0.7)[0]
-    keep[:, :5] = True  # at least a few kept tokens per row
-    nb = model.mar.buffer_size
+    keep = ~random_masking(B, 64, torch.Generator().manual_seed(ratio_seed), "cpu", low=0.7)[0]
+    keep[2] = False  # ratio 1.0: only the buffers are visible
+    assert int(keep.sum(1).max()) <= model.gen_slots < 64
     embeds, prompt, _ = _embeds(model, builder, images)
     with torch.no_grad():
-        fixed = model.mar.encode(x0, keep)
-        for i in range(B):  # MAR: gather the kept tokens, run the blocks without a mask
-            m = model.mar
-            h = torch.cat([m.fake_latent.expand(nb, -1), m.z_proj(x0[i])]) + m.encoder_pos_embed_learned[0]
-            h = m.z_proj_ln(h)[torch.cat([torch.ones(nb, dtype=torch.bool), keep[i]])][None]
-            for blk in m.encoder_blocks:
-                h = blk(h)
-            torch.testing.assert_close(fixed[i][torch.cat([torch.ones(nb, dtype=torch.bool), keep[i]])],
-                                       m.encoder_norm(h)[0], rtol=1e-5, atol=1e-5)
-        # LLM: padding and dropped tokens as non-keys == Harmon's sequence with them removed
-        z = model.proj_in(fixed)
-        z = torch.cat([z[:, nb:], z[:, :nb]], 1)
-        valid = torch.cat([prompt.mask, keep, keep.new_ones(B, nb)], 1)
-        seq = torch.cat([embeds, z], 1)
-        hidden = model.llm_hidden(seq, valid)
+        fixed = model.condition_tokens(embeds, prompt, x0, keep, model.gen_slots)
+        assert torch.equal(model.condition_tokens(embeds, prompt, x0, keep, model.gen_slots), fixed)
+        torch.testing.assert_close(model.condition_tokens(embeds, prompt, x0, keep, 64), fixed, rtol=1e-5, atol=1e-5)
         for i in range(B):
-            packed = model.llm.model(inputs_embeds=seq[i][valid[i]][None], use_cache=False).last_hidden_state[0]
-            torch.testing.assert_close(hidden[i][valid[i]], packed, rtol=1e-4, atol=1e-4)
+            ref = _harmon_conditions(model, embeds[i], prompt.mask[i], x0[i], keep[i])
+            torch.testing.assert_close(fixed[i], ref, rtol=1e-4, atol=1e-4)
     model.train()
+
+
+def test_kept_slots_hold_every_kept_token_in_raster_order():
+    assert max_kept(1024, 0.7) == 308 and max_kept(64, 0.7) == 20 and max_kept(64, 0.0) == 64
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):  # the truncated normal's whole range, ratios near 0.7 included
+        keep = ~random_masking(4, 1024, g, "cpu", low=0.7)[0]
+        idx, valid = kept_slots(keep, max_kept(1024, 0.7))
+        n = keep.sum(1)
+        assert bool((valid.sum(1) == n).all())  # nothing kept is lost
+        for r in range(4):
+            assert torch.equal(idx[r, : n[r]], keep[r].nonzero().flatten())  # raster order
+            assert not keep[r, idx[r, n[r]:]].any() and bool(valid[r, : n[r]].all())
 
 
 def test_loss_falls_only_on_masked_tokens(tiny):
@@ -129,11 +156,12 @@ def test_loss_falls_only_on_masked_tokens(tiny):
     keep = ~mask
     other = torch.randn_like(x0)
     with torch.no_grad():
-        z = model.condition_tokens(embeds, prompt, x0, keep)
+        z = model.condition_tokens(embeds, prompt, x0, keep, model.gen_slots)
         # nothing of a masked token reaches the conditions; a visible token does
-        assert torch.equal(model.condition_tokens(embeds, prompt, torch.where(mask[..., None], other, x0), keep), z)
+        assert torch.equal(model.condition_tokens(embeds, prompt, torch.where(mask[..., None], other, x0), keep,
+                                                  model.gen_slots), z)
         seen = torch.where(keep[..., None], other, x0)
-        assert not torch.allclose(model.condition_tokens(embeds, prompt, seen, keep), z)
+        assert not torch.allclose(model.condition_tokens(embeds, prompt, seen, keep, model.gen_slots), z)
 
         def head_loss(target):
             return model.mar.diffloss.loss(z, target, mask, model.ops, torch.Generator().manual_seed(7))
