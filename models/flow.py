@@ -171,7 +171,8 @@ class FlowModel(nn.Module):
         start, end = (w[i].expand(b, 1, -1) for i in self._marker_ids)
         seq = torch.cat([prompt_embeds.to(gen.dtype), start.to(gen.dtype), gen, end.to(gen.dtype)], dim=1)
         mask, pos = self._attention(prompt, n)
-        hidden = self.llm(inputs_embeds=seq, attention_mask=mask, position_ids=pos).last_hidden_state
+        hidden = self.llm(inputs_embeds=seq, attention_mask=mask, position_ids=pos,
+                          use_cache=False).last_hidden_state  # no KV cache: it copies K, V every layer
         return self.gen_out(hidden[:, p + 1 : p + 1 + n])
 
     def _attention(self, prompt: PromptBatch, n: int) -> tuple[torch.Tensor, torch.Tensor]:
