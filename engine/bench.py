@@ -73,10 +73,14 @@ def measure(cfg: RunConfig, steps: int, warmup: int, data: str) -> dict:
     batch, accum = cfg.data.batch_size, cfg.optim.grad_accum
     prompt_len = c.builder.build(torch.arange(1)).input_ids.shape[1]
     try:
+        if "caption" in cfg.mix.cycle:  # the analytic plans describe RecA micro-batches only
+            raise AttributeError("mixed cycle")
         flops = step_flops(c.model, prompt_len, batch, codec_flops(c.model, c.device))
-        llm_tokens, how = flops["tokens_per_sample"].get("llm", max(flops["tokens_per_sample"].values())), "analytic"
+        per = flops["tokens_per_sample"]  # tokens/s counts the LLM's tokens ("llm" or "llm.model")
+        llm_tokens = next((n for m, n in per.items() if m.split(".")[0] == "llm"), max(per.values()))
+        how = "analytic"
         micro_flops = flops["total"]
-    except AttributeError:  # a family without a token plan: count one step instead
+    except AttributeError:  # a family without a token plan, or a mixed cycle: count one step instead
         micro_flops = counted_flops(lambda: c.update(c, next_batches(c))) / accum
         llm_tokens, how = prompt_len, "FlopCounterMode"
     for _ in range(warmup):
@@ -112,6 +116,10 @@ def bench_step(preset: str, *, batch: int | None, steps: int, warmup: int, modes
     dev = resolve_device(device)
     peak, dtype = peak_tflops(dev)
     print(f"peak ({dtype} matmul, measured in this run): {peak:.2f} TFLOP/s on {_device_name(dev)}", flush=True)
+    if "caption" in base.mix.cycle and not any(x.startswith("mix.") for x in sets):
+        print(f"{preset} mixes {','.join(base.mix.cycle)}; measuring RecA micro-batches alone (mix.cycle=recon), "
+              "an upper bound on the recipe's time: caption micro-batches skip the generation pass. "
+              "--set mix.caption_source=DIR measures the mix.")
     rows = []
     for mode in modes:
         overrides = [f"train.mode={mode}", f"train.device={device}", f"train.steps={warmup + steps + 1}",
@@ -120,6 +128,8 @@ def bench_step(preset: str, *, batch: int | None, steps: int, warmup: int, modes
             overrides.append(f"data.batch_size={batch}")
         if data != "synthetic":
             overrides.append(f"data.source={data}")
+        if "caption" in base.mix.cycle and not any(x.startswith("mix.") for x in sets):
+            overrides.append("mix.cycle=recon")  # RecA alone unless the run names its captioned images
         row = measure(apply_overrides(base, overrides + sets), steps, warmup, data)
         row["mfu"] = row["tflops"] / peak
         row["recipe_gpu_hours"] = recipe_images / row["images_per_s"] / 3600

@@ -30,3 +30,20 @@ def test_reca_bench_step_cli(tmp_path, capsys):
     assert [r["mode"] for r in report["modes"]] == ["reference", "fast"]
     assert report["peak_tflops"] > 0 and all(r["tflops"] > 0 and r["mfu"] > 0 for r in report["modes"])
     assert report["versions"]["torch"] and report["device"]
+
+
+def test_bench_step_on_a_mixed_preset_measures_reca_alone(tmp_path, capsys, monkeypatch):
+    """harmon-1.5b mixes 2 RecA : 2 captioning micro-batches and needs captioned images; the
+    benchmark measures RecA alone (and says so) unless the run names them, with the analytic
+    Harmon FLOP plan."""
+    import reca.engine.bench as bench
+    from reca.engine.presets import preset
+
+    mixed = apply_overrides(preset("harmon-tiny"), ["mix.cycle=recon,recon,caption,caption", "optim.grad_accum=4"])
+    monkeypatch.setattr(bench, "get_preset", lambda name: mixed)
+    out = tmp_path / "step.json"
+    main(["bench", "step", "--preset", "harmon-tiny", "--steps", "1", "--warmup", "1", "--modes", "custom",
+          "--out", str(out)])
+    assert "measuring RecA micro-batches alone (mix.cycle=recon)" in capsys.readouterr().out
+    row = json.loads(out.read_text())["modes"][0]
+    assert row["flop_count"] == "analytic" and row["tflops"] > 0
