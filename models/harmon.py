@@ -181,14 +181,18 @@ class HarmonModel(nn.Module):
 
     def llm_hidden(self, embeds: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Final-norm hidden states [B, L, D] of the LLM over embeds [B, L, D] under a causal mask
-        where only `valid` [B, L] positions are keys; positions count the valid tokens only."""
-        n = valid.shape[1]
-        idx = torch.arange(n, device=valid.device)
-        causal = idx[:, None] >= idx[None, :]
-        mask = (causal[None] & valid[:, None, :]) | torch.eye(n, dtype=torch.bool, device=valid.device)[None]
-        pos = (valid.long().cumsum(1) - 1).clamp_min(0)
-        out = self.llm.model(inputs_embeds=embeds, attention_mask=mask[:, None], position_ids=pos, use_cache=False)
-        return out.last_hidden_state
+        where only `valid` [B, L] positions are keys; positions count the valid tokens only.
+
+        Each row is packed first (its valid tokens to the front, in order; Harmon's right-padded
+        sequence) and unpacked after: the attention is then plain causal with no mask, which SDPA
+        runs as flash attention with native GQA (a mask would force the slower kernel and
+        repeat K/V per query group). Outputs at non-valid positions are meaningless."""
+        b, n, d = embeds.shape
+        ar = torch.arange(n, device=valid.device)
+        order = (ar + (~valid).long() * n).argsort(dim=1)  # valid first, each group in order
+        packed = embeds.gather(1, order[..., None].expand(b, n, d))
+        out = self.llm.model(inputs_embeds=packed, use_cache=False).last_hidden_state
+        return out.gather(1, order.argsort(dim=1)[..., None].expand(b, n, out.shape[-1]))
 
     def caption_loss(self, prompt_embeds: torch.Tensor, prompt_mask: torch.Tensor, answer_ids: torch.Tensor,
                      answer_mask: torch.Tensor) -> LossOutput:

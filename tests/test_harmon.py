@@ -135,6 +135,28 @@ def test_fixed_slots_equal_harmons_variable_length_path(tiny, ratio_seed):
     model.train()
 
 
+def test_llm_attention_is_mask_free_causal(tiny, monkeypatch):
+    """Packed rows let SDPA run the LLM as plain causal attention (flash, native GQA): no mask
+    tensor, K/V not repeated per query group; the MAR encoder keeps its key-padding mask."""
+    model, builder, images = tiny
+    calls, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **kw):
+        calls.append((q.shape[2], q.shape[1], k.shape[1], attn_mask is None, is_causal))
+        return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **kw)
+
+    embeds, prompt, _ = _embeds(model, builder, images)
+    x0 = model.make_target(images)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    with torch.no_grad():
+        model.generation_loss(embeds, prompt, x0, torch.Generator().manual_seed(0))
+    q, nb = model.cfg.llm, model.mar.buffer_size
+    n = prompt.input_ids.shape[1] + model.gen_slots + nb  # prompt | slots | buffers
+    llm = [c[1:] for c in calls if c[0] == n]
+    assert llm == [(q.num_heads, q.num_kv_heads, True, True)] * q.num_layers
+    assert (nb + model.gen_slots, model.cfg.mar.num_heads, model.cfg.mar.num_heads, False, False) in calls
+
+
 def test_kept_slots_hold_every_kept_token_in_raster_order():
     assert max_kept(1024, 0.7) == 308 and max_kept(64, 0.7) == 20 and max_kept(64, 0.0) == 64
     g = torch.Generator().manual_seed(0)
