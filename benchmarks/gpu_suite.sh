@@ -3,6 +3,7 @@
 # DALI): installs nothing. The package is imported through PYTHONPATH from a symlink tree
 # (reca/ -> reca, reca/engine -> engine, ...: the layout setup.py installs), so no pip is needed.
 #   bash benchmarks/gpu_suite.sh            # JSON under $OUT when set, else benchmarks/results/
+#   bash benchmarks/gpu_suite.sh --dry-run  # only check that the imports resolve (CI runs this)
 # Budget: under 9 minutes (each stage has its own timeout; a failed stage is reported, the rest run).
 set -u
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -16,8 +17,20 @@ mkdir -p "$SHIM/reca"
 ln -s "$ROOT/reca/__init__.py" "$SHIM/reca/__init__.py"
 for part in engine kernels models; do ln -s "$ROOT/$part" "$SHIM/reca/$part"; done
 export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
-cd "$ROOT"
-python -c "import reca.engine, torch; print('reca from', reca.engine.__file__, '| torch', torch.__version__, '| cuda', torch.cuda.is_available())" || exit 1
+# Pure-Python wheels the GPU image lacks (Liger-Kernel for the linear cross-entropy baseline),
+# unpacked here and carried to the device as an ignored path: see benchmarks/results/PENDING.md.
+if [ -d "$ROOT/.gpu_deps" ]; then export PYTHONPATH="$PYTHONPATH:$ROOT/.gpu_deps"; fi
+# Run from the shim: `python -m` and `python -c` put the working directory first on sys.path,
+# and the checkout's own reca/ (the lazy API alone) would hide the shim's reca.engine. Tests and
+# scripts are named by absolute path.
+cd "$SHIM"
+python -c "
+import sys, torch, reca.engine
+where = reca.engine.__file__  # through the shim, as on a machine where nothing is installed
+print('reca from', where, '| torch', torch.__version__, '| cuda', torch.cuda.is_available())
+sys.exit(0 if where.startswith('$SHIM/') else 'reca.engine is not imported through the shim')
+" || exit 1
+if [ "${1:-}" = "--dry-run" ]; then echo "dry run: imports resolve; no stage run"; exit 0; fi
 nvidia-smi -L || true
 
 failed=()
@@ -31,10 +44,10 @@ stage() {  # stage NAME SECONDS CMD...
   [ "$rc" -eq 0 ] || failed+=("$name(rc=$rc)")
 }
 
-stage gpu_tests 200 python -m pytest tests -m gpu -q -p no:cacheprovider -x
-stage kernels 120 python benchmarks/kernels/run_all.py
-stage corpus 40 python benchmarks/data/make_corpus.py /tmp/reca_corpus --n 300 --side 1024
-stage data 50 python benchmarks/data/bench_decode.py /tmp/reca_corpus --batch 64 --batches 4 --out "$RES"
+stage gpu_tests 200 python -m pytest "$ROOT/tests" -m gpu -q -p no:cacheprovider -rfE
+stage kernels 120 python "$ROOT/benchmarks/kernels/run_all.py"
+stage corpus 40 python "$ROOT/benchmarks/data/make_corpus.py" /tmp/reca_corpus --n 300 --side 1024
+stage data 50 python "$ROOT/benchmarks/data/bench_decode.py" /tmp/reca_corpus --batch 64 --batches 4 --out "$RES"
 stage step_tiny 60 python -m reca.engine bench step --preset tiny --steps 20 --warmup 6 --data /tmp/reca_corpus --out "$RES"
 # The largest preset that fits one H100 for training (flow-7b's 7.1B trainable weights with fp32
 # AdamW states need ~113 GB before activations); harmon-1.5b at a micro-batch of 8.

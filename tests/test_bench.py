@@ -47,3 +47,20 @@ def test_bench_step_on_a_mixed_preset_measures_reca_alone(tmp_path, capsys, monk
     assert "measuring RecA micro-batches alone (mix.cycle=recon)" in capsys.readouterr().out
     row = json.loads(out.read_text())["modes"][0]
     assert row["flop_count"] == "analytic" and row["tflops"] > 0
+
+
+def test_gpu_suite_imports_through_its_shim():
+    """benchmarks/gpu_suite.sh installs nothing: the GPU image imports reca through a symlink
+    shim. Its --dry-run checks that reca.engine comes through the shim (the checkout's own reca/
+    must not shadow it) with this interpreter first on PATH."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(["bash", str(root / "benchmarks/gpu_suite.sh"), "--dry-run"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "dry run: imports resolve" in proc.stdout

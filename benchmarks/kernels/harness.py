@@ -5,8 +5,11 @@ Each script builds its inputs at the family's real shapes, hands `run_op` a dict
 the op's algorithmic bytes / FLOPs, and gets back rows it prints and writes to
 `benchmarks/results/kernels_<op>_<device>.json` next to the device name, library versions and
 the ceilings measured in the same run (a large bf16 matmul for TFLOP/s, a large device copy for
-GB/s). `--smoke` runs tiny shapes on CPU under TRITON_INTERPRET=1: it checks that the script
-works (CI), its numbers mean nothing.
+GB/s). On CUDA each provider's forward and forward+backward also get their peak memory: the
+most the caching allocator held during one call beyond what was allocated before it, and the
+"extra" part of it, that peak less the gradients the pass leaves in the leaves' `.grad` (what
+every implementation must allocate); null elsewhere. `--smoke` runs tiny shapes on CPU under
+TRITON_INTERPRET=1: it checks that the script works (CI), its numbers mean nothing.
 """
 from __future__ import annotations
 
@@ -72,6 +75,25 @@ def bench(fn: Callable[[], object], device: str, grad_to_none=None, warmup_ms: i
     return {"ms": statistics.median(times), "ms_p20": min(times), "ms_p80": max(times)}
 
 
+def peak_memory(fn: Callable[[], object], device: str, leaves) -> dict:
+    """Bytes one call of fn() allocates at its peak beyond what was allocated before it, and that
+    peak less the gradients it leaves on `leaves` (cleared first); None off CUDA."""
+    if device != "cuda":
+        return {"peak_bytes": None, "extra_bytes": None}
+    for x in leaves:
+        x.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    grads = sum(x.grad.numel() * x.grad.element_size() for x in leaves if x.grad is not None)
+    for x in leaves:
+        x.grad = None
+    return {"peak_bytes": peak, "extra_bytes": peak - grads}
+
+
 def ceilings(device: str, smoke: bool) -> dict:
     """Measured in this run: bf16 matmul TFLOP/s and device-to-device copy GB/s (read + write)."""
     if device != "cuda" or smoke:
@@ -98,14 +120,17 @@ def run_op(
     shape: dict,
     providers: dict[str, Callable[[], tuple[Callable, list]]],
     cost: dict[str, dict],
+    memory_ref: dict | None = None,
 ) -> list[dict]:
-    """Time every provider in every mode.
+    """Time every provider in every mode, and measure the peak memory of fwd and fwd+bwd.
 
     providers: name -> make(), which builds fresh leaf inputs and returns (forward, leaves):
       forward() runs the op and returns a tensor (a scalar loss, or an output that a fixed
       random gradient is pushed through). Backward is timed alone by retaining the graph.
     cost: mode -> {"bytes": ..., "flops": ...}, the algorithmic minimum the op must move / do
       (what throughput is computed from, for every provider alike).
+    memory_ref: {"name", "bytes", "goal"}: a size (e.g. the logits an op avoids) that each extra
+      peak is also given as a fraction of, next to the goal fraction.
     """
     ceil = ceilings(args.device, args.smoke)
     rows = []
@@ -127,7 +152,9 @@ def run_op(
             else:
                 t = bench(lambda: forward().backward(grad), args.device, grad_to_none=leaves)
             c = cost.get(mode, {})
-            row = {"provider": name, "mode": mode, **t}
+            row = {"provider": name, "mode": mode, **t, **_mode_memory(mode, forward, grad, leaves, args.device)}
+            if memory_ref and row["extra_bytes"] is not None:
+                row["extra_vs_" + memory_ref["name"]] = row["extra_bytes"] / memory_ref["bytes"]
             if c.get("bytes"):
                 row["gbps"] = c["bytes"] / t["ms"] / 1e6
             if c.get("flops"):
@@ -141,24 +168,47 @@ def run_op(
     for row in rows:
         if row["mode"] in base:
             row["speedup_vs_torch"] = base[row["mode"]] / row["ms"]
-    _print(op, shape, ceil, rows)
-    _write(op, args, shape, ceil, rows)
+    _print(op, shape, ceil, rows, memory_ref)
+    _write(op, args, shape, ceil, rows, memory_ref)
     return rows
 
 
-def _print(op, shape, ceil, rows):
+def _mode_memory(mode, forward, grad, leaves, device) -> dict:
+    """Peak memory of one fwd or fwd+bwd call (bwd alone is not measured: its inputs, the saved
+    graph, were allocated by a forward outside the call)."""
+    if mode == "fwd":
+        return peak_memory(forward, device, leaves)
+    if mode == "fwd+bwd":
+        return peak_memory(lambda: forward().backward(grad), device, leaves)
+    return {"peak_bytes": None, "extra_bytes": None}
+
+
+def _mib(n) -> str:
+    return "-" if n is None else f"{n / 2**20:.0f}"
+
+
+def _print(op, shape, ceil, rows, memory_ref=None):
     print(f"\n{op} {shape}")
     if ceil["matmul_bf16_tflops"]:
         print(f"  ceilings (this run): bf16 matmul {ceil['matmul_bf16_tflops']:.0f} TFLOP/s, copy {ceil['copy_gbps']:.0f} GB/s")
-    print(f"  {'provider':>10} {'mode':>8} {'ms':>9} {'GB/s':>8} {'TFLOP/s':>8} {'vs torch':>8}")
+    ref = memory_ref and "extra_vs_" + memory_ref["name"]
+    if ref:
+        print(f"  extra peak (peak less the gradients) vs {memory_ref['name']} ({memory_ref['bytes'] / 2**20:.1f} MiB); "
+              f"goal < {memory_ref['goal']:.0%}")
+    head = f"  {'provider':>10} {'mode':>8} {'ms':>9} {'GB/s':>8} {'TFLOP/s':>8} {'vs torch':>8} {'peak MiB':>9} {'extra MiB':>9}"
+    print(head + (f" {'extra/ref':>9}" if ref else ""))
     for r in rows:
         gb = f"{r['gbps']:.0f}" if "gbps" in r else "-"
         tf = f"{r['tflops']:.1f}" if "tflops" in r else "-"
         sp = f"{r['speedup_vs_torch']:.2f}x" if "speedup_vs_torch" in r else "-"
-        print(f"  {r['provider']:>10} {r['mode']:>8} {r['ms']:>9.3f} {gb:>8} {tf:>8} {sp:>8}")
+        line = (f"  {r['provider']:>10} {r['mode']:>8} {r['ms']:>9.3f} {gb:>8} {tf:>8} {sp:>8} "
+                f"{_mib(r['peak_bytes']):>9} {_mib(r['extra_bytes']):>9}")
+        if ref:
+            line += f" {(f'{r[ref]:.1%}' if ref in r else '-'):>9}"
+        print(line)
 
 
-def _write(op, args, shape, ceil, rows):
+def _write(op, args, shape, ceil, rows, memory_ref=None):
     import triton
 
     dev = device_name(args.device)
@@ -177,6 +227,7 @@ def _write(op, args, shape, ceil, rows):
         "cuda": torch.version.cuda,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "ceilings": ceil,
+        "memory_ref": memory_ref,
         "rows": rows,
     }
     path.write_text(json.dumps(doc, indent=2))
