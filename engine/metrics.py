@@ -3,12 +3,15 @@ RUN/loss.png and the reconstruction grids RUN/recon_step{N}.png."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+log = logging.getLogger(__name__)
 
 
 class MetricsWriter:
@@ -54,10 +57,16 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 
 def plot_loss(run_dir: str | Path) -> Path | None:
+    """loss.png from metrics.jsonl; None (and a log line) where matplotlib is not installed, e.g.
+    a GPU image that runs the checkout without installing it: the metrics are what count."""
     rows = [r for r in read_metrics(run_dir) if "loss" in r and math.isfinite(r["loss"])]
     if not rows:
         return None
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        log.warning("matplotlib is not installed: no loss.png (the losses are in metrics.jsonl)")
+        return None
 
     matplotlib.use("Agg")  # files only; no display on training machines
     import matplotlib.pyplot as plt

@@ -126,3 +126,22 @@ def test_weight_decay_groups():
     assert {id(p) for p in decay["params"]} == {id(m.body.weight)}
     assert {id(p) for p in plain["params"]} == {id(m.body.bias), id(m.norm.weight), id(m.norm.bias),
                                                 id(m.head.weight), id(m.head.bias)}
+
+
+def test_loss_plot_is_skipped_without_matplotlib(tmp_path, monkeypatch, caplog):
+    """The GPU image runs the checkout uninstalled and may lack matplotlib: the run still ends."""
+    import builtins
+
+    from reca.engine.metrics import plot_loss
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n')
+    real = builtins.__import__
+
+    def no_matplotlib(name, *a, **k):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    assert plot_loss(tmp_path) is None and not (tmp_path / "loss.png").exists()
+    assert "matplotlib is not installed" in caplog.text
