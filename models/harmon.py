@@ -191,7 +191,10 @@ class HarmonModel(nn.Module):
         ar = torch.arange(n, device=valid.device)
         order = (ar + (~valid).long() * n).argsort(dim=1)  # valid first, each group in order
         packed = embeds.gather(1, order[..., None].expand(b, n, d))
-        out = self.llm.model(inputs_embeds=packed, use_cache=False).last_hidden_state
+        # A {layer type: None} mask skips transformers' mask building, whose packed-sequence
+        # check reads a value back to the host (a sync: CUDA-graph capture would fail).
+        no_mask = dict.fromkeys(self.llm.config.layer_types)
+        out = self.llm.model(inputs_embeds=packed, attention_mask=no_mask, use_cache=False).last_hidden_state
         return out.gather(1, order.argsort(dim=1)[..., None].expand(b, n, out.shape[-1]))
 
     def caption_loss(self, prompt_embeds: torch.Tensor, prompt_mask: torch.Tensor, answer_ids: torch.Tensor,

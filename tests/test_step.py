@@ -148,27 +148,34 @@ def test_flop_count_matches_flop_counter(tmp_path, name, big, small):
 
 # --- CUDA ---------------------------------------------------------------------------------------
 
-def _gpu_cfg(tmp_path, *sets):
-    return _cfg(tmp_path, "train.device=cuda", "data.decoder=pil", *sets)
+def _gpu_cfg(tmp_path, *sets, name="tiny"):
+    return apply_overrides(preset(name), [f"output.dir={tmp_path / 'run'}", "output.tensorboard=false",
+                                          "output.preview_images=2", "output.preview_steps=2",
+                                          "train.device=cuda", "data.decoder=pil", *sets])
+
+
+FAMILIES = ["tiny", "harmon-tiny"]  # flow matching; Harmon (MAR masking, DDPM head, fixed slots)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("name", FAMILIES)
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_cuda_graph_matches_eager(tmp_path, precision):
+def test_cuda_graph_matches_eager(tmp_path, precision, name):
     """20 steps (3 eager warm-up, capture, 16 replays) with the same data and RNG as eager.
     fp32: the same kernels in the same order, so equal to 1e-5; bf16: 1e-3 (cuBLAS may pick
     other algorithms under capture)."""
     sets = ("optim.grad_accum=2", f"train.precision={precision}", "kernels.backend=torch")
-    eager = _losses(build(_gpu_cfg(tmp_path, *sets)), 20)
-    graphed = _losses(build(_gpu_cfg(tmp_path, *sets, "train.cuda_graph=true")), 20)
+    eager = _losses(build(_gpu_cfg(tmp_path, *sets, name=name)), 20)
+    graphed = _losses(build(_gpu_cfg(tmp_path, *sets, "train.cuda_graph=true", name=name)), 20)
     assert graphed == pytest.approx(eager, rel=1e-5 if precision == "fp32" else 1e-3)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("name", FAMILIES)
 @pytest.mark.parametrize("mode", ["fast", "custom"])
-def test_cuda_graph_step_never_syncs(tmp_path, mode):
+def test_cuda_graph_step_never_syncs(tmp_path, mode, name):
     """After capture, filling the static inputs and replaying run under sync debug mode "error"."""
-    c = build(_gpu_cfg(tmp_path, f"train.mode={mode}", "train.cuda_graph=true"))
+    c = build(_gpu_cfg(tmp_path, f"train.mode={mode}", "train.cuda_graph=true", name=name))
     _losses(c, 5)  # warm-up and capture
     batches = [next_batches(c) for _ in range(5)]
     torch.cuda.synchronize()
@@ -182,9 +189,10 @@ def test_cuda_graph_step_never_syncs(tmp_path, mode):
 
 
 @pytest.mark.gpu
-def test_fast_mode_with_triton_kernels_matches_reference(tmp_path):
+@pytest.mark.parametrize("name", FAMILIES)
+def test_fast_mode_with_triton_kernels_matches_reference(tmp_path, name):
     """Compile (Triton ops inside the graph) + CUDA graph vs the reference mode, bf16, 10 steps:
     different kernels and bf16 rounding, so the losses agree to 2 %."""
-    ref = _losses(build(_gpu_cfg(tmp_path, "train.mode=reference")), 10)
-    fast = _losses(build(_gpu_cfg(tmp_path, "train.mode=fast", "kernels.backend=triton")), 10)
+    ref = _losses(build(_gpu_cfg(tmp_path, "train.mode=reference", name=name)), 10)
+    fast = _losses(build(_gpu_cfg(tmp_path, "train.mode=fast", "kernels.backend=triton", name=name)), 10)
     assert fast == pytest.approx(ref, rel=2e-2)
