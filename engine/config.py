@@ -40,6 +40,13 @@ class DataConfig:
     decoder: str = "auto"  # "auto" | "dali" | "nvjpeg" | "pil"; auto = dali, else nvjpeg, on CUDA; pil on CPU
     decode_device: str = "auto"  # where a batch decoder runs: "auto" (current CUDA device, else cpu) | "cpu" | "cuda:N"
     decode_threads: int = 2  # DALI's CPU threads
+    # CUDA batch decoders (nvjpeg, dali on cuda) decode the next batch in a background thread on
+    # their own CUDA stream while the step runs; false decodes in the training thread, in line
+    prefetch: bool = True
+    # where tar shard indexes are cached (keyed by path, size, mtime: a changed shard is rescanned);
+    # never beside the data, which may be read-only; left at this default, $RECA_CACHE_DIR/tar_index
+    # when that is set; "" scans every shard at every start
+    tar_index_cache: str = "~/.cache/reca/tar_index"
 
 
 @dataclass(kw_only=True)

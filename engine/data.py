@@ -16,15 +16,29 @@ named once in a warning on the `reca.engine.data` logger.
 
 Decoding (`data.decoder`): Pillow in the workers, or a batch backend (`data_dali`: DALI, or
 nvJPEG via torchvision) that decodes a whole batch in the training process, on the GPU when
-there is one. With a CUDA backend `und`/`gen` are FIXED device buffers, refilled in place on
-torch's current stream each batch (same storage, same shape: a CUDA-graph-captured step can
-read them); copy them if a batch must outlive the next `next(loader)`.
+there is one. With a CUDA backend `und`/`gen` are FIXED device buffers: a ring of sets reused
+in turn (same storages, same shapes). A batch stays valid until `hold` more batches have been
+taken (`build_loader(..., hold=)`: the micro-batches one step holds at once); copy it (as
+`graph.GraphStep` does) if it must live longer.
+
+Prefetch (`data.prefetch`, CUDA backends): a background thread reads and decodes batch k+1 on
+its own CUDA stream into the next free buffer set while the step runs on batch k. The step's
+stream waits on an event recorded after the decode (no host wait), and a set is refilled only
+after an event recorded on the step's stream when the set was released (`hold` batches later:
+by then the step that read it has been enqueued). `state_dict()` and `skipped` describe the
+batches taken, not those prefetched; an error in the thread is raised by `next(loader)`;
+`close()` stops the thread. On CPU the same thread and ring run with the stream steps as no-ops
+(`Loader(..., prefetch=True)`: what the tests drive). A CUDA graph captured while the thread
+runs needs `capture_error_mode="thread_local"`: "global" forbids the thread's CUDA calls.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import queue
+import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator, NamedTuple
 
@@ -199,13 +213,18 @@ class Loader:
 
     `source`: one `ImageSource`, or [(name, source, weight)] to mix (see `open_sources`).
     `backend`: a batch decoder (`data_dali.make_backend`) or None for Pillow.
-    Attributes the train loop reads: `skipped` (bad-sample skip events so far), `wait_seconds`
-    (cumulative time spent inside `__next__`, i.e. the loop waiting for data).
+    `hold`: batches the consumer uses at once (a CUDA backend's buffer sets are reused after
+    `hold` more batches); `prefetch`: decode ahead in a thread (see the module docstring).
+    Attributes the train loop reads: `skipped` (bad-sample skip events in the batches taken),
+    `wait_seconds` (cumulative time spent inside `__next__`, i.e. the loop waiting for data).
     """
 
     def __init__(self, source: ImageSource | list[tuple[str, ImageSource, float]], views: ViewSpec,
                  cfg: Any, *, rank: int = 0, world_size: int = 1, decoder: ImageDecoder | None = None,
-                 cache_bytes: int = CACHE_BYTES, backend: BatchBackend | None = None):
+                 cache_bytes: int = CACHE_BYTES, backend: BatchBackend | None = None, hold: int = 1,
+                 prefetch: bool = False):
+        if hold < 1:
+            raise ValueError(f"hold must be >= 1, got {hold}")
         if decoder is None:
             decoder = PillowDecoder(min_side=cfg.min_side, max_pixels=cfg.max_pixels,
                                     target_side=needed_side(views, cfg.crop_scale))
@@ -214,23 +233,121 @@ class Loader:
         self.rank, self.world_size = rank, world_size
         formats = backend.formats if backend is not None else frozenset()
         self.samples = _Samples(sources, decoder, views, cfg, cache_bytes, formats)
-        self.skipped = 0
         self.wait_seconds = 0.0
-        self._next = rank  # next stream position of this rank not yet in a yielded batch
+        self.hold, self.prefetch = hold, prefetch
+        self._next = rank  # next stream position of this rank not yet in a produced batch
+        self._skipped = 0  # skip events in the batches produced
+        self._taken = (rank, 0)  # (_next, _skipped) after the last batch handed out
         self._bad: dict[tuple[int, int], str] = {}  # item -> reason: warn once, all-bad check
         self._dataloader: torch.utils.data.DataLoader | None = None
         self._workers: Iterator[Sample] | None = None
-        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._ring: list[tuple[torch.Tensor, torch.Tensor]] = []  # fixed buffer sets
+        self._turn = 0  # next ring set of the in-line (not prefetched) path
+        self._streams: _Streams | None = None
+        self._ahead: _Prefetch | None = None
+        self._held: deque[int] = deque()  # ring sets of the batches taken and still valid, oldest first
 
     def __iter__(self) -> "Loader":
         return self
 
+    @property
+    def skipped(self) -> int:
+        return self._taken[1]
+
     def __next__(self) -> ImageBatch:
         t0 = time.perf_counter()
         try:
-            return self._batch()
+            if self.prefetch:
+                return self._take()
+            batch = self._batch(self._inline_buffers())
+            self._taken = (self._next, self._skipped)
+            return batch
         finally:
             self.wait_seconds += time.perf_counter() - t0
+
+    def _inline_buffers(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Without prefetch, a CUDA backend cycles through `hold` fixed sets: each is refilled
+        on the step's own stream, so after the work enqueued on it earlier (stream order)."""
+        if self.backend is None or self.backend.device.type != "cuda":
+            return None  # fresh tensors each batch, as the CPU paths always had
+        j, self._turn = self._turn, (self._turn + 1) % self.hold
+        return self._buffers(j)
+
+    def _buffers(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ring set j, allocated on first use (on the calling thread's current stream)."""
+        while len(self._ring) <= j:
+            b, v = self.cfg.batch_size, self.views
+            dev = self.backend.device if self.backend is not None else torch.device("cpu")
+            self._ring.append((torch.empty(b, 3, v.und_size, v.und_size, device=dev),
+                               torch.empty(b, 3, v.gen_size, v.gen_size, device=dev)))
+        return self._ring[j]
+
+    # ---- prefetch: a producer thread, a ring of hold + 1 buffer sets, events between streams
+
+    def _take(self) -> ImageBatch:
+        """The next prefetched batch: its buffers are ready for the step's stream, and the set
+        `hold` batches older goes back to the producer, free after the work enqueued so far."""
+        if self._ahead is None:
+            self._start_prefetch()
+        ahead, streams = self._ahead, self._streams
+        assert ahead is not None and streams is not None
+        item = ahead.ready.get()
+        if isinstance(item, BaseException):  # the producer's error, raised here with its message
+            self._stop_prefetch()
+            raise item
+        batch, j, state, done = item
+        streams.wait(done)
+        self._held.append(j)
+        if len(self._held) > self.hold:
+            ahead.free.put((self._held.popleft(), streams.mark()))
+        self._taken = state
+        return batch
+
+    def _start_prefetch(self) -> None:
+        if self._streams is None:
+            dev = self.backend.device if self.backend is not None else torch.device("cpu")
+            self._streams = _Streams(dev)
+        streams = self._streams
+        ring = [self._buffers(j) for j in range(self.hold + 1)]
+        for und, gen in ring:
+            streams.used_by_producer(und, gen)
+        after = streams.mark()  # whatever the consumer enqueued on any set so far comes first
+        ahead = _Prefetch()
+        for j in range(len(ring)):
+            if j not in self._held:  # batches taken before a stop stay valid, as they would have
+                ahead.free.put((j, after))
+        ahead.thread = threading.Thread(target=self._produce, args=(ahead, streams),
+                                        name=f"reca-data-prefetch-{self.rank}", daemon=True)
+        self._ahead = ahead
+        ahead.thread.start()
+
+    def _produce(self, ahead: "_Prefetch", streams: "_Streams") -> None:
+        """Producer thread: fill free sets in order until told to stop; an error ends the thread
+        and is handed over in its place. Owns the reading state (`_next`, `_skipped`, `_bad`,
+        workers) while it runs: the consumer touches them only after `_stop_prefetch`."""
+        try:
+            with streams.producing():
+                while True:
+                    j, free_after = ahead.free.get()
+                    if j is None or ahead.stop.is_set():
+                        return
+                    streams.wait(free_after)  # the step that read this set is done with it
+                    batch = self._batch(self._ring[j])
+                    ahead.ready.put((batch, j, (self._next, self._skipped), streams.mark()))
+        except BaseException as e:  # noqa: BLE001: every error must reach the consumer
+            ahead.ready.put(e)
+
+    def _stop_prefetch(self) -> None:
+        """Join the producer and rewind the reading state to the batches taken: what it
+        prefetched is dropped and is read again if iteration continues."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return
+        ahead.stop.set()
+        ahead.free.put((None, None))
+        ahead.thread.join()  # type: ignore[union-attr]
+        self._next, self._skipped = self._taken
+        self._close_workers()  # their in-flight samples are those dropped
 
     def _good(self) -> Sample:
         """The next usable sample of this rank's stream (bad ones are counted and skipped)."""
@@ -244,29 +361,32 @@ class Loader:
             else:
                 return sample
 
-    def _batch(self) -> ImageBatch:
+    def _batch(self, bufs: tuple[torch.Tensor, torch.Tensor] | None = None) -> ImageBatch:
+        """The next full batch, into the buffer set `bufs` if given, else fresh tensors."""
         b = self.cfg.batch_size
         if self.backend is None:
             got = [self._good() for _ in range(b)]
             und = torch.from_numpy(np.stack([s.und for s in got]))
             gen = torch.from_numpy(np.stack([s.gen for s in got]))
+            if bufs is not None:
+                und, gen = bufs[0].copy_(und), bufs[1].copy_(gen)
         else:
-            got, und, gen = self._backend_batch(b)
+            got, und, gen = self._backend_batch(b, bufs)
         return ImageBatch(und, gen, [s.key for s in got],
                           torch.tensor([s.position for s in got], dtype=torch.int64),
                           [s.caption for s in got])
 
-    def _backend_batch(self, b: int) -> tuple[list[Sample], torch.Tensor, torch.Tensor]:
-        """Fill [B] slots: backend-decoded samples in one call, Pillow ones copied in; a sample
-        the backend rejects is dropped and the rows after it move up, then more are fetched."""
+    def _backend_batch(self, b: int, bufs: tuple[torch.Tensor, torch.Tensor] | None
+                       ) -> tuple[list[Sample], torch.Tensor, torch.Tensor]:
+        """Fill [B] slots (of `bufs`, else fresh): backend-decoded samples in one call, Pillow
+        ones copied in; a sample the backend rejects is dropped and the rows after it move up,
+        then more are fetched. All device work goes to the calling thread's current stream."""
         dev, v = self.backend.device, self.views  # type: ignore[union-attr]
-        if dev.type == "cuda" and self._buffers is not None:
-            und, gen = self._buffers  # fixed storage: refilled in place (see module docstring)
+        if bufs is not None:
+            und, gen = bufs
         else:
             und = torch.empty(b, 3, v.und_size, v.und_size, device=dev)
             gen = torch.empty(b, 3, v.gen_size, v.gen_size, device=dev)
-            if dev.type == "cuda":
-                self._buffers = (und, gen)
         got: list[Sample] = []
         while len(got) < b:
             new = [self._good() for _ in range(b - len(got))]
@@ -280,7 +400,7 @@ class Loader:
             if fast:
                 u, g, reasons = self.backend.decode_views([new[j].raw for j in fast])  # type: ignore
                 done = [j for j, r in zip(fast, reasons) if not r]
-                rows = torch.tensor([base + j for j in done], device=dev, dtype=torch.int64)
+                rows = _index([base + j for j in done], dev)
                 und.index_copy_(0, rows, u)
                 gen.index_copy_(0, rows, g)
                 for j, r in zip(fast, reasons):
@@ -288,7 +408,7 @@ class Loader:
                         ok[j] = False
                         self._skip(new[j].item, new[j].key, r)
             if not all(ok):  # rare: compact the rows that decoded
-                keep = torch.tensor([base + j for j in range(len(new)) if ok[j]], device=dev, dtype=torch.int64)
+                keep = _index([base + j for j in range(len(new)) if ok[j]], dev)
                 und[base: base + len(keep)] = und.index_select(0, keep)
                 gen[base: base + len(keep)] = gen.index_select(0, keep)
             got += [s for s, good in zip(new, ok) if good]
@@ -310,26 +430,34 @@ class Loader:
         return iter(self._dataloader)
 
     def _skip(self, item: tuple[int, int], key: str, reason: str) -> None:
-        self.skipped += 1
+        self._skipped += 1
         if item not in self._bad:
             self._bad[item] = reason
             log.warning("skipping image %s: %s", key, reason)
             if len(self._bad) >= self.samples.n:
-                self.close()
+                self._close_workers()  # not close(): this may be the producer thread itself
                 raise UserError(f"no decodable images in {self.cfg.source}")
 
     def state_dict(self) -> dict[str, int]:
-        return {"position": self._next, "skipped": self.skipped}
+        """Where the batches taken so far end (prefetched ones are not counted)."""
+        return {"position": self._taken[0], "skipped": self._taken[1]}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Continue from a saved state; a position of another rank moves up to this rank's next."""
+        self._stop_prefetch()
         p = int(state["position"])
         self._next = p + (self.rank - p) % self.world_size
-        self.skipped = int(state.get("skipped", 0))
-        self.close()  # in-flight worker results belong to the old position
+        self._skipped = int(state.get("skipped", 0))
+        self._taken = (self._next, self._skipped)
+        self._close_workers()  # in-flight worker results belong to the old position
 
     def close(self) -> None:
-        """Stop worker processes (started again on the next batch if iteration continues)."""
+        """Stop the prefetch thread and the worker processes; iteration may go on afterwards
+        (they start again) from the batches taken."""
+        self._stop_prefetch()
+        self._close_workers()
+
+    def _close_workers(self) -> None:
         workers, self._workers, self._dataloader = self._workers, None, None
         shutdown = getattr(workers, "_shutdown_workers", None)
         if shutdown is not None:
@@ -340,6 +468,67 @@ class Loader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _Prefetch:
+    """One run of the producer thread: ring sets flow free -> filled (ready) -> taken (the
+    loader's `_held`) -> free."""
+
+    def __init__(self) -> None:
+        self.free: queue.SimpleQueue = queue.SimpleQueue()  # (set, event it may be refilled after)
+        self.ready: queue.SimpleQueue = queue.SimpleQueue()  # (batch, set, state, event) | error
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+
+
+class _Streams:
+    """The CUDA half of the hand-off. The producer thread runs on its own stream; events order
+    it against the consumer's current stream without blocking the host. On CPU every step is a
+    no-op: the work is done when the producer hands it over."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        if self.cuda and device.index is None:  # "cuda" means this thread's device, not the producer's
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+
+    def producing(self) -> contextlib.AbstractContextManager:
+        """In the producer thread: its device and stream become current (both are per thread)."""
+        if not self.cuda:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.cuda.device(self.device))
+        stack.enter_context(torch.cuda.stream(self.stream))
+        return stack
+
+    def mark(self) -> Any:
+        """An event after all work enqueued so far on this thread's current stream."""
+        if not self.cuda:
+            return None
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+    def wait(self, event: Any) -> None:
+        """Later work on this thread's current stream waits for `event` (the host does not)."""
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
+
+    def used_by_producer(self, *tensors: torch.Tensor) -> None:
+        """The ring is allocated on the consumer's stream and written on the producer's: the
+        allocator must not hand its memory out again before the producer's writes are done."""
+        if self.cuda:
+            for t in tensors:
+                t.record_stream(self.stream)
+
+
+def _index(rows: list[int], device: torch.device) -> torch.Tensor:
+    """Row numbers on `device` without a blocking copy (that would wait for the whole stream)."""
+    t = torch.tensor(rows, dtype=torch.int64)
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def decode_device(cfg: Any) -> torch.device:
@@ -353,8 +542,10 @@ def decode_device(cfg: Any) -> torch.device:
         raise UserError(f"data.decode_device must be auto, cpu or cuda[:N], got {spec!r}") from None
 
 
-def build_loader(cfg: Any, views: ViewSpec, *, rank: int = 0, world_size: int = 1) -> Loader:
-    """The loader for a `DataConfig` and a model's `ViewSpec`; workers start on the first batch."""
+def build_loader(cfg: Any, views: ViewSpec, *, rank: int = 0, world_size: int = 1, hold: int = 1) -> Loader:
+    """The loader for a `DataConfig` and a model's `ViewSpec`; workers (and the prefetch thread
+    of a CUDA decoder) start on the first batch. `hold`: batches a step uses at once
+    (`optim.grad_accum`): a CUDA decoder's buffers are reused only after that many more."""
     if cfg.batch_size < 1:
         raise UserError(f"data.batch_size must be >= 1, got {cfg.batch_size}")
     if cfg.num_workers < 0:
@@ -370,5 +561,6 @@ def build_loader(cfg: Any, views: ViewSpec, *, rank: int = 0, world_size: int = 
     if not 0 <= rank < world_size:
         raise UserError(f"rank {rank} is outside world_size {world_size}")
     backend = make_backend(cfg, views, cfg.batch_size, decode_device(cfg))
+    prefetch = bool(getattr(cfg, "prefetch", True)) and backend is not None and backend.device.type == "cuda"
     return Loader(open_sources(cfg.source, cfg), views, cfg, rank=rank, world_size=world_size,
-                  backend=backend)
+                  backend=backend, hold=hold, prefetch=prefetch)

@@ -141,7 +141,8 @@ class DaliBackend:
 
         t = out.as_tensor()
         dst = torch.empty(t.shape(), dtype=torch.float32, device=self.device)
-        # on torch's current stream: ordered after the step that still reads the last batch
+        # on torch's current stream: the prefetch thread's own (the loader's events order it
+        # against the step), or the step's stream itself when decoding in line
         feed_ndarray(t, dst, cuda_stream=torch.cuda.current_stream(self.device))
         return dst
 

@@ -5,6 +5,12 @@ through Pillow in the workers). Views are cut on the GPU with the Pillow semanti
 box, bicubic antialiased resize (`F.interpolate(..., antialias=True)`, a=-0.5 like Pillow),
 rounding to uint8 levels as Pillow does, flip, then normalisation. GPU-only: tested by the
 `gpu`-marked tests.
+
+Streams: torchvision decodes on a stream of its own, makes torch's current stream wait for it,
+and allocates the images on the current stream; everything after runs on the current stream.
+`decode_jpeg` also works on the host (header parsing, Huffman decoding of what the hardware
+decoder does not take, a host wait on its own stream), which is why the loader calls this from
+its prefetch thread, on that thread's stream, rather than from the training thread.
 """
 from __future__ import annotations
 

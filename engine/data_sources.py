@@ -6,25 +6,30 @@ access is what lets the loader's order be a pure function of (seed, position), s
 exact. How each source makes random access cheap:
 
 - folders: one file per sample (an optional sidecar `NAME.txt` is the caption);
-- tar shards: each shard is indexed once when the source opens (tarfile reads the member
-  headers and seeks over the data; `TarInfo.offset_data`/`size` give each member's bytes);
-  a sample is then one seek + read of the shard file. Nothing is ever extracted: member names
-  are only strings (absolute paths, `..`, links and devices never touch the filesystem; only
-  regular members are indexed). A truncated or corrupt shard keeps the samples whose bytes are
-  complete before the damage and warns once;
+- tar shards: each shard is indexed once (tarfile reads the member headers and seeks over the
+  data; `TarInfo.offset_data`/`size` give each member's bytes); a sample is then one seek + read
+  of the shard file. Nothing is ever extracted: member names are only strings (absolute paths,
+  `..`, links and devices never touch the filesystem; only regular members are indexed). A
+  truncated or corrupt shard keeps the samples whose bytes are complete before the damage and
+  warns once per process. Indexes are cached on disk (`data.tar_index_cache`, never beside the
+  data, which may be read-only), keyed by the shard's absolute path, size and mtime_ns: a
+  changed shard is rescanned, a corrupt cache file or an unwritable cache folder costs a scan;
 - Parquet: row counts come from the file footers; a read decodes the row group holding the row
   (a small per-process LRU keeps recent row groups), so the loader shuffles row groups and
   mixes rows within a window of them (`block_starts`, see `data_order`).
 """
 from __future__ import annotations
 
+import contextlib
 import glob
+import hashlib
 import io
 import json
 import logging
 import os
 import re
 import tarfile
+import tempfile
 from collections import OrderedDict
 from typing import Any, Protocol, runtime_checkable
 
@@ -38,6 +43,9 @@ log = logging.getLogger("reca.engine.data")
 
 TAR_IMAGE_EXTS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)  # WebDataset member suffixes
 ROW_GROUP_CACHE = 4  # Parquet row groups kept decoded per process (a shuffle window spans more)
+TAR_INDEX_CACHE = "~/.cache/reca/tar_index"  # DataConfig.tar_index_cache's default
+TAR_INDEX_VERSION = 1  # bump when the cached index's layout or meaning changes
+_WARNED: set[tuple] = set()  # warnings already given in this process (each once per run)
 
 
 @runtime_checkable
@@ -179,22 +187,25 @@ class TarSource:
     KEY is the member path up to the first '.' of its base name (the WebDataset rule); a sample
     is keyed `SHARD/KEY` (shard base name) in batches. Index arrays (one entry per sample):
     shard, image offset and size, caption offset and size (size -1: none), caption kind.
+    `index_cache`: the folder shard indexes are cached in (see `_IndexCache`); "" scans always.
     """
 
-    def __init__(self, paths: list[str]):
+    def __init__(self, paths: list[str], index_cache: str = ""):
         self.paths = paths
-        cols: list[list[int]] = [[] for _ in range(6)]
+        cache = _IndexCache(index_cache) if index_cache else None
         self.keys: list[str] = []
+        tables = []
         for s, path in enumerate(paths):
-            for key, row in _index_shard(path):
-                self.keys.append(f"{os.path.basename(path)}/{key}")
-                for c, v in zip(cols, (s, *row)):
-                    c.append(v)
+            keys, rows = _index_shard(path, cache)
+            base = os.path.basename(path)
+            self.keys += [f"{base}/{k}" for k in keys]
+            tables.append(np.column_stack([np.full(len(keys), s, np.int64), rows]))
         if not self.keys:
             raise UserError(f"tar shards {paths[0]!r}...: no image members "
                             f"({', '.join(TAR_IMAGE_EXTS)}) found")
+        table = np.concatenate(tables)
         self.shard, self.off, self.size, self.cap_off, self.cap_size, self.cap_kind = (
-            np.asarray(c, np.int64) for c in cols)
+            np.ascontiguousarray(table[:, c]) for c in range(6))
         self._files = _Files()
 
     def __len__(self) -> int:
@@ -239,11 +250,35 @@ def _caption_text(raw: bytes, kind: int) -> str | None:
     return None
 
 
-def _index_shard(path: str) -> list[tuple[str, tuple[int, int, int, int, int]]]:
-    """[(KEY, (img offset, img size, caption offset, caption size, caption kind))] of one shard.
+def _warn_once(key: tuple, msg: str, *args: Any) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        log.warning(msg, *args)
+
+
+def _index_shard(path: str, cache: "_IndexCache | None") -> tuple[list[str], np.ndarray]:
+    """(KEYs, rows [n, 5] int64: img offset, img size, caption offset, caption size (-1: none),
+    caption kind (0 none, 1 txt, 2 json)) of one shard, from the cache when it is current."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise UserError(f"cannot read tar shard {path!r}: {e}") from None
+    hit = cache.load(path, st) if cache is not None else None
+    keys, rows, damaged = hit if hit is not None else _scan_shard(path)
+    if hit is None and cache is not None:
+        cache.store(path, st, keys, rows, damaged)
+    if damaged:  # from the cache too: a damaged shard is named in every run that reads it
+        _warn_once(("damaged", os.path.abspath(path), st.st_size, st.st_mtime_ns),
+                   "tar shard %s is truncated or damaged (%s): using its %d complete samples",
+                   path, damaged, len(keys))
+    return keys, rows
+
+
+def _scan_shard(path: str) -> tuple[list[str], np.ndarray, str]:
+    """Read one shard's member headers: (KEYs, rows, "" or why the shard ends early).
 
     Headers are read and data seeked over (random-access mode, never extracted); a member whose
-    bytes end past the file's end, or any header error, ends the shard there with a warning.
+    bytes end past the file's end, or any header error, ends the shard there.
     """
     end = os.path.getsize(path)
     images: dict[str, tuple[int, int, int]] = {}  # key -> (rank of extension, offset, size)
@@ -279,15 +314,83 @@ def _index_shard(path: str) -> list[tuple[str, tuple[int, int, int, int, int]]]:
         damaged = f"{type(e).__name__}: {e}"
     except OSError as e:
         raise UserError(f"cannot read tar shard {path!r}: {e}") from None
-    if damaged:
-        log.warning("tar shard %s is truncated or damaged (%s): using its %d complete samples",
-                    path, " ".join(damaged.split()), len(images))
-    out = []
-    for key in sorted(images):
+    keys = sorted(images)
+    rows = np.zeros((len(keys), 5), np.int64)
+    for j, key in enumerate(keys):
         _, off, size = images[key]
         kind, c_off, c_size = captions.get(key, (0, 0, -1))
-        out.append((key, (off, size, c_off, c_size, kind)))
-    return out
+        rows[j] = (off, size, c_off, c_size, kind)
+    return keys, rows, " ".join(damaged.split())
+
+
+class _IndexCache:
+    """Shard indexes on disk: one `.npz` per shard, named by a hash of its absolute path and
+    holding the (size, mtime_ns) it was scanned at, so a rewritten shard replaces its entry.
+
+    Only ever a speed-up: a missing, stale or unreadable entry means a scan, and an unwritable
+    folder means scanning every start (one warning per process). Keys are `printable`, so
+    newline-joined UTF-8 holds them without pickling.
+    """
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def _file(self, path: str) -> str:
+        name = hashlib.sha256(os.path.abspath(path).encode("utf-8", "surrogateescape")).hexdigest()
+        return os.path.join(self.folder, name[:40] + ".npz")
+
+    @staticmethod
+    def _meta(path: str, st: os.stat_result) -> dict[str, Any]:
+        return {"version": TAR_INDEX_VERSION, "path": os.path.abspath(path), "size": st.st_size,
+                "mtime_ns": st.st_mtime_ns}
+
+    def load(self, path: str, st: os.stat_result) -> tuple[list[str], np.ndarray, str] | None:
+        file = self._file(path)
+        try:
+            with np.load(file, allow_pickle=False) as z:
+                meta = json.loads(bytes(z["meta"]).decode("utf-8"))
+                rows = z["rows"]
+                text = bytes(z["keys"]).decode("utf-8")
+        except (FileNotFoundError, NotADirectoryError):  # not cached yet (or no folder): store says why
+            return None
+        except Exception as e:  # garbage of any kind (zip, npy, json, utf-8): scan instead
+            self._warn(f"unreadable cache file {file} ({type(e).__name__}); rescanning")
+            return None
+        damaged = meta.pop("damaged", None) if isinstance(meta, dict) else None
+        if meta != self._meta(path, st):
+            return None  # another shard version (or a hash collision): rescan and replace
+        keys = text.split("\n") if text else []
+        if (not isinstance(damaged, str) or rows.dtype != np.int64 or rows.shape != (len(keys), 5)
+                or (rows[:, 0] + rows[:, 1] > st.st_size).any()):
+            self._warn(f"inconsistent cache file {file}; rescanning")
+            return None
+        return keys, rows, damaged
+
+    def store(self, path: str, st: os.stat_result, keys: list[str], rows: np.ndarray, damaged: str) -> None:
+        try:
+            now = os.stat(path)
+        except OSError:
+            return
+        if (now.st_size, now.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
+            return  # changed while being scanned: what was read may belong to neither version
+        meta = json.dumps({**self._meta(path, st), "damaged": damaged}).encode("utf-8")
+        tmp = ""
+        try:
+            os.makedirs(self.folder, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".", suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:  # readers see the old entry or the new, never half
+                np.savez(f, meta=np.frombuffer(meta, np.uint8), rows=rows,
+                         keys=np.frombuffer("\n".join(keys).encode("utf-8"), np.uint8))
+            os.replace(tmp, self._file(path))
+        except OSError as e:
+            if tmp:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+            self._warn(f"cannot write to {self.folder} ({e.strerror or e}); shards are scanned at every "
+                       "start (set data.tar_index_cache to a writable folder, or '' to silence this)")
+
+    def _warn(self, why: str) -> None:
+        _warn_once(("index cache",), "tar index cache: %s", why)
 
 
 class ParquetSource:
@@ -392,11 +495,21 @@ def expand_braces(pattern: str) -> list[str]:
     return [out for item in items for out in expand_braces(head + item + tail)]
 
 
+def tar_index_dir(setting: str) -> str:
+    """The folder tar indexes are cached in: `setting` ("" = no cache); left at its default,
+    $RECA_CACHE_DIR/tar_index when that variable is set (a shared or scratch cache)."""
+    env = os.environ.get("RECA_CACHE_DIR", "")
+    if setting == TAR_INDEX_CACHE and env:
+        return os.path.join(os.path.abspath(os.path.expanduser(env)), "tar_index")
+    return os.path.abspath(os.path.expanduser(setting)) if setting else ""
+
+
 def open_one(spec: str, cfg: Any = None) -> ImageSource:
     """One source from a spec: 'demo', a folder, a .tar, a folder of *.tar shards, a .parquet,
     a folder of *.parquet files, or a brace/glob pattern of .tar or .parquet files."""
     if spec == "demo":
         return DemoSource()
+    index_cache = tar_index_dir(getattr(cfg, "tar_index_cache", TAR_INDEX_CACHE))
     image_col = getattr(cfg, "parquet_image_column", "image")
     caption_col = getattr(cfg, "parquet_caption_column", "")
     path = os.path.expanduser(spec)
@@ -404,7 +517,7 @@ def open_one(spec: str, cfg: Any = None) -> ImageSource:
         shards = sorted(glob.glob(os.path.join(path, "*.tar")))
         tables = sorted(glob.glob(os.path.join(path, "*.parquet")))
         if shards:
-            return TarSource(shards)
+            return TarSource(shards, index_cache)
         if tables:
             return ParquetSource(tables, image_col, caption_col)
         return FolderSource(spec)
@@ -418,7 +531,7 @@ def open_one(spec: str, cfg: Any = None) -> ImageSource:
         for f in files:
             if not os.path.isfile(f):
                 raise UserError(f"data source {spec!r}: no such tar shard {f!r}")
-        return TarSource(files)
+        return TarSource(files, index_cache)
     if all(f.endswith(".parquet") for f in files):
         return ParquetSource(files, image_col, caption_col)
     return FolderSource(spec)  # its own errors: no such folder, a file not a folder

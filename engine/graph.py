@@ -59,7 +59,8 @@ class GraphStep:
                     raise UserError(f"train.cuda_graph with a custom generator needs torch >= 2.5 (have {torch.__version__})")
                 self.graph.register_generator_state(c.generator)
             torch.cuda.synchronize(c.device)
-            with torch.cuda.graph(self.graph, stream=self.stream):
+            # thread_local: the data prefetch thread keeps decoding (its own stream) during capture
+            with torch.cuda.graph(self.graph, stream=self.stream, capture_error_mode="thread_local"):
                 self.out = self.update(c, self.static)
         self.graph.replay()
         return self.out

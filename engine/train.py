@@ -201,7 +201,8 @@ def build(cfg: RunConfig) -> Components:
         fixed_instruction=cfg.sample.fixed_instruction, fixed_prob=cfg.sample.fixed_prob,
         max_text_tokens=cfg.sample.max_text_tokens, seed=cfg.data.seed,
     )
-    loader = build_loader(cfg.data, model.views)
+    # A step holds grad_accum batches at once: a CUDA decoder's fixed buffers rotate that many.
+    loader = build_loader(cfg.data, model.views, hold=cfg.optim.grad_accum)
     caption_loader = _caption_loader(cfg, model)
     try:
         optimizer = build_optimizer(model, cfg.optim, device, capturable=cfg.train.cuda_graph)
@@ -233,7 +234,7 @@ def _caption_loader(cfg: RunConfig, model):
                         "or train RecA alone with --set mix.cycle=recon")
     # whole images, unflipped: a caption may speak of any corner, or of left and right
     data = replace(cfg.data, source=cfg.mix.caption_source, crop_scale=1.0, hflip=False)
-    return build_loader(data, getattr(model, "caption_views", model.views))
+    return build_loader(data, getattr(model, "caption_views", model.views), hold=cfg.optim.grad_accum)
 
 
 def next_batches(c: Components) -> list[MicroBatch]:

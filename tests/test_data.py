@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import logging
 import struct
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -19,7 +20,7 @@ from PIL import Image
 from reca.engine.config import DataConfig
 from reca.engine.data import (
     BadImage, DemoSource, FolderSource, ImageBatch, Loader, PillowDecoder, build_loader,
-    make_views, open_source,
+    make_views, open_source, open_sources,
 )
 from reca.engine.data_decode import needed_side
 from reca.engine.errors import UserError
@@ -319,6 +320,154 @@ def test_decoded_images_are_cached(tmp_path):
     batches = take(loader, 5)
     assert Counting.calls == 3
     assert not torch.equal(batches[0].und[0], batches[3].und[0])  # augmentation is per sample
+
+
+# ---- prefetch (the CUDA decoders' producer thread, driven here on CPU with Pillow) ----------
+
+
+def prefetching(c: DataConfig, hold: int = 1, source=None, **kw) -> Loader:
+    src = source if source is not None else open_sources(c.source, c)
+    return Loader(src, VIEWS, c, hold=hold, prefetch=True, **kw)
+
+
+def copied(batch: ImageBatch) -> ImageBatch:
+    """A batch that outlives the loader's ring buffers."""
+    return ImageBatch(batch.und.clone(), batch.gen.clone(), list(batch.keys), batch.positions.clone(),
+                      batch.captions)
+
+
+def wait_until(cond, what: str, timeout: float = 20.0) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+def producer_idle(loader: Loader, ready: int) -> None:
+    """Wait until the producer thread has `ready` batches waiting (the ring then has no free set)."""
+    wait_until(lambda: loader._ahead.ready.qsize() == ready, f"{ready} prefetched batches")
+
+
+@pytest.mark.parametrize("hold,workers", [(1, 0), (2, 0), (1, 2)])
+def test_prefetch_gives_the_in_line_batches(tmp_path, hold, workers):
+    root = write(photos(tmp_path, 7), {"broken.png": b"<html></html>", "tiny.png": broken_images()["tiny.png"]})
+    c = cfg(root, batch_size=3, num_workers=workers)
+    inline, ahead = build_loader(c, VIEWS), prefetching(c, hold)
+    try:
+        assert not inline.prefetch and ahead.prefetch  # build_loader prefetches for CUDA decoders only
+        for _ in range(7):
+            a, b = next(inline), next(ahead)
+            assert_same([a], [copied(b)])
+            assert ahead.skipped == inline.skipped and ahead.state_dict() == inline.state_dict()
+        assert inline.skipped > 0
+    finally:
+        inline.close()
+        ahead.close()
+
+
+def test_prefetch_state_is_what_was_taken_and_resume_is_exact(tmp_path):
+    root = write(photos(tmp_path, 7), {"broken.jpg": b"nope"})
+    c = cfg(root, batch_size=3)
+    straight = take(build_loader(c, VIEWS), 9)
+    loader = prefetching(c)
+    part = [copied(next(loader)) for _ in range(4)]
+    producer_idle(loader, 1)
+    state = loader.state_dict()
+    assert state["position"] == int(part[-1].positions[-1]) + 1  # the prefetched batch is not in it
+    assert loader._next > state["position"]  # ... though the thread has read past it
+    assert_same(straight[:4], part)
+    resumed = build_loader(c, VIEWS)
+    resumed.load_state_dict(state)
+    assert_same(straight[4:6], take(resumed, 2))
+    loader.load_state_dict(resumed.state_dict())  # a prefetching loader jumps ahead too
+    assert_same(straight[6:8], [copied(next(loader)) for _ in range(2)])
+    producer_idle(loader, 1)
+    loader.close()  # close() drops the prefetched batch: iteration resumes where the step was
+    assert_same(straight[8:], [copied(next(loader))])
+    assert loader.skipped == straight_skips(c, 9) > 0
+    loader.close()
+
+
+def straight_skips(c: DataConfig, batches: int) -> int:
+    loader = build_loader(c, VIEWS)
+    take(loader, batches)
+    return loader.skipped
+
+
+class Flaky:
+    """A folder source whose reads fail with a RuntimeError while `broken` is set."""
+
+    def __init__(self, root):
+        self.inner, self.broken, self.reads = FolderSource(str(root)), False, 0
+
+    def __len__(self):
+        return len(self.inner)
+
+    def key(self, i):
+        return self.inner.key(i)
+
+    def read(self, i):
+        self.reads += 1
+        if self.broken:
+            raise RuntimeError(f"disk on fire reading {self.inner.key(i)}")
+        return self.inner.read(i)
+
+
+def test_a_producer_error_is_raised_by_next_with_its_message(tmp_path):
+    root = photos(tmp_path, 8)
+    c = cfg(root)
+    straight = take(build_loader(c, VIEWS), 4)
+    src = Flaky(root)
+    loader = prefetching(c, source=src, cache_bytes=0)  # every batch reads the source
+    first = copied(next(loader))
+    producer_idle(loader, 1)
+    thread = loader._ahead.thread
+    src.broken = True
+    next(loader)  # already decoded before the fault: handed over as usual; the thread now fails
+    with pytest.raises(RuntimeError, match=r"disk on fire reading img\d\d\.png"):
+        next(loader)
+    assert not thread.is_alive() and loader._ahead is None
+    assert loader.state_dict()["position"] == 8  # two batches taken, nothing of the failed one
+    src.broken = False
+    assert_same(straight[2:], [copied(next(loader)) for _ in range(2)])  # goes on from the step
+    assert_same(straight[:1], [first])
+    loader.close()
+    junk = write(tmp_path / "junk", {"a.jpg": b"", "b.png": b"text"})
+    with pytest.raises(UserError, match="no decodable images"):  # one line for the CLI, as in-line
+        next(prefetching(cfg(junk)))
+
+
+def test_close_joins_the_prefetch_thread(tmp_path):
+    c = cfg(photos(tmp_path, 6))
+    straight = take(build_loader(c, VIEWS), 3)
+    with prefetching(c) as loader:
+        assert_same(straight[:1], [copied(next(loader))])
+        thread = loader._ahead.thread
+        assert thread.is_alive() and thread.daemon
+        loader.close()
+        assert not thread.is_alive() and loader._ahead is None
+        assert_same(straight[1:2], [copied(next(loader))])  # restarts where it stopped
+        thread = loader._ahead.thread
+    assert not thread.is_alive()  # the with block closed it
+    assert not any(t.name.startswith("reca-data-prefetch") for t in threading.enumerate())
+
+
+def test_prefetch_never_overwrites_a_held_batch_and_reuses_fixed_buffers(tmp_path):
+    c = cfg(photos(tmp_path, 12))
+    straight = take(build_loader(c, VIEWS), 6)
+    loader = prefetching(c, hold=2)  # 3 buffer sets: 2 held by the step, 1 being filled
+    a, b = next(loader), next(loader)
+    producer_idle(loader, 1)  # batch 2 is decoded; the producer waits for a set to free
+    assert_same(straight[:2], [a, b])  # both held batches are intact
+    c2 = next(loader)  # releases a's set: the producer fills it with batch 3
+    producer_idle(loader, 1)
+    assert_same(straight[1:3], [b, c2])
+    d = next(loader)
+    assert d.und.data_ptr() == a.und.data_ptr() and d.gen.data_ptr() == a.gen.data_ptr()
+    assert len({x.und.data_ptr() for x in (a, b, c2)}) == 3
+    assert_same(straight[3:4], [d])
+    assert torch.equal(a.und, d.und) and not torch.equal(a.und, straight[0].und)  # a's set now holds batch 3
+    loader.close()
 
 
 # ---- sources --------------------------------------------------------------------------------

@@ -84,16 +84,72 @@ def test_dali_cpu_bad_files_are_skipped_and_named_once(tmp_path, caplog):
     assert [k for b in part + [next(again) for _ in range(5)] for k in b.keys] == [k for b in batches for k in b.keys]
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("decoder", ["dali", "nvjpeg"])
-def test_gpu_decoders_agree_with_pillow_and_fill_fixed_buffers(tmp_path, decoder):
+def gpu_decoder(decoder: str) -> None:
     if decoder == "dali" and not dali_available():
         pytest.skip("NVIDIA DALI is not installed")
     if decoder == "nvjpeg" and not nvjpeg_available():
         pytest.skip("torchvision is not installed")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("decoder", ["dali", "nvjpeg"])
+def test_gpu_decoders_agree_with_pillow_and_fill_fixed_buffers(tmp_path, decoder):
+    gpu_decoder(decoder)
     root = write(corpus(tmp_path), {"broken.jpg": b"\xff\xd8\xff garbage"})
-    compare(root, decoder, "cuda", batches=4)
+    for prefetch in (True, False):
+        compare(root, decoder, "cuda", batches=4, prefetch=prefetch)
     compare(root, decoder, "cuda", 0.5)
-    loader = build_loader(cfg(root, decoder=decoder, decode_device="cuda"), VIEWS)
-    a, b = next(loader), next(loader)
-    assert a.und.is_cuda and a.und.data_ptr() == b.und.data_ptr() and a.gen.data_ptr() == b.gen.data_ptr()
+    for prefetch, hold, sets in ((False, 1, 1), (False, 2, 2), (True, 1, 2), (True, 2, 3)):
+        loader = build_loader(cfg(root, decoder=decoder, decode_device="cuda", prefetch=prefetch), VIEWS, hold=hold)
+        assert loader.prefetch == prefetch
+        ptrs = [(b.und.data_ptr(), b.gen.data_ptr()) for b in (next(loader) for _ in range(2 * sets))]
+        assert next(loader).und.is_cuda and ptrs[:sets] == ptrs[sets:] and len(set(ptrs)) == sets
+        loader.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("decoder", ["dali", "nvjpeg"])
+@pytest.mark.parametrize("hold", [1, 2])
+def test_gpu_prefetch_equals_in_line_decoding(tmp_path, decoder, hold):
+    """The prefetched batches (another thread, another stream) are the in-line ones, bit for
+    bit, including when a step holds `hold` batches at once and reads them only later."""
+    gpu_decoder(decoder)
+    gif = encode(Image.fromarray(photo()), "GIF")  # decoded by Pillow, copied into the batch
+    root = write(corpus(tmp_path), {"broken.jpg": b"\xff\xd8\xff garbage", "p.gif": gif})
+    c = lambda p: cfg(root, decoder=decoder, decode_device="cuda", batch_size=3, prefetch=p)  # noqa: E731
+    inline, ahead = build_loader(c(False), VIEWS, hold=hold), build_loader(c(True), VIEWS, hold=hold)
+    try:
+        for _ in range(4):
+            a = [next(inline) for _ in range(hold)]
+            b = [next(ahead) for _ in range(hold)]
+            for x, y in zip(a, b):  # read after all `hold` were taken, as a step with accumulation does
+                assert x.keys == y.keys and torch.equal(x.positions, y.positions)
+                assert torch.equal(x.und, y.und) and torch.equal(x.gen, y.gen)
+            assert ahead.state_dict() == inline.state_dict() and ahead.skipped == inline.skipped
+        assert inline.skipped > 0
+    finally:
+        inline.close()
+        ahead.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("decoder", ["dali", "nvjpeg"])
+def test_gpu_prefetch_never_overwrites_a_batch_a_step_still_reads(tmp_path, decoder):
+    """A long "step" (a GPU sleep) reads each batch at its end: the producer, which refills the
+    set as soon as the next batch is taken on the host, must wait for the step on the GPU."""
+    gpu_decoder(decoder)
+    root = corpus(tmp_path)
+    c = lambda p: cfg(root, decoder=decoder, decode_device="cuda", batch_size=4, prefetch=p)  # noqa: E731
+    ref = build_loader(c(False), VIEWS)
+    expected = [next(ref).und.clone() for _ in range(6)]
+    loader = build_loader(c(True), VIEWS, hold=1)
+    seen = []
+    batch = next(loader)
+    for _ in range(6):
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time before the step reads its batch
+        seen.append(batch.und.clone())
+        batch = next(loader)  # releases the set just read: refilled once the clone is done
+    torch.cuda.synchronize()
+    loader.close()
+    for k, (x, y) in enumerate(zip(expected, seen)):
+        assert torch.equal(x, y), f"batch {k} was overwritten while the step still read it"

@@ -8,17 +8,29 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import tarfile
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from reca.engine import data_sources
 from reca.engine.data import TarSource, build_loader, open_source
 from reca.engine.data_order import MIX_BLOCK, Order, apportion, parse_source_spec
-from reca.engine.data_sources import expand_braces
+from reca.engine.data_sources import TAR_INDEX_CACHE, expand_braces, tar_index_dir
 from reca.engine.errors import UserError
 from test_data import VIEWS, broken_images, cfg, encode, photo, photos
+
+
+@pytest.fixture(autouse=True)
+def index_cache(tmp_path_factory, monkeypatch):
+    """Every test caches tar indexes in its own folder (never the home directory, never beside
+    the data) and starts as a fresh run: no warning counts as already given."""
+    root = tmp_path_factory.mktemp("reca_cache")
+    monkeypatch.setenv("RECA_CACHE_DIR", str(root))
+    monkeypatch.setattr(data_sources, "_WARNED", set())
+    return root / "tar_index"
 
 
 def jpeg(seed: int) -> bytes:
@@ -124,6 +136,138 @@ def test_tar_resume_is_exact(tmp_path, workers):
     shard(tmp_path / "a.tar", 0, 5, [("bad.jpg", b"")]); shard(tmp_path / "b.tar", 5, 6)
     straight, resumed = resume_keys(cfg(tmp_path, batch_size=3, num_workers=workers), 3, 7)
     assert straight == resumed and len(set(straight[:11])) == 11  # one epoch, no repeats
+
+
+# ---- tar index cache ------------------------------------------------------------------------
+
+
+def same_index(a: TarSource, b: TarSource) -> None:
+    assert a.keys == b.keys
+    for name in ("shard", "off", "size", "cap_off", "cap_size", "cap_kind"):
+        assert np.array_equal(getattr(a, name), getattr(b, name)), name
+
+
+def count_scans(monkeypatch) -> list[str]:
+    scanned: list[str] = []
+    real = data_sources._scan_shard
+
+    def scan(path):
+        scanned.append(os.path.basename(path))
+        return real(path)
+
+    monkeypatch.setattr(data_sources, "_scan_shard", scan)
+    return scanned
+
+
+def no_scans(monkeypatch) -> None:
+    def scan(path):
+        raise AssertionError(f"{path} was scanned: the cache was not used")
+
+    monkeypatch.setattr(data_sources, "_scan_shard", scan)
+
+
+def test_tar_index_cache_is_used_and_equals_a_scan(tmp_path, index_cache, monkeypatch):
+    data = tmp_path / "data"
+    data.mkdir()
+    shard(data / "a.tar", 0, 5, [("bad\nname.jpg", jpeg(52)), ("noext", b"x")])
+    shard(data / "b.tar", 5, 3)
+    before = sorted(p.name for p in data.iterdir())
+    scanned = count_scans(monkeypatch)
+    first = open_source(str(data))
+    assert sorted(scanned) == ["a.tar", "b.tar"] and len(list(index_cache.glob("*.npz"))) == 2
+    assert sorted(p.name for p in data.iterdir()) == before  # nothing written beside the data
+    assert not list(index_cache.glob("*.tmp"))
+    no_scans(monkeypatch)
+    cached = open_source(str(data))
+    same_index(cached, first)
+    monkeypatch.undo()
+    same_index(cached, TarSource(sorted(str(p) for p in data.glob("*.tar"))))  # no cache at all
+    assert cached.read(cached.keys.index("a.tar/bad?name")) == jpeg(52)
+    assert cached.caption(cached.keys.index("b.tar/s005")) == "caption 5"
+
+
+def test_a_changed_shard_is_rescanned(tmp_path, monkeypatch):
+    shard(tmp_path / "a.tar", 0, 4)
+    shard(tmp_path / "b.tar", 4, 2)
+    open_source(str(tmp_path))
+    st = os.stat(tmp_path / "a.tar")
+    shard(tmp_path / "a.tar", 10, 6)  # rewritten in place: new contents, new size
+    os.utime(tmp_path / "a.tar", ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    scanned = count_scans(monkeypatch)
+    src = open_source(str(tmp_path))
+    assert scanned == ["a.tar"]  # b.tar came from the cache
+    assert src.keys == [f"a.tar/s{i:03d}" for i in range(10, 16)] + ["b.tar/s004", "b.tar/s005"]
+    assert src.read(0) == jpeg(10)
+    same_index(src, TarSource([str(tmp_path / "a.tar"), str(tmp_path / "b.tar")]))
+    shard(tmp_path / "b.tar", 20, 2)  # same size, only the mtime tells
+    os.utime(tmp_path / "b.tar", ns=(0, os.stat(tmp_path / "b.tar").st_mtime_ns + 5_000_000))
+    scanned.clear()
+    assert open_source(str(tmp_path)).keys[-2:] == ["b.tar/s020", "b.tar/s021"] and scanned == ["b.tar"]
+
+
+@pytest.mark.parametrize("damage", ["garbage", "cut", "empty"])
+def test_a_corrupt_cache_file_is_rescanned_with_one_warning(tmp_path, index_cache, monkeypatch, caplog, damage):
+    path = shard(tmp_path / "a.tar", 0, 6)
+    reference = open_source(path)
+    (entry,) = index_cache.glob("*.npz")
+    raw = entry.read_bytes()
+    entry.write_bytes({"garbage": b"\x00garbage" * 50, "cut": raw[: len(raw) // 2], "empty": b""}[damage])
+    scanned = count_scans(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="reca.engine.data"):
+        same_index(open_source(path), reference)
+        entry.write_bytes(raw[: len(raw) // 3])
+        same_index(open_source(path), reference)
+    assert scanned == ["a.tar", "a.tar"]
+    assert sum("tar index cache" in r.getMessage() for r in caplog.records) == 1
+    no_scans(monkeypatch)  # the entry was rewritten whole
+    same_index(open_source(path), reference)
+
+
+def test_an_unwritable_cache_folder_falls_back_to_scanning(tmp_path, monkeypatch, caplog):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_bytes(b"x")  # a file where a folder should be: fails for root too
+    path = shard(tmp_path / "a.tar", 0, 4)
+    c = cfg(path, tar_index_cache=str(blocker / "tar_index"))
+    scanned = count_scans(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="reca.engine.data"):
+        loaders = [build_loader(c, VIEWS) for _ in range(2)]
+        keys = [next(l).keys for l in loaders]
+    assert scanned == ["a.tar", "a.tar"] and keys[0] == keys[1]
+    warned = [r.getMessage() for r in caplog.records if "tar index cache" in r.getMessage()]
+    assert len(warned) == 1 and "cannot write" in warned[0] and "\n" not in warned[0]
+    same_index(loaders[0].samples.sources[0], TarSource([path]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tar", "not_a_folder"]
+
+
+def test_a_truncated_shard_from_the_cache_is_the_same_and_still_named(tmp_path, monkeypatch, caplog):
+    path = shard(tmp_path / "t.tar", 0, 8)
+    cut = int(TarSource([path]).off[5]) + 10
+    (tmp_path / "t.tar").write_bytes((tmp_path / "t.tar").read_bytes()[:cut])
+    truncated = lambda: sum("truncated" in r.getMessage() for r in caplog.records)  # noqa: E731
+    with caplog.at_level(logging.WARNING, logger="reca.engine.data"):
+        scanned = open_source(path)
+        again = open_source(path)  # the same run: named once
+        assert truncated() == 1
+        monkeypatch.setattr(data_sources, "_WARNED", set())  # a new run, reading the cache
+        no_scans(monkeypatch)
+        cached = open_source(path)
+        assert truncated() == 2
+    assert scanned.keys == [f"t.tar/s{i:03d}" for i in range(5)]
+    same_index(cached, scanned)
+    same_index(again, scanned)
+
+
+def test_tar_index_folder_setting_and_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("RECA_CACHE_DIR", str(tmp_path / "env"))
+    assert tar_index_dir(TAR_INDEX_CACHE) == str(tmp_path / "env" / "tar_index")
+    assert tar_index_dir(str(tmp_path / "mine")) == str(tmp_path / "mine")  # a set value wins
+    assert tar_index_dir("") == ""
+    monkeypatch.delenv("RECA_CACHE_DIR")
+    assert tar_index_dir(TAR_INDEX_CACHE) == os.path.expanduser("~/.cache/reca/tar_index")
+    path = shard(tmp_path / "a.tar", 0, 2)
+    open_source(path, cfg(path, tar_index_cache=""))
+    open_source(path, cfg(path, tar_index_cache=str(tmp_path / "mine")))
+    assert not (tmp_path / "env").exists() and len(list((tmp_path / "mine").glob("*.npz"))) == 1
 
 
 # ---- parquet --------------------------------------------------------------------------------

@@ -1,10 +1,13 @@
 """Images/s of each available decoder on a folder of JPEGs, Pillow measured in the same run.
 
-    python benchmarks/data/bench_decode.py CORPUS [--batch 64] [--batches 8] [--views 448,512]
+    python benchmarks/data/bench_decode.py CORPUS [--batch 64] [--batches 8] [--views 448,512] [--step-ms 50]
 
 Two figures per decoder: decode only (encoded bytes -> full RGB), and decode + both RecA views
 (the loader's own path: `data.decoder=...`, one process, no workers, in-memory bytes so disk
 speed does not count). Prints ratios to Pillow; writes benchmarks/results/data_<device>.json.
+On CUDA, a third per GPU decoder: the loader's wait per batch beside a simulated training step
+(`--step-ms` of GPU time, then a host wait for it, as a step that reads a value back does),
+decoding in line vs prefetched in the loader's thread (`data.prefetch`).
 """
 from __future__ import annotations
 
@@ -93,12 +96,47 @@ def with_views(decoder: str, src: Memory, views: ViewSpec, batch: int, batches: 
     return batch * batches / (time.perf_counter() - t0)
 
 
+def overlap(decoder: str, src: Memory, views: ViewSpec, batch: int, batches: int,
+            device: torch.device, step_ms: float) -> dict:
+    """Data wait (ms per batch) and images/s beside a simulated step, in line vs prefetched."""
+    cycles = int(step_ms * _cycles_per_ms())
+    out = {}
+    for prefetch in (False, True):
+        cfg = DataConfig(source="bench", batch_size=batch, decoder=decoder, decode_device=str(device),
+                         decode_threads=os.cpu_count() or 2, prefetch=prefetch)
+        loader = Loader(src, views, cfg, backend=make_backend(cfg, views, batch, device), cache_bytes=0,
+                        prefetch=prefetch)
+        next(loader)  # warm-up
+        torch.cuda.synchronize()
+        wait0, t0 = loader.wait_seconds, time.perf_counter()
+        for _ in range(batches):
+            next(loader)
+            torch.cuda._sleep(cycles)  # the step's GPU time ...
+            torch.cuda.current_stream().synchronize()  # ... and its one host wait
+        dt = time.perf_counter() - t0
+        out["prefetch" if prefetch else "in_line"] = {
+            "data_wait_ms": 1000 * (loader.wait_seconds - wait0) / batches, "images_per_s": batch * batches / dt}
+        loader.close()
+    return out
+
+
+def _cycles_per_ms() -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(1_000_000)  # clocks up
+    start.record()
+    torch.cuda._sleep(50_000_000)
+    end.record()
+    end.synchronize()
+    return 50_000_000 / start.elapsed_time(end)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("corpus")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--batches", type=int, default=8)
     ap.add_argument("--views", default="448,512", help="understanding,generation side")
+    ap.add_argument("--step-ms", type=float, default=50.0, help="GPU time of the simulated step (CUDA only)")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     src = Memory(args.corpus)
@@ -119,6 +157,14 @@ def main() -> None:
         r["ratio_decode_and_views"] = r["decode_and_views"] / base["decode_and_views"]
         print(f"{d:8} {r['decode_only']:13.1f} {r['ratio_decode_only']:6.2f} "
               f"{r['decode_and_views']:13.1f} {r['ratio_decode_and_views']:6.2f}")
+    overlaps = {d: overlap(d, src, views, args.batch, args.batches, device, args.step_ms)
+                for d in decoders if cuda and d != "pil"}
+    if overlaps:
+        print(f"beside a {args.step_ms:g} ms step, in line -> prefetched:")
+    for d, r in overlaps.items():
+        a, b = r["in_line"], r["prefetch"]
+        print(f"{d:8} data wait {a['data_wait_ms']:8.2f} -> {b['data_wait_ms']:8.2f} ms/batch, "
+              f"{a['images_per_s']:8.1f} -> {b['images_per_s']:8.1f} img/s")
     name = torch.cuda.get_device_name() if cuda else (platform.processor() or platform.machine())
     versions = {"torch": torch.__version__, "pillow": PIL.__version__, "numpy": np.__version__}
     if dali_available():
@@ -133,7 +179,7 @@ def main() -> None:
            "versions": versions, "corpus": {"path": args.corpus, "images": len(src)},
            "batch": args.batch, "batches": args.batches, "views": [u, g],
            "note": "one process; Pillow decodes in draft mode (DCT-scaled) in the views figure",
-           "results": rows}
+           "results": rows, "step_ms": args.step_ms, "overlap": overlaps}
     tag = "cuda" if cuda else "cpu"
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"data_{tag}.json")
