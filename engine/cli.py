@@ -1,4 +1,4 @@
-"""`reca` command line: `reca train`, `reca info`, `reca bench step`.
+"""`reca` command line: `reca train`, `reca info`, `reca bench step`, `reca bench batch`.
 
 User errors (a missing folder, an unknown preset or config key, a GPU asked for and absent)
 print one line on stderr and exit with status 2; no traceback.
@@ -51,6 +51,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--data", default="demo", help="'demo', an image folder, or 'synthetic' (no decoding)")
     s.add_argument("--out", help="JSON file or directory (default: benchmarks/results on CUDA, a temp dir on CPU)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    m = bsub.add_parser("batch", help="the largest micro-batch of a preset that trains on this device", epilog=EPILOG)
+    m.add_argument("--preset", default="tiny")
+    m.add_argument("--max", type=int, help="largest batch tried (default: the preset's micro-batch)")
+    m.add_argument("--start", type=int, default=1, help="first batch tried; doubled until one does not fit")
+    m.add_argument("--device", default="auto")
+    m.add_argument("--out", help="JSON file or directory (default: benchmarks/results on CUDA, none on CPU)")
+    m.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     return p
 
 
@@ -111,6 +118,13 @@ def _info(args) -> None:
 
 
 def _bench(args) -> None:
+    if args.bench == "batch":
+        from reca.engine.bench_batch import bench_batch
+
+        if args.start < 1 or (args.max is not None and args.max < 1):
+            raise UserError("--start and --max must be at least 1")
+        bench_batch(args.preset, limit=args.max, start=args.start, device=args.device, sets=args.set, out=args.out)
+        return
     from reca.engine.bench import bench_step
 
     if args.steps < 1 or args.warmup < 0:

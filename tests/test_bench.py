@@ -64,3 +64,35 @@ def test_gpu_suite_imports_through_its_shim():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "dry run: imports resolve" in proc.stdout
+
+
+@pytest.mark.parametrize("limit,start,fit", [(48, 1, 20), (48, 1, 48), (48, 8, 3), (48, 8, 0), (5, 1, 5), (1, 4, 1)])
+def test_largest_fitting_batch_search(limit, start, fit):
+    from reca.engine.bench_batch import largest_fitting
+
+    tried = []
+    assert largest_fitting(lambda b: tried.append(b) or b <= fit, limit, start) == fit
+    assert all(1 <= b <= limit for b in tried) and len(tried) == len(set(tried)) <= 2 * limit.bit_length()
+
+
+def test_reca_bench_batch_stops_at_out_of_memory(tmp_path, capsys, monkeypatch):
+    """The real step, with out-of-memory simulated above 5 images: the search reports 5, and the
+    run goes on after each failure (gradients dropped)."""
+    import torch
+
+    import reca.engine.bench_batch as bb
+
+    real = bb.next_batches
+
+    def batches(c):
+        out = real(c)
+        if out[0].und.shape[0] > 5:
+            raise torch.OutOfMemoryError("simulated")
+        return out
+
+    monkeypatch.setattr(bb, "next_batches", batches)
+    out = tmp_path / "batch.json"
+    main(["bench", "batch", "--preset", "tiny", "--max", "12", "--start", "2", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["largest_batch"] == 5 and "largest micro-batch 5" in capsys.readouterr().out
+    assert [t["batch"] for t in report["tries"]] == [2, 4, 8, 6, 5]
