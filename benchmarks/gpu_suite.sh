@@ -4,6 +4,7 @@
 # (reca/ -> reca, reca/engine -> engine, ...: the layout setup.py installs), so no pip is needed.
 #   bash benchmarks/gpu_suite.sh            # JSON under $OUT when set, else benchmarks/results/
 #   bash benchmarks/gpu_suite.sh --dry-run  # only check that the imports resolve (CI runs this)
+#   bash benchmarks/gpu_suite.sh step_harmon batch   # only these stages (names: see `stage` below)
 # Budget: under 9 minutes (each stage has its own timeout; a failed stage is reported, the rest run).
 set -u
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -30,12 +31,18 @@ where = reca.engine.__file__  # through the shim, as on a machine where nothing 
 print('reca from', where, '| torch', torch.__version__, '| cuda', torch.cuda.is_available())
 sys.exit(0 if where.startswith('$SHIM/') else 'reca.engine is not imported through the shim')
 " || exit 1
-if [ "${1:-}" = "--dry-run" ]; then echo "dry run: imports resolve; no stage run"; exit 0; fi
+if [[ " $* " == *" --dry-run "* ]]; then echo "dry run: imports resolve; no stage run"; exit 0; fi
 nvidia-smi -L || true
 
 failed=()
+# Stages named on the command line run alone (all of them by default), so that a session whose
+# device call is cut short can finish the rest in a second call: e.g. `... gpu_suite.sh step_harmon batch`.
+want() { [ ${#STAGES[@]} -eq 0 ] || [[ " ${STAGES[*]} " == *" $1 "* ]]; }
+STAGES=()
+for a in "$@"; do [ "$a" = "--dry-run" ] || STAGES+=("$a"); done
 stage() {  # stage NAME SECONDS CMD...
   local name=$1 limit=$2; shift 2
+  want "$name" || return 0
   echo "=== $name ($(date +%T), limit ${limit}s): $*"
   local t0=$SECONDS
   timeout "$limit" "$@" 2>&1 | tee "$RES/log_$name.txt"
@@ -43,18 +50,26 @@ stage() {  # stage NAME SECONDS CMD...
   echo "=== $name: rc=$rc in $((SECONDS - t0))s"
   [ "$rc" -eq 0 ] || failed+=("$name(rc=$rc)")
 }
-
-stage gpu_tests 200 python -m pytest "$ROOT/tests" -m gpu -q -p no:cacheprovider -rfE
-stage kernels 120 python "$ROOT/benchmarks/kernels/run_all.py"
-stage corpus 40 python "$ROOT/benchmarks/data/make_corpus.py" /tmp/reca_corpus --n 300 --side 1024
-stage data 50 python "$ROOT/benchmarks/data/bench_decode.py" /tmp/reca_corpus --batch 64 --batches 4 --out "$RES"
-stage step_tiny 60 python -m reca.engine bench step --preset tiny --steps 20 --warmup 6 --data /tmp/reca_corpus --out "$RES"
-# The largest preset that fits one H100 for training (flow-7b's 7.1B trainable weights with fp32
-# AdamW states need ~113 GB before activations); harmon-1.5b at a micro-batch of 8.
-if python -c "from reca.engine.presets import PRESETS; assert 'harmon-1.5b' in PRESETS" 2>/dev/null; then
-  stage step_harmon_1_5b 150 python -m reca.engine bench step --preset harmon-1.5b --batch 8 --steps 5 --warmup 5 \
-    --data /tmp/reca_corpus --out "$RES"
+# Triton and Inductor compile on the CPU: 4 test processes share the GPU (pytest-xdist, carried).
+XDIST=()
+python -c "import xdist" 2>/dev/null && XDIST=(-n 4)
+CORPUS=/tmp/reca_corpus
+# a named data or step stage brings the corpus stage along when the corpus is not there yet
+if [ ${#STAGES[@]} -gt 0 ] && [ ! -d "$CORPUS" ] && ! want corpus && { want data || want step_tiny || want step_harmon; }; then
+  STAGES+=(corpus)
 fi
+
+stage gpu_tests 240 python -m pytest "$ROOT/tests" -m gpu -q -p no:cacheprovider -rfE "${XDIST[@]}"
+stage kernels 120 python "$ROOT/benchmarks/kernels/run_all.py"
+stage corpus 40 python "$ROOT/benchmarks/data/make_corpus.py" "$CORPUS" --n 300 --side 1024
+stage data 50 python "$ROOT/benchmarks/data/bench_decode.py" "$CORPUS" --batch 64 --batches 4 --out "$RES"
+stage step_tiny 60 python -m reca.engine bench step --preset tiny --steps 20 --warmup 6 --data "$CORPUS" --out "$RES"
+# The largest preset that fits one H100 for training (flow-7b's 7.1B trainable weights with fp32
+# AdamW states need ~113 GB before activations): harmon-1.5b, RecA micro-batches of 8; then the
+# largest micro-batch it trains with (the recipe's is 48).
+stage step_harmon 150 python -m reca.engine bench step --preset harmon-1.5b --batch 8 --steps 5 --warmup 5 \
+  --data "$CORPUS" --out "$RES"
+stage batch 90 python -m reca.engine bench batch --preset harmon-1.5b --start 8 --max 48 --out "$RES"
 # Kernel and data scripts write to benchmarks/results; gather them under $OUT.
 if [ "$RES" != "$ROOT/benchmarks/results" ]; then cp "$ROOT"/benchmarks/results/*.json "$RES"/ 2>/dev/null || true; fi
 if [ -n "${OUT:-}" ]; then
