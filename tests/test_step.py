@@ -49,11 +49,17 @@ def test_blocks_are_found_generically(tmp_path):
     assert tails == [f"vit.layers.{i}" for i in range(3)] + [f"llm.layers.{i}" for i in range(4)], names
 
 
-def test_compiled_matches_eager(tmp_path):
-    """10 steps, fp32 on CPU. Inductor fuses and reorders reductions (RMSNorm, softmax, the loss
-    mean), so single ops differ by ~1e-6 relative; ten AdamW steps grow that, never past 1e-4."""
-    eager = _losses(build(_cfg(tmp_path)), 10)
-    compiled = _losses(build(_cfg(tmp_path, "train.mode=fast")), 10)
+@pytest.mark.parametrize("name", ["tiny", "harmon-tiny"])
+def test_compiled_matches_eager(tmp_path, name):
+    """10 steps, fp32 on CPU, every repeated block compiled with fullgraph (Qwen2 layers, SigLIP
+    layers, MAR blocks, the head's AdaLN blocks). Inductor fuses and reorders reductions
+    (RMSNorm, softmax, the loss mean), so single ops differ by ~1e-6 relative; ten AdamW steps
+    grow that, never past 1e-4."""
+    def run(*sets):
+        return _losses(build(apply_overrides(preset(name), [f"output.dir={tmp_path / 'run'}",
+                                                            "output.tensorboard=false", *sets])), 10)
+
+    eager, compiled = run(), run("train.mode=fast")
     assert compiled == pytest.approx(eager, rel=1e-4), (eager, compiled)
 
 
