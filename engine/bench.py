@@ -21,7 +21,7 @@ import torch
 
 from reca.engine.config import RunConfig, apply_overrides
 from reca.engine.data import ImageBatch
-from reca.engine.flops import codec_flops, counted_flops, step_flops
+from reca.engine.flops import codec_flops, codec_passes, counted_flops, step_flops
 from reca.engine.presets import preset as get_preset
 from reca.engine.train import build, next_batches, resolve_device
 
@@ -75,7 +75,8 @@ def measure(cfg: RunConfig, steps: int, warmup: int, data: str) -> dict:
     try:
         if "caption" in cfg.mix.cycle:  # the analytic plans describe RecA micro-batches only
             raise AttributeError("mixed cycle")
-        flops = step_flops(c.model, prompt_len, batch, codec_flops(c.model, c.device))
+        flops = step_flops(c.model, prompt_len, batch, codec_flops(c.model, c.device),
+                           codec_passes(c.model, cfg.data.und_downscale))
         per = flops["tokens_per_sample"]  # tokens/s counts the LLM's tokens ("llm" or "llm.model")
         llm_tokens = next((n for m, n in per.items() if m.split(".")[0] == "llm"), max(per.values()))
         how = "analytic"

@@ -88,9 +88,9 @@ class ImageBatch:
     captions: list[str | None] | None = None  # text that came with each image (RecA ignores it)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "ImageBatch":
-        return ImageBatch(self.und.to(device, non_blocking=non_blocking),
-                          self.gen.to(device, non_blocking=non_blocking), self.keys, self.positions,
-                          self.captions)
+        und = self.und.to(device, non_blocking=non_blocking)
+        gen = und if self.gen is self.und else self.gen.to(device, non_blocking=non_blocking)  # shared views stay one
+        return ImageBatch(und, gen, self.keys, self.positions, self.captions)
 
 
 class Sample(NamedTuple):
@@ -364,14 +364,18 @@ class Loader:
     def _batch(self, bufs: tuple[torch.Tensor, torch.Tensor] | None = None) -> ImageBatch:
         """The next full batch, into the buffer set `bufs` if given, else fresh tensors."""
         b = self.cfg.batch_size
+        shared = self.views.same_pixels(self.cfg.und_downscale)  # one tensor serves as both views
         if self.backend is None:
             got = [self._good() for _ in range(b)]
-            und = torch.from_numpy(np.stack([s.und for s in got]))
             gen = torch.from_numpy(np.stack([s.gen for s in got]))
+            und = gen if shared else torch.from_numpy(np.stack([s.und for s in got]))
             if bufs is not None:
-                und, gen = bufs[0].copy_(und), bufs[1].copy_(gen)
+                gen = bufs[1].copy_(gen)
+                und = gen if shared else bufs[0].copy_(und)
         else:
             got, und, gen = self._backend_batch(b, bufs)
+            if shared:
+                und = gen
         return ImageBatch(und, gen, [s.key for s in got],
                           torch.tensor([s.position for s in got], dtype=torch.int64),
                           [s.caption for s in got])

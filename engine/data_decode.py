@@ -183,7 +183,8 @@ def make_views(
     """Cut both RecA views from one RGB image with ONE crop and ONE flip draw.
 
     Returns (und [3, Hu, Wu] float32, normalised by views.und_mean/und_std,
-             gen [3, Hg, Wg] float32 in [-1, 1]); both show the same content.
+             gen [3, Hg, Wg] float32 in [-1, 1]); both show the same content, and are the
+             same array when `views.same_pixels(cfg.und_downscale)`.
     `cfg` is a DataConfig (crop_scale, hflip, und_downscale). All randomness comes from `rng`,
     which the loader seeds from (seed, stream position) alone, so a sample is reproducible
     anywhere: in a worker, in the main process, or after a resume.
@@ -191,6 +192,10 @@ def make_views(
     box, flip = crop_box(img.width, img.height, views, cfg, rng)
     if views.gen_resize == "pad" and box[2] - box[0] != box[3] - box[1]:
         img, box = _pad_square(img.crop(box)), None  # Harmon's image-to-text input: grey bands, nothing cut
+    if views.same_pixels(cfg.und_downscale):  # one array serves as both views
+        gen_img = img.resize((views.gen_size,) * 2, Image.Resampling.BICUBIC, box=box)
+        gen = np.ascontiguousarray(_chw(gen_img, flip) * np.float32(2 / 255) - np.float32(1.0), np.float32)
+        return gen, gen
     if cfg.und_downscale < 1.0:  # down then up: detail is lost on purpose, the size is kept
         small = max(1, round(views.und_size * cfg.und_downscale))
         und_img = img.resize((small, small), Image.Resampling.BICUBIC, box=box)

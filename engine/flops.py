@@ -57,7 +57,17 @@ def matmul_params(module: nn.Module) -> int:
     return n
 
 
-def step_flops(model: nn.Module, prompt_len: int, batch: int, codec_flops: float = 0.0) -> dict:
+def codec_passes(model: nn.Module, und_downscale: float = 1.0) -> int:
+    """VAE passes per sample: one where the family encodes shared views once (`encode_views` and
+    `ViewSpec.same_pixels`: the loader hands one tensor as both), else `model.codec_passes`
+    (default 1: the understanding view goes through another encoder)."""
+    if hasattr(model, "encode_views") and model.views.same_pixels(und_downscale):
+        return 1
+    return getattr(model, "codec_passes", 1)
+
+
+def step_flops(model: nn.Module, prompt_len: int, batch: int, codec_flops: float = 0.0,
+               passes: int | None = None) -> dict:
     """FLOPs of one micro-batch of `batch` samples, forward and backward:
 
         module that trains:   6 M n      (forward 2 M n; backward 4 M n: input and weight gradients)
@@ -65,7 +75,7 @@ def step_flops(model: nn.Module, prompt_len: int, batch: int, codec_flops: float
         attention, per layer: 4 L^2 d forward (Q K^T and A V over the full L x L: masked positions
                               cost SDPA the same), x3 when the module trains
         codec (frozen VAE):   `codec_flops` per sample and pass (convolutions: measured, see
-                              `codec_flops`), `model.codec_passes` passes (default 1)
+                              `codec_flops`), `passes` passes (default: `codec_passes(model)`)
 
     M: `matmul_params` of the module, n: tokens it processes per sample (the family's plan:
     `model.flop_plan(prompt_len)` when defined, else `flow_plan`). Returns total FLOPs and the
@@ -80,7 +90,7 @@ def step_flops(model: nn.Module, prompt_len: int, batch: int, codec_flops: float
         attn = k * s.attn_layers * 4 * s.attn_len**2 * s.attn_width
         parts[s.module] = parts.get(s.module, 0.0) + float(batch * (dense + attn))
         tokens[s.module] = tokens.get(s.module, 0) + s.tokens
-    parts["codec"] = float(batch * codec_flops * getattr(model, "codec_passes", 1))
+    parts["codec"] = float(batch * codec_flops * (codec_passes(model) if passes is None else passes))
     return {"total": sum(parts.values()), "modules": parts, "tokens_per_sample": tokens}
 
 

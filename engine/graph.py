@@ -77,7 +77,8 @@ class GraphStep:
 def _like(batch):
     """A static twin of a micro-batch: same structure, fresh device tensors."""
     twin = copy.copy(batch)
-    twin.und, twin.gen = _empty(batch.und), _empty(batch.gen)
+    twin.und = _empty(batch.und)
+    twin.gen = twin.und if batch.gen is batch.und else _empty(batch.gen)  # shared views stay one buffer
     twin.prompt = PromptBatch(torch.empty_like(batch.prompt.input_ids), torch.empty_like(batch.prompt.mask))
     twin.answer_ids, twin.answer_mask = _empty(batch.answer_ids), _empty(batch.answer_mask)
     return twin

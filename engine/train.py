@@ -34,8 +34,11 @@ def train_step(model, ops: KernelOps, und: torch.Tensor, gen: torch.Tensor, prom
                generator: torch.Generator | None = None) -> LossOutput:
     """One RecA micro-batch: the image's own understanding embeddings become the prompt of its
     regeneration. und [B, 3, Hu, Wu], gen [B, 3, Hg, Wg], prompt ids/mask [B, P]."""
-    visual = model.encode_visual_prompt(und)  # [B, Nv/B, D]
-    target = model.make_target(gen, generator)  # frozen VAE: no gradient
+    if hasattr(model, "encode_views"):  # a family that shares work between the two (`und is gen`)
+        visual, target = model.encode_views(und, gen, generator)
+    else:
+        visual = model.encode_visual_prompt(und)  # [B, Nv/B, D]
+        target = model.make_target(gen, generator)  # frozen VAE: no gradient
     embeds = ops.condition(prompt.input_ids, model.input_embeddings(), visual.flatten(0, 1),
                            model.image_token_id, model.visual_grad_scale)  # [B, P, D]
     return model.generation_loss(embeds, prompt, target, generator)
@@ -65,7 +68,8 @@ class MicroBatch:
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor, in a fixed order (a CUDA graph copies into static twins)."""
-        parts = [self.und, self.gen, self.prompt.input_ids, self.prompt.mask, self.answer_ids, self.answer_mask]
+        gen = None if self.gen is self.und else self.gen  # shared views: one tensor
+        parts = [self.und, gen, self.prompt.input_ids, self.prompt.mask, self.answer_ids, self.answer_mask]
         return [t for t in parts if t is not None]
 
 
@@ -248,7 +252,9 @@ def next_batches(c: Components) -> list[MicroBatch]:
         if kind == "recon":
             images = next(c.loader)
             p = c.builder.build(images.positions)
-            out.append(MicroBatch("recon", _to(images.und, c.device), _to(images.gen, c.device), _prompt_to(p, c.device)))
+            und = _to(images.und, c.device)
+            gen = und if images.gen is images.und else _to(images.gen, c.device)  # shared views: one copy
+            out.append(MicroBatch("recon", und, gen, _prompt_to(p, c.device)))
         else:
             images = next(c.caption_loader)
             p, ids, mask = c.builder.build_caption(c.model.tokenizer, images.captions, c.cfg.mix.caption_prompt,

@@ -32,6 +32,14 @@ class ViewSpec:
     gen_resize: str = "crop"  # "crop": aspect-preserving resize + centre crop | "stretch": to square (Harmon)
     #                           | "pad": to square with grey (127) bands (Harmon's image-to-text input)
 
+    def same_pixels(self, und_downscale: float = 1.0) -> bool:
+        """Both views hold the same pixels: equal sides, no deliberate downscale, and an
+        understanding normalisation that maps [0, 1] to [-1, 1] as the generation view does
+        (Harmon, whose visual prompt is the image's own latents). The loader then hands ONE
+        tensor as both views (one resize, one copy), and `encode_views` may encode it once."""
+        return (self.und_size == self.gen_size and und_downscale == 1.0
+                and tuple(self.und_mean) == (0.5,) * 3 and tuple(self.und_std) == (0.5,) * 3)
+
 
 @dataclass(frozen=True, kw_only=True)
 class PromptTemplate:
@@ -118,7 +126,9 @@ class RecaAdapter(Protocol):
     # Optional: `load_pretrained(directory)` for `--init-from`; `no_weight_decay_modules()` ->
     # parameter-name prefixes the optimizer must not decay (beyond 1-D tensors and biases);
     # `caption_loss(embeds, prompt_mask, answer_ids, answer_mask) -> LossOutput` and
-    # `caption_views: ViewSpec` for image-to-text micro-batches (`mix.cycle`).
+    # `caption_views: ViewSpec` for image-to-text micro-batches (`mix.cycle`);
+    # `encode_views(und, gen, generator) -> (visual, target)`, both steps in one call, for a
+    # family that can share work between them (Harmon encodes the image once when `und is gen`).
 
     def sample(
         self,

@@ -113,7 +113,15 @@ class HarmonModel(nn.Module):
     def encode_visual_prompt(self, und: torch.Tensor) -> torch.Tensor:
         """Understanding view [B, 3, H, W] in [-1, 1] -> [B, T + nb, D]: the MAR encoder over all
         latents, buffers moved to the end, through proj_in. The 0.1 gradient scale is the engine's."""
-        x = self.make_target(und)
+        return self._visual_prompt(self.make_target(und))
+
+    def encode_views(self, und: torch.Tensor, gen: torch.Tensor, generator: torch.Generator | None = None):
+        """(visual prompt, target latents) with ONE VAE pass when the loader hands the same
+        tensor as both views (`ViewSpec.same_pixels`: Harmon's prompt is the image's own latents)."""
+        target = self.make_target(gen, generator)
+        return self._visual_prompt(target if und is gen else self.make_target(und)), target
+
+    def _visual_prompt(self, x: torch.Tensor) -> torch.Tensor:
         nb = self.mar.buffer_size
         z = self.proj_in(self.mar.encode(x))
         return torch.cat([z[:, nb:], z[:, :nb]], dim=1)
@@ -215,7 +223,7 @@ class HarmonModel(nn.Module):
                                              ignore_index=-100)
         return LossOutput(loss=loss, metrics={"caption_tokens": answer_mask.sum().detach().float()})
 
-    codec_passes = 2  # the VAE encodes the understanding view and the generation view
+    codec_passes = 2  # VAE passes per sample when the two views differ (1 when `und is gen`)
 
     def flop_plan(self, prompt_len: int) -> list:
         """Tokens per sample of each module in one training micro-batch (`reca.engine.flops`):

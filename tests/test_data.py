@@ -242,6 +242,21 @@ def test_both_views_show_the_same_content(crop_scale, gen_resize):
     assert 5 < flips < 35  # flips happen, and both views follow the same draw
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_same_pixel_views_are_one_tensor(tmp_path, workers):
+    """Views of equal size with the [-1, 1] normalisation (Harmon's) come as ONE tensor, equal to
+    the generation view made apart; a deliberate downscale or another normalisation keeps two."""
+    src = photos(tmp_path, 6)
+    views = ViewSpec(und_size=24, und_mean=(0.5,) * 3, und_std=(0.5,) * 3, gen_size=24, gen_resize="stretch")
+    batch = next(build_loader(cfg(src, batch_size=3, num_workers=workers), views))
+    assert batch.und is batch.gen and batch.gen.shape == (3, 3, 24, 24)
+    apart = next(build_loader(cfg(src, batch_size=3, und_downscale=0.5, num_workers=workers), views))
+    assert apart.und is not apart.gen and not torch.equal(apart.und, apart.gen)
+    torch.testing.assert_close(apart.gen, batch.gen)  # the same draws: only the sharing differs
+    moved = batch.to("cpu")
+    assert moved.und is moved.gen
+
+
 def test_centre_crop_and_stretch_differ_without_random_crop():
     img = Image.fromarray(photo(120, 60))
     draws = np.random.default_rng(0)

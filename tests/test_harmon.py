@@ -205,15 +205,15 @@ def test_visual_prompt_gradient_is_scaled_by_the_engine(tiny):
     model, builder, images = tiny
     prompt = builder.build(list(range(B)))
     captured, grads = {}, {}
-    encode = model.encode_visual_prompt
+    encode = model._visual_prompt  # latents -> visual prompt, whichever way the step gets there
 
-    def hooked(und):
-        v = encode(und)
+    def hooked(x):
+        v = encode(x)
         v.retain_grad()
         captured["v"] = v
         return v
 
-    model.encode_visual_prompt = hooked
+    model._visual_prompt = hooked
     try:
         for scale in (0.0, 0.1, 1.0):
             model.visual_grad_scale = scale
@@ -223,7 +223,7 @@ def test_visual_prompt_gradient_is_scaled_by_the_engine(tiny):
                       if p.grad is not None and n.startswith(("mar.z_proj", "proj_in"))}
             grads[scale] = (captured["v"].grad.clone(), params)
     finally:
-        del model.encode_visual_prompt
+        del model._visual_prompt
         model.visual_grad_scale = model.cfg.visual_grad_scale
         model.zero_grad(set_to_none=True)
     assert grads[1.0][0].abs().sum() > 0
@@ -358,3 +358,19 @@ def test_backends_give_the_same_generation_loss(tiny):
     # posterior-mean difference in closed form (kernels/schedule.py: mean_eps_coef), so the
     # float32 losses differ by rounding: 1e-5 relative is > 10x what was seen.
     torch.testing.assert_close(losses["triton"], losses["torch"], rtol=1e-5, atol=1e-6)
+
+
+def test_shared_views_take_one_vae_pass(tiny, monkeypatch):
+    """Harmon's views are the same pixels: the loader hands one tensor as both, and the visual
+    prompt reuses the target's latents, equal to encoding the two views apart."""
+    model, _, images = tiny
+    assert model.views.same_pixels(1.0) and not model.views.same_pixels(0.5)
+    calls, encode = [], model.codec.encode
+    monkeypatch.setattr(model.codec, "encode", lambda x, generator=None: calls.append(1) or encode(x, generator))
+    with torch.no_grad():
+        visual, target = model.encode_views(images, images)
+        assert len(calls) == 1
+        apart_visual, apart_target = model.encode_visual_prompt(images.clone()), model.make_target(images.clone())
+        assert len(calls) == 3  # distinct tensors: two passes
+    torch.testing.assert_close(visual, apart_visual)
+    torch.testing.assert_close(target, apart_target)
