@@ -96,3 +96,24 @@ def test_reca_bench_batch_stops_at_out_of_memory(tmp_path, capsys, monkeypatch):
     report = json.loads(out.read_text())
     assert report["largest_batch"] == 5 and "largest micro-batch 5" in capsys.readouterr().out
     assert [t["batch"] for t in report["tries"]] == [2, 4, 8, 6, 5]
+
+
+def test_data_benchmark_scripts_run(tmp_path):
+    """The gpu suite's corpus and decode stages, at toy size on CPU: the corpus is written and
+    the decode benchmark prints Pillow as its baseline and writes its JSON."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks" / "data"
+    corpus, out = tmp_path / "corpus", tmp_path / "out"
+    subprocess.run([sys.executable, str(root / "make_corpus.py"), str(corpus), "--n", "8", "--side", "160"],
+                   check=True, timeout=120)
+    assert len(list(corpus.glob("*.jpg"))) == 8
+    proc = subprocess.run([sys.executable, str(root / "bench_decode.py"), str(corpus), "--batch", "4",
+                           "--batches", "2", "--views", "64,64", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "pil" in proc.stdout
+    report = json.loads(next(out.glob("data_*.json")).read_text())
+    assert report and "pil" in json.dumps(report)

@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -137,7 +138,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=8)
     ap.add_argument("--views", default="448,512", help="understanding,generation side")
     ap.add_argument("--step-ms", type=float, default=50.0, help="GPU time of the simulated step (CUDA only)")
-    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "results"))
     args = ap.parse_args()
     src = Memory(args.corpus)
     u, g = (int(x) for x in args.views.split(","))
