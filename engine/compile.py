@@ -63,12 +63,14 @@ def apply_checkpointing(model: nn.Module, every: int) -> int:
         return 0
     from torch.utils.checkpoint import checkpoint
 
+    from reca.models.layers import checkpoint_kwargs
+
     n = 0
     for i, (_, block) in enumerate(find_blocks(model)):
         if not hasattr(block, "_gradient_checkpointing_func") and not hasattr(type(block), "gradient_checkpointing"):
             continue
         block.gradient_checkpointing = i % every == 0
-        block._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False)
+        block._gradient_checkpointing_func = functools.partial(checkpoint, **checkpoint_kwargs(block))
         n += block.gradient_checkpointing
     return n
 

@@ -91,7 +91,7 @@ class AdaLNMLP(nn.Module):
         y = self.time_embed(t) + self.cond_embed(z)
         for block in self.res_blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                h = checkpoint(block, h, y, use_reentrant=False)
+                h = checkpoint(block, h, y, use_reentrant=False, preserve_rng_state=False)  # no dropout
             else:
                 h = block(h, y)
         return self.final_layer(h, y)

@@ -69,10 +69,30 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(feats.to(self.mlp[0].weight.dtype))
 
 
+def has_dropout(module: nn.Module) -> bool:
+    """Whether a block draws random numbers in training: an `nn.Dropout` with p > 0, or a
+    transformers attention with a non-zero `attention_dropout` / `dropout` rate."""
+    for m in module.modules():
+        if isinstance(m, nn.Dropout) and m.p > 0:
+            return True
+        for name in ("attention_dropout", "dropout"):
+            rate = getattr(m, name, 0.0)
+            if isinstance(rate, float) and rate > 0:
+                return True
+    return False
+
+
+def checkpoint_kwargs(module: nn.Module) -> dict:
+    """Non-reentrant checkpointing; the RNG state is saved and restored only where the block
+    draws random numbers. Saving it reads the CUDA generator's seed, which CUDA-graph capture
+    refuses in torch releases before 2.10: a block without dropout never needs it."""
+    return {"use_reentrant": False, "preserve_rng_state": has_dropout(module)}
+
+
 def enable_hf_checkpointing(model: nn.Module) -> None:
     """Activation checkpointing of a transformers model, non-reentrant (the method was renamed
     in transformers 5.2x; the GPU image has 5.17)."""
-    kw = {"use_reentrant": False}
+    kw = checkpoint_kwargs(model)
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
     else:

@@ -138,7 +138,7 @@ class MAR(nn.Module):
     def _run(self, blocks: nn.ModuleList, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         for block in blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, mask, use_reentrant=False)
+                x = checkpoint(block, x, mask, use_reentrant=False, preserve_rng_state=self.shape.dropout > 0)
             else:
                 x = block(x, mask)
         return x

@@ -374,3 +374,28 @@ def test_shared_views_take_one_vae_pass(tiny, monkeypatch):
         assert len(calls) == 3  # distinct tensors: two passes
     torch.testing.assert_close(visual, apart_visual)
     torch.testing.assert_close(target, apart_target)
+
+
+def test_checkpointing_changes_nothing_even_with_dropout():
+    """Activation checkpointing (LLM, MAR, head) recomputes blocks in the backward: with MAR's
+    dropout 0.1 the recomputation must see the same dropout masks (RNG saved where a block has
+    dropout, and only there), so loss and every gradient equal the plain run's."""
+    grads = []
+    for ckpt in (False, True):
+        model, cfg = _model(**{"model.mar.dropout": 0.1, "model.gradient_checkpointing": ckpt})
+        builder = SampleBuilder(model.tokenizer, model.template, model.num_visual_tokens, load_instructions(),
+                                max_text_tokens=cfg.sample.max_text_tokens, seed=0)
+        with torch.no_grad():
+            for p in model.mar.diffloss.parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.02)
+        images = torch.rand(B, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+        torch.manual_seed(5)  # dropout draws from the global generator
+        loss = train_step(model, model.ops, images, images, builder.build(list(range(B))),
+                          torch.Generator().manual_seed(0)).loss
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (l0, g0), (l1, g1) = grads
+    torch.testing.assert_close(l1, l0)
+    assert g0.keys() == g1.keys() and len(g0) > 10
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-5, atol=1e-7, msg=name)
