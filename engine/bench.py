@@ -117,7 +117,7 @@ def bench_step(preset: str, *, batch: int | None, steps: int, warmup: int, modes
     dev = resolve_device(device)
     peak, dtype = peak_tflops(dev)
     print(f"peak ({dtype} matmul, measured in this run): {peak:.2f} TFLOP/s on {_device_name(dev)}", flush=True)
-    if "caption" in base.mix.cycle and not any(x.startswith("mix.") for x in sets):
+    if reca_alone(base, sets):
         print(f"{preset} mixes {','.join(base.mix.cycle)}; measuring RecA micro-batches alone (mix.cycle=recon), "
               "an upper bound on the recipe's time: caption micro-batches skip the generation pass. "
               "--set mix.caption_source=DIR measures the mix.")
@@ -129,7 +129,7 @@ def bench_step(preset: str, *, batch: int | None, steps: int, warmup: int, modes
             overrides.append(f"data.batch_size={batch}")
         if data != "synthetic":
             overrides.append(f"data.source={data}")
-        if "caption" in base.mix.cycle and not any(x.startswith("mix.") for x in sets):
+        if reca_alone(base, sets):
             overrides.append("mix.cycle=recon")  # RecA alone unless the run names its captioned images
         row = measure(apply_overrides(base, overrides + sets), steps, warmup, data)
         row["mfu"] = row["tflops"] / peak
@@ -154,13 +154,28 @@ def bench_step(preset: str, *, batch: int | None, steps: int, warmup: int, modes
     print(f"{preset} recipe ({recipe_images:,} images), hours on one {report['device']}: "
           + ", ".join(f"{r['mode']} {r['recipe_gpu_hours']:.2f}" for r in rows)
           + (f"; paper: {paper[0]} GPU-h ({paper[1]})" if paper else ""))
-    path = Path(out) if out else (RESULTS if dev.type == "cuda" else Path(tempfile.mkdtemp(prefix="reca-bench-")))
+    write_report(report, out, RESULTS if dev.type == "cuda" else Path(tempfile.mkdtemp(prefix="reca-bench-")),
+                 f"step_{preset}")
+    return report
+
+
+def write_report(report: dict, out: str | None, default: Path | None, stem: str) -> None:
+    """JSON to `out` (a file, or a folder for STEM_DEVICE.json), else under `default` (None:
+    not written)."""
+    path = Path(out) if out else default
+    if path is None:
+        return
     if path.suffix != ".json":
-        path = path / f"step_{preset}_{_slug(report['device'])}.json"
+        path = path / f"{stem}_{_slug(report['device'])}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2))
     print(f"wrote {path}")
-    return report
+
+
+def reca_alone(base: RunConfig, sets: list[str]) -> bool:
+    """A preset that mixes captioning micro-batches is measured on RecA ones alone
+    (`mix.cycle=recon`) unless the run sets `mix.*` itself (e.g. its captioned images)."""
+    return "caption" in base.mix.cycle and not any(x.startswith("mix.") for x in sets)
 
 
 def _print_row(r: dict) -> None:

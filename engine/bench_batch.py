@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import datetime as _dt
 import gc
-import json
-from pathlib import Path
 from typing import Callable
 
 import torch
 
-from reca.engine.bench import RESULTS, SyntheticLoader, _device_name, _slug, _sync, _versions
+from reca.engine.bench import RESULTS, SyntheticLoader, _device_name, _sync, _versions, reca_alone, write_report
 from reca.engine.config import apply_overrides
 from reca.engine.presets import preset as get_preset
 from reca.engine.train import build, next_batches, resolve_device
@@ -45,7 +43,7 @@ def bench_batch(preset: str, *, limit: int | None, start: int, device: str, sets
     dev = resolve_device(device)
     overrides = ["train.mode=custom", "train.compile=false", "train.cuda_graph=false", f"train.device={device}",
                  f"data.batch_size={start}", "output.tensorboard=false", "optim.warmup_steps=1"]
-    if "caption" in base.mix.cycle and not any(x.startswith("mix.") for x in sets):
+    if reca_alone(base, sets):
         overrides.append("mix.cycle=recon")  # generation micro-batches: the larger activations
     c = build(apply_overrides(base, overrides + sets))
     c.loader.close()
@@ -83,11 +81,5 @@ def bench_batch(preset: str, *, limit: int | None, start: int, device: str, sets
               "recipe_batch": recipe, "tries": tries, "device": _device_name(dev), "device_memory_gb": total,
               "step": "eager, bf16 autocast on CUDA, preset checkpointing", "sets": sets, "versions": _versions(),
               "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-    path = Path(out) if out else (RESULTS if dev.type == "cuda" else None)
-    if path is not None:
-        if path.suffix != ".json":
-            path = path / f"batch_{preset}_{_slug(report['device'])}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2))
-        print(f"wrote {path}")
+    write_report(report, out, RESULTS if dev.type == "cuda" else None, f"batch_{preset}")
     return report
