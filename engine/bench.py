@@ -1,9 +1,10 @@
 """`reca bench step`: throughput of whole training steps, the reference mode beside the fast
 one in the same run, against the matmul peak measured in the same run.
 
-Per mode: images/s, tokens/s (LLM sequence tokens), achieved TFLOP/s from the analytic count
-(`reca.engine.flops`), MFU against the peak of a large matmul in the step's dtype (bf16 on
-CUDA, fp32 on CPU), peak CUDA memory, the data-wait fraction, and the GPU-hours the preset's
+Per mode: images/s, tokens/s (the LLM's real tokens, padding aside), achieved TFLOP/s from the
+analytic count (`reca.engine.flops`), MFU against the peak of a large matmul in the step's dtype
+(bf16 on CUDA, fp32 on CPU) on model FLOPs (padding and masked-out slots excluded), beside the
+utilisation of what the fixed shapes execute ("executed"), peak CUDA memory, the data-wait fraction, and the GPU-hours the preset's
 published recipe would take at that throughput. JSON (device, library versions, date) goes to
 `--out`, else `benchmarks/results/step_<device>.json` on CUDA and a temporary directory on CPU
 (CPU times are checks that the benchmark runs, not results).
@@ -71,19 +72,21 @@ def measure(cfg: RunConfig, steps: int, warmup: int, data: str) -> dict:
         c.loader.close()
         c.loader = SyntheticLoader(cfg.data.batch_size, c.model.views, cfg.data.seed)
     batch, accum = cfg.data.batch_size, cfg.optim.grad_accum
-    prompt_len = c.builder.build(torch.arange(1)).input_ids.shape[1]
+    prompts = c.builder.build(torch.arange(64))  # the padded length, and the mean valid one
+    prompt_len, prompt_mean = prompts.input_ids.shape[1], float(prompts.mask.sum(1).float().mean())
     try:
         if "caption" in cfg.mix.cycle:  # the analytic plans describe RecA micro-batches only
             raise AttributeError("mixed cycle")
-        flops = step_flops(c.model, prompt_len, batch, codec_flops(c.model, c.device),
-                           codec_passes(c.model, cfg.data.und_downscale))
-        per = flops["tokens_per_sample"]  # tokens/s counts the LLM's tokens ("llm" or "llm.model")
+        codec, passes = codec_flops(c.model, c.device), codec_passes(c.model, cfg.data.und_downscale)
+        executed = step_flops(c.model, prompt_len, batch, codec, passes)
+        useful = step_flops(c.model, prompt_mean, batch, codec, passes, useful=True)
+        per = useful["tokens_per_sample"]  # tokens/s counts the LLM's real tokens ("llm" or "llm.model")
         llm_tokens = next((n for m, n in per.items() if m.split(".")[0] == "llm"), max(per.values()))
         how = "analytic"
-        micro_flops = flops["total"]
+        micro_flops, micro_executed = useful["total"], executed["total"]
     except AttributeError:  # a family without a token plan, or a mixed cycle: count one step instead
-        micro_flops = counted_flops(lambda: c.update(c, next_batches(c))) / accum
-        llm_tokens, how = prompt_len, "FlopCounterMode"
+        micro_flops = micro_executed = counted_flops(lambda: c.update(c, next_batches(c))) / accum
+        llm_tokens, how = prompt_len, "FlopCounterMode (executed, padding included)"
     for _ in range(warmup):
         c.update(c, next_batches(c))
         c.scheduler.step()
@@ -104,6 +107,7 @@ def measure(cfg: RunConfig, steps: int, warmup: int, data: str) -> dict:
         "mode": cfg.train.mode, "compile": c.cfg.train.compile, "cuda_graph": c.cfg.train.cuda_graph,
         "kernels": c.ops.backend, "step_ms": 1e3 * dt / steps, "images_per_s": images / dt,
         "tokens_per_s": images * llm_tokens / dt, "tflops": micro_flops * accum * steps / dt / 1e12,
+        "tflops_executed": micro_executed * accum * steps / dt / 1e12,
         "flops_per_image": micro_flops / batch, "flop_count": how,
         "peak_memory_gb": torch.cuda.max_memory_allocated(c.device) / 2**30 if c.device.type == "cuda" else None,
         "data_wait": (c.loader.wait_seconds - wait0) / dt, "final_loss": float(losses[-1]),
@@ -132,7 +136,8 @@ def bench_step(preset: str, *, batch: int | None, steps: int, warmup: int, modes
         if reca_alone(base, sets):
             overrides.append("mix.cycle=recon")  # RecA alone unless the run names its captioned images
         row = measure(apply_overrides(base, overrides + sets), steps, warmup, data)
-        row["mfu"] = row["tflops"] / peak
+        row["mfu"] = row["tflops"] / peak  # model FLOPs: padding and masked-out slots excluded
+        row["hfu"] = row["tflops_executed"] / peak  # what the fixed shapes execute (no recomputation)
         row["recipe_gpu_hours"] = recipe_images / row["images_per_s"] / 3600
         rows.append(row)
         _print_row(row)
@@ -182,7 +187,8 @@ def _print_row(r: dict) -> None:
     mem = f"{r['peak_memory_gb']:.1f} GiB" if r["peak_memory_gb"] is not None else "-"
     print(f"{r['mode']:>9} (compile={r['compile']}, graph={r['cuda_graph']}, kernels={r['kernels']}): "
           f"{r['step_ms']:8.1f} ms/step {r['images_per_s']:9.1f} img/s {r['tokens_per_s']:11.0f} tok/s "
-          f"{r['tflops']:7.3f} TFLOP/s MFU {100 * r['mfu']:5.1f}% mem {mem} data-wait {100 * r['data_wait']:.1f}%",
+          f"{r['tflops']:7.3f} TFLOP/s MFU {100 * r['mfu']:5.1f}% (executed {100 * r['hfu']:5.1f}%) mem {mem} "
+          f"data-wait {100 * r['data_wait']:.1f}%",
           flush=True)
 
 

@@ -1,7 +1,7 @@
 """FLOPs of one RecA training step, counted analytically: what MFU and the GPU-hour projections
 are computed from (nanoGPT's `estimate_mfu`, torchtitan's explicit count).
 
-`step_flops` is the one formula. `counted_flops` runs a function under PyTorch's FlopCounterMode
+`step_flops` is the one formula (executed or useful tokens). `counted_flops` runs a function under PyTorch's FlopCounterMode
 (matmuls, convolutions, attention): the tests check the two agree on the tiny preset, and it is
 the fallback for a family that describes no token plan.
 """
@@ -28,7 +28,7 @@ class Stage:
     attn_width: int = 0
 
 
-def flow_plan(model: nn.Module, prompt_len: int) -> list[Stage]:
+def flow_plan(model: nn.Module, prompt_len: float, useful: bool = False) -> list[Stage]:
     """The flow family: ViT and connector on the Nv visual tokens; the LLM on the whole sequence
     (P prompt + T generation tokens + 2 markers); gen_in/gen_out on the T tokens; the timestep MLP
     once per sample."""
@@ -66,8 +66,8 @@ def codec_passes(model: nn.Module, und_downscale: float = 1.0) -> int:
     return getattr(model, "codec_passes", 1)
 
 
-def step_flops(model: nn.Module, prompt_len: int, batch: int, codec_flops: float = 0.0,
-               passes: int | None = None) -> dict:
+def step_flops(model: nn.Module, prompt_len: float, batch: int, codec_flops: float = 0.0,
+               passes: int | None = None, useful: bool = False) -> dict:
     """FLOPs of one micro-batch of `batch` samples, forward and backward:
 
         module that trains:   6 M n      (forward 2 M n; backward 4 M n: input and weight gradients)
@@ -78,9 +78,13 @@ def step_flops(model: nn.Module, prompt_len: int, batch: int, codec_flops: float
                               `codec_flops`), `passes` passes (default: `codec_passes(model)`)
 
     M: `matmul_params` of the module, n: tokens it processes per sample (the family's plan:
-    `model.flop_plan(prompt_len)` when defined, else `flow_plan`). Returns total FLOPs and the
-    per-module split (per micro-batch)."""
-    plan = model.flop_plan(prompt_len) if hasattr(model, "flop_plan") else flow_plan(model, prompt_len)
+    `model.flop_plan(prompt_len, useful)` when defined, else `flow_plan`). Two counts:
+    executed (default: the fixed shapes, padding included, with `prompt_len` the padded length;
+    what the hardware does) and `useful` (the model's own work: mean valid prompt length, mean
+    kept tokens; what MFU is quoted on, as PaLM's MFU excludes padding). Returns total FLOPs and
+    the per-module split (per micro-batch)."""
+    plan = (model.flop_plan(prompt_len, useful) if hasattr(model, "flop_plan")
+            else flow_plan(model, prompt_len, useful))
     parts, tokens = {}, {}
     for s in plan:
         module = model.get_submodule(s.module)

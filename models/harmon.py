@@ -31,7 +31,8 @@ from reca.kernels import KernelOps, get_ops
 from reca.models.adapter import LossOutput, PromptBatch, PromptTemplate, ViewSpec
 from reca.models.diffhead import DiffHeadShape
 from reca.models.layers import Qwen2Shape, enable_hf_checkpointing, freeze_except, patchify, unpatchify
-from reca.models.mar import MAR, MARShape, kept_slots, mask_by_order, max_kept, random_masking, random_orders
+from reca.models.mar import (MAR, MARShape, expected_kept, kept_slots, mask_by_order, max_kept, random_masking,
+                              random_orders)
 from reca.models.tokenizer import load_tokenizer
 from reca.models.vae import VAEConfig, build_codec
 
@@ -225,15 +226,18 @@ class HarmonModel(nn.Module):
 
     codec_passes = 2  # VAE passes per sample when the two views differ (1 when `und is gen`)
 
-    def flop_plan(self, prompt_len: int) -> list:
+    def flop_plan(self, prompt_len: float, useful: bool = False) -> list:
         """Tokens per sample of each module in one training micro-batch (`reca.engine.flops`):
         the MAR encoder over nb + T (visual prompt) and nb + K (kept slots), proj_in on both, the
         LLM body over prompt | K slots | nb buffers, proj_out and decoder_embed on nb + K, the
-        decoder over nb + T, the head over T tokens x batch_mul. The slots and masked keys are
-        counted as computed: padding costs FLOPs like any token."""
+        decoder over nb + T, the head over T tokens x batch_mul. As executed (default), K is the
+        slot count and padding costs FLOPs like any token; `useful` counts the model's work
+        only: K the mean kept count, the head on the masked tokens (the caller passes the mean
+        valid prompt length)."""
         from reca.engine.flops import Stage
 
-        t, nb, k, m = self.latent_grid**2, self.mar.buffer_size, self.gen_slots, self.cfg.mar
+        t, nb, m, mul = self.latent_grid**2, self.mar.buffer_size, self.cfg.mar, self.cfg.head.batch_mul
+        k = expected_kept(t, self.cfg.mask_ratio_min, self.cfg.mask_ratio_std) if useful else self.gen_slots
         llm = self.llm.config
         seq = prompt_len + k + nb
         return [
@@ -245,7 +249,7 @@ class HarmonModel(nn.Module):
             Stage("proj_out", nb + k),
             Stage("mar.decoder_embed", nb + k),
             Stage("mar.decoder_blocks", nb + t, m.decoder_depth, nb + t, m.width),
-            Stage("mar.diffloss", t * self.cfg.head.batch_mul),
+            Stage("mar.diffloss", (t - k if useful else t) * mul),
         ]
 
     def no_weight_decay_modules(self) -> tuple[str, ...]:

@@ -230,3 +230,18 @@ def kept_slots(keep: torch.Tensor, slots: int) -> tuple[torch.Tensor, torch.Tens
     key = torch.arange(t, device=keep.device) + (~keep).long() * t  # kept first, each group in raster order
     idx = key.argsort(dim=1)[:, :slots]
     return idx, keep.gather(1, idx)
+
+
+def expected_kept(tokens: int, ratio_min: float = 0.7, std: float = 0.25) -> float:
+    """Mean kept count of `random_masking`: T - E[ceil(T ratio)] with ratio ~ normal(1, std)
+    truncated to [ratio_min, 1] (the ceiling adds half a token on average). The useful tokens of
+    the kept slots: what the model-FLOPs count (MFU) charges, padding aside."""
+    def pdf(z):
+        return math.exp(-z * z / 2) / math.sqrt(2 * math.pi)
+
+    def cdf(z):
+        return 0.5 * math.erfc(-z / math.sqrt(2))
+
+    a = (ratio_min - 1.0) / std
+    mean = 1.0 + std * (pdf(a) - pdf(0.0)) / (cdf(0.0) - cdf(a))
+    return max(0.0, tokens * (1.0 - mean) - 0.5)

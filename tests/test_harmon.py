@@ -399,3 +399,17 @@ def test_checkpointing_changes_nothing_even_with_dropout():
     assert g0.keys() == g1.keys() and len(g0) > 10
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_expected_kept_matches_the_masking_and_useful_flops_are_fewer():
+    from reca.engine.flops import step_flops
+    from reca.models.mar import expected_kept
+
+    g = torch.Generator().manual_seed(0)
+    kept = [float((~random_masking(2, 1024, g, "cpu")[0]).sum()) / 2 for _ in range(4000)]
+    assert sum(kept) / len(kept) == pytest.approx(expected_kept(1024), rel=0.02)
+    assert expected_kept(1024) < max_kept(1024, 0.7)
+    model, _ = _model()
+    executed, useful = step_flops(model, 40, 2), step_flops(model, 30.5, 2, useful=True)
+    assert 0 < useful["total"] < executed["total"]
+    assert useful["tokens_per_sample"]["llm.model"] == pytest.approx(30.5 + expected_kept(64) + 8)
