@@ -55,13 +55,13 @@ XDIST=()
 python -c "import xdist" 2>/dev/null && XDIST=(-n 4)
 CORPUS=/tmp/reca_corpus
 # a named data or step stage brings the corpus stage along when the corpus is not there yet
-if [ ${#STAGES[@]} -gt 0 ] && [ ! -d "$CORPUS" ] && ! want corpus && { want data || want step_tiny || want step_harmon; }; then
+if [ ${#STAGES[@]} -gt 0 ] && [ ! -d "$CORPUS" ] && ! want corpus && { want data || want step_tiny || want step_harmon || want step_harmon_mix; }; then
   STAGES+=(corpus)
 fi
 
 stage gpu_tests 240 python -m pytest "$ROOT/tests" -m gpu -q -p no:cacheprovider -rfE "${XDIST[@]}"
 stage kernels 120 python "$ROOT/benchmarks/kernels/run_all.py"
-stage corpus 40 python "$ROOT/benchmarks/data/make_corpus.py" "$CORPUS" --n 300 --side 1024
+stage corpus 40 python "$ROOT/benchmarks/data/make_corpus.py" "$CORPUS" --n 300 --side 1024 --captions
 stage data 50 python "$ROOT/benchmarks/data/bench_decode.py" "$CORPUS" --batch 64 --batches 4 --out "$RES"
 stage step_tiny 60 python -m reca.engine bench step --preset tiny --steps 20 --warmup 6 --data "$CORPUS" --out "$RES"
 # The largest preset that fits one H100 for training (flow-7b's 7.1B trainable weights with fp32
@@ -70,6 +70,9 @@ stage step_tiny 60 python -m reca.engine bench step --preset tiny --steps 20 --w
 stage step_harmon 150 python -m reca.engine bench step --preset harmon-1.5b --batch 8 --steps 5 --warmup 5 \
   --data "$CORPUS" --out "$RES"
 stage batch 90 python -m reca.engine bench batch --preset harmon-1.5b --start 8 --max 48 --out "$RES"
+# The published recipe itself: 2 RecA : 2 captioning micro-batches (FLOPs by FlopCounterMode).
+stage step_harmon_mix 120 python -m reca.engine bench step --preset harmon-1.5b --batch 8 --steps 4 --warmup 4 \
+  --modes fast --data "$CORPUS" --set mix.caption_source="$CORPUS" --out "$RES/step_harmon-1.5b_mix.json"
 # Kernel and data scripts write to benchmarks/results; gather them under $OUT.
 if [ "$RES" != "$ROOT/benchmarks/results" ]; then cp "$ROOT"/benchmarks/results/*.json "$RES"/ 2>/dev/null || true; fi
 if [ -n "${OUT:-}" ]; then

@@ -107,9 +107,10 @@ def test_data_benchmark_scripts_run(tmp_path):
 
     root = Path(__file__).resolve().parents[1] / "benchmarks" / "data"
     corpus, out = tmp_path / "corpus", tmp_path / "out"
-    subprocess.run([sys.executable, str(root / "make_corpus.py"), str(corpus), "--n", "8", "--side", "160"],
-                   check=True, timeout=120)
-    assert len(list(corpus.glob("*.jpg"))) == 8
+    subprocess.run([sys.executable, str(root / "make_corpus.py"), str(corpus), "--n", "8", "--side", "160",
+                    "--captions"], check=True, timeout=120)
+    assert len(list(corpus.glob("*.jpg"))) == 8 and len(list(corpus.glob("*.txt"))) == 8
+    assert len((corpus / "img00003.txt").read_text().split()) >= 20
     proc = subprocess.run([sys.executable, str(root / "bench_decode.py"), str(corpus), "--batch", "4",
                            "--batches", "2", "--views", "64,64", "--out", str(out)],
                           capture_output=True, text=True, timeout=300)
@@ -117,3 +118,9 @@ def test_data_benchmark_scripts_run(tmp_path):
     assert "pil" in proc.stdout
     report = json.loads(next(out.glob("data_*.json")).read_text())
     assert report and "pil" in json.dumps(report)
+    # the suite's mixed-recipe stage: 2 RecA : 2 captioning micro-batches over the captioned corpus
+    main(["bench", "step", "--preset", "harmon-tiny", "--steps", "1", "--warmup", "1", "--modes", "custom",
+          "--data", str(corpus), "--set", "mix.cycle=recon,recon,caption,caption", "--set", "optim.grad_accum=4",
+          "--set", f"mix.caption_source={corpus}", "--out", str(out / "mix.json")])
+    row = json.loads((out / "mix.json").read_text())["modes"][0]
+    assert row["flop_count"].startswith("FlopCounterMode") and row["tflops"] > 0

@@ -1,10 +1,12 @@
 """Synthetic photographic-like JPEG corpus: smooth gradients, shapes, blurred texture, grain.
 
-    python benchmarks/data/make_corpus.py OUT_DIR [--n 1000] [--side 1024] [--seed 0]
+    python benchmarks/data/make_corpus.py OUT_DIR [--n 1000] [--side 1024] [--seed 0] [--captions]
 
 Noise alone compresses unlike photographs; these compose what JPEG sees in photos: smooth
 large-scale shading, hard edges, mid-frequency texture and a little sensor-like grain.
 Sizes vary around `side` (aspect 3:4 .. 16:9), quality 85..95 with 4:2:0 subsampling.
+`--captions` writes `NAME.txt` beside each image (20-90 words), so that the same folder can be
+the captioned source of a mixed recipe (`--set mix.caption_source=OUT_DIR`).
 """
 from __future__ import annotations
 
@@ -40,12 +42,22 @@ def photo(rng: np.random.Generator, side: int) -> Image.Image:
     return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
 
 
+WORDS = ("a", "the", "red", "blue", "green", "yellow", "grey", "round", "square", "large", "small", "soft",
+         "bright", "dark", "shape", "circle", "rectangle", "gradient", "light", "shadow", "surface", "texture",
+         "grain", "edge", "corner", "background", "foreground", "over", "under", "beside", "with", "and", "of")
+
+
+def caption(rng: np.random.Generator) -> str:
+    return " ".join(rng.choice(WORDS, int(rng.integers(20, 91)))).capitalize() + "."
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out")
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--side", type=int, default=1024)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--captions", action="store_true", help="write NAME.txt captions beside the images")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     total = 0
@@ -53,6 +65,9 @@ def main() -> None:
         rng = np.random.default_rng([args.seed, i])
         path = os.path.join(args.out, f"img{i:05d}.jpg")
         photo(rng, args.side).save(path, "JPEG", quality=int(rng.integers(85, 96)))
+        if args.captions:  # its own stream: the images do not depend on the flag
+            with open(path[:-4] + ".txt", "w") as f:
+                f.write(caption(np.random.default_rng([args.seed, i, 1])))
         total += os.path.getsize(path)
     print(f"{args.n} JPEGs in {args.out}, {total / args.n / 1024:.0f} KiB average")
 
