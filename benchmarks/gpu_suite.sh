@@ -8,11 +8,23 @@
 # Budget: under 9 minutes (each stage has its own timeout; a failed stage is reported, the rest run).
 set -u
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-# Under $OUT (the device tool brings back at most 8 files) everything lands in $OUT/suite and is
-# packed into one $OUT/gpu_suite.tar.gz at the end.
-RES="${OUT:+$OUT/suite}"
-RES="${RES:-$ROOT/benchmarks/results}"
+PY="${PYTHON:-$(command -v python3 || command -v python)}"  # the GPU image's torch is python3's
+export PYTHONUNBUFFERED=1
+# With $OUT (the device tool brings back at most 8 files from it): results gather in a temporary
+# folder, packed into $OUT/gpu_suite.tar.gz after EVERY stage, and the whole output goes to
+# $OUT/suite.log as it is printed; a call killed at its limit still returns what finished.
+if [ -n "${OUT:-}" ]; then
+  RES="$(mktemp -d)/suite"
+  exec > >(tee -a "$OUT/suite.log") 2>&1
+else
+  RES="$ROOT/benchmarks/results"
+fi
 mkdir -p "$RES"
+pack() {
+  [ -n "${OUT:-}" ] || return 0
+  cp "$ROOT"/benchmarks/results/*.json "$RES"/ 2>/dev/null || true  # the kernel scripts write there
+  tar czf "$OUT/gpu_suite.tar.gz.part" -C "$RES" . && mv -f "$OUT/gpu_suite.tar.gz.part" "$OUT/gpu_suite.tar.gz"
+}
 SHIM="$(mktemp -d)/py"
 mkdir -p "$SHIM/reca"
 ln -s "$ROOT/reca/__init__.py" "$SHIM/reca/__init__.py"
@@ -25,7 +37,7 @@ if [ -d "$ROOT/.gpu_deps" ]; then export PYTHONPATH="$PYTHONPATH:$ROOT/.gpu_deps
 # and the checkout's own reca/ (the lazy API alone) would hide the shim's reca.engine. Tests and
 # scripts are named by absolute path.
 cd "$SHIM"
-python -c "
+"$PY" -c "
 import sys, torch, reca.engine
 where = reca.engine.__file__  # through the shim, as on a machine where nothing is installed
 print('reca from', where, '| torch', torch.__version__, '| cuda', torch.cuda.is_available())
@@ -49,34 +61,32 @@ stage() {  # stage NAME SECONDS CMD...
   local rc=${PIPESTATUS[0]}
   echo "=== $name: rc=$rc in $((SECONDS - t0))s"
   [ "$rc" -eq 0 ] || failed+=("$name(rc=$rc)")
+  pack
 }
 # Triton and Inductor compile on the CPU: 4 test processes share the GPU (pytest-xdist, carried).
 XDIST=()
-python -c "import xdist" 2>/dev/null && XDIST=(-n 4)
+"$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 4)
 CORPUS=/tmp/reca_corpus
 # a named data or step stage brings the corpus stage along when the corpus is not there yet
 if [ ${#STAGES[@]} -gt 0 ] && [ ! -d "$CORPUS" ] && ! want corpus && { want data || want step_tiny || want step_harmon || want step_harmon_mix; }; then
   STAGES+=(corpus)
 fi
 
-stage gpu_tests 240 python -m pytest "$ROOT/tests" -m gpu -q -p no:cacheprovider -rfE "${XDIST[@]}"
-stage kernels 120 python "$ROOT/benchmarks/kernels/run_all.py"
-stage corpus 40 python "$ROOT/benchmarks/data/make_corpus.py" "$CORPUS" --n 300 --side 1024 --captions
-stage data 50 python "$ROOT/benchmarks/data/bench_decode.py" "$CORPUS" --batch 64 --batches 4 --out "$RES"
-stage step_tiny 60 python -m reca.engine bench step --preset tiny --steps 20 --warmup 6 --data "$CORPUS" --out "$RES"
+stage gpu_tests 240 "$PY" -m pytest "$ROOT/tests" -m gpu -q -p no:cacheprovider -rfE "${XDIST[@]}"
+stage kernels 120 "$PY" "$ROOT/benchmarks/kernels/run_all.py"
+stage corpus 40 "$PY" "$ROOT/benchmarks/data/make_corpus.py" "$CORPUS" --n 300 --side 1024 --captions
+stage data 50 "$PY" "$ROOT/benchmarks/data/bench_decode.py" "$CORPUS" --batch 64 --batches 4 --out "$RES"
+stage step_tiny 60 "$PY" -m reca.engine bench step --preset tiny --steps 20 --warmup 6 --data "$CORPUS" --out "$RES"
 # The largest preset that fits one H100 for training (flow-7b's 7.1B trainable weights with fp32
 # AdamW states need ~113 GB before activations): harmon-1.5b, RecA micro-batches of 8; then the
 # largest micro-batch it trains with (the recipe's is 48).
-stage step_harmon 150 python -m reca.engine bench step --preset harmon-1.5b --batch 8 --steps 5 --warmup 5 \
+stage step_harmon 150 "$PY" -m reca.engine bench step --preset harmon-1.5b --batch 8 --steps 5 --warmup 5 \
   --data "$CORPUS" --out "$RES"
-stage batch 90 python -m reca.engine bench batch --preset harmon-1.5b --start 8 --max 48 --out "$RES"
+stage batch 90 "$PY" -m reca.engine bench batch --preset harmon-1.5b --start 8 --max 48 --out "$RES"
 # The published recipe itself: 2 RecA : 2 captioning micro-batches (FLOPs by FlopCounterMode).
-stage step_harmon_mix 120 python -m reca.engine bench step --preset harmon-1.5b --batch 8 --steps 4 --warmup 4 \
+stage step_harmon_mix 120 "$PY" -m reca.engine bench step --preset harmon-1.5b --batch 8 --steps 4 --warmup 4 \
   --modes fast --data "$CORPUS" --set mix.caption_source="$CORPUS" --out "$RES/step_harmon-1.5b_mix.json"
-# Kernel and data scripts write to benchmarks/results; gather them under $OUT.
-if [ "$RES" != "$ROOT/benchmarks/results" ]; then cp "$ROOT"/benchmarks/results/*.json "$RES"/ 2>/dev/null || true; fi
-if [ -n "${OUT:-}" ]; then
-  tar czf "$OUT/gpu_suite.tar.gz" -C "$RES" . && rm -rf "$RES" && RES="$OUT/gpu_suite.tar.gz"
-fi
-echo "=== suite done in ${SECONDS}s; results in $RES"
+pack
+if [ -n "${OUT:-}" ]; then where="$OUT/gpu_suite.tar.gz"; else where="$RES"; fi
+echo "=== suite done in ${SECONDS}s; results in $where"
 if [ ${#failed[@]} -gt 0 ]; then echo "FAILED: ${failed[*]}"; exit 1; fi
