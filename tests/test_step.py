@@ -206,3 +206,31 @@ def test_fast_mode_with_triton_kernels_matches_reference(tmp_path, name):
     ref = _losses(build(_gpu_cfg(tmp_path, "train.mode=reference", name=name)), 10)
     fast = _losses(build(_gpu_cfg(tmp_path, "train.mode=fast", "kernels.backend=triton", name=name)), 10)
     assert fast == pytest.approx(ref, rel=2e-2)
+
+
+def test_capturable_optimizer_keeps_one_lr_tensor_on_schedule():
+    """A CUDA graph reads the lr from the tensor it captured: the scheduler must fill that same
+    tensor in place each step (never replace it with a float, never compound it), and the
+    updates must equal the float-lr optimizer's."""
+    from reca.engine.config import OptimConfig
+    from reca.engine.optim import build_optimizer, build_scheduler, lr_factor
+
+    cfg = OptimConfig(lr=1e-3, warmup_steps=3)
+    runs = []
+    for capturable in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(5, 3)
+        opt = build_optimizer(model, cfg, torch.device("cpu"), capturable=capturable)
+        sched = build_scheduler(opt, cfg, total_steps=10)
+        lr0 = opt.param_groups[0]["lr"]
+        for step in range(6):
+            model.weight.grad = torch.full_like(model.weight, 0.5)
+            model.bias.grad = torch.full_like(model.bias, -0.25)
+            opt.step()
+            sched.step()
+            for group in opt.param_groups:
+                assert float(group["lr"]) == pytest.approx(1e-3 * lr_factor(step + 1, cfg, 10), rel=1e-6)
+                assert not capturable or group["lr"] is lr0
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
