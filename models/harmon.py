@@ -7,13 +7,15 @@ encoder -> proj_in -> appended after the prompt -> LLM -> proj_out, added as a r
 encoder stream -> MAR decoder (mask tokens where masked) -> per-token condition z -> DDPM loss
 of the AdaLN-MLP head on the masked tokens only. The LLM sequence is
 
-    prompt [P] (right-padded)  |  T latent-token slots (raster order)  |  nb buffers
+    prompt [P] (right-padded)  |  K kept-token slots (raster order, then padding)  |  nb buffers
 
 under Harmon's plain causal mask: Harmon appends the encoder outputs after the prompt and calls
 the LLM with a 2-D padding mask, so the image tokens attend causally among themselves (raster
-order, buffers last: each buffer sees every kept token). Padding and dropped tokens are never
-keys; position ids count only the tokens that are keys, which reproduces Harmon's gathered,
-right-padded sequence exactly at every kept position (see `reca.models.mar` on fixed shapes).
+order, buffers last: each buffer sees every kept token). K = `max_kept(T, 0.7)` (308 of 1024)
+holds every kept token (`reca.models.mar.kept_slots`). Each row is packed before the LLM (valid
+tokens first: exactly Harmon's right-padded sequence, positions 0..n-1) and unpacked after, so
+the attention is plain causal with no mask (flash, native GQA); tests/test_harmon.py checks the
+whole path against Harmon's variable-length computation sample by sample.
 Shapes: B batch, P prompt, D LLM width, T = h w latent tokens, nb buffers, W MAR width.
 """
 from __future__ import annotations
