@@ -81,7 +81,7 @@ stage step_tiny 60 "$PY" -m reca.engine bench step --preset tiny --steps 20 --wa
 # AdamW states need ~113 GB before activations): harmon-1.5b, RecA micro-batches of 8; then the
 # largest micro-batch it trains with (the recipe's is 48).
 stage step_harmon 150 "$PY" -m reca.engine bench step --preset harmon-1.5b --batch 8 --steps 5 --warmup 5 \
-  --data "$CORPUS" --out "$RES"
+  --profile 2 --data "$CORPUS" --out "$RES"
 stage batch 90 "$PY" -m reca.engine bench batch --preset harmon-1.5b --start 8 --max 48 --out "$RES"
 # The published recipe itself: 2 RecA : 2 captioning micro-batches (FLOPs by FlopCounterMode).
 stage step_harmon_mix 120 "$PY" -m reca.engine bench step --preset harmon-1.5b --batch 8 --steps 4 --warmup 4 \

@@ -66,7 +66,7 @@ def peak_tflops(device: torch.device) -> tuple[float, str]:
     return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12, str(dtype).replace("torch.", "")
 
 
-def measure(cfg: RunConfig, steps: int, warmup: int, data: str) -> dict:
+def measure(cfg: RunConfig, steps: int, warmup: int, data: str, profile: int = 0) -> dict:
     c = build(cfg)
     if data == "synthetic":
         c.loader.close()
@@ -101,9 +101,10 @@ def measure(cfg: RunConfig, steps: int, warmup: int, data: str) -> dict:
         losses.append(loss.detach().clone())
     _sync(c.device)
     dt = time.perf_counter() - t0
+    top = profile_steps(c, profile) if profile > 0 else None
     c.loader.close()
     images = steps * accum * batch
-    return {
+    return {"profile_top": top, **{
         "mode": cfg.train.mode, "compile": c.cfg.train.compile, "cuda_graph": c.cfg.train.cuda_graph,
         "kernels": c.ops.backend, "step_ms": 1e3 * dt / steps, "images_per_s": images / dt,
         "tokens_per_s": images * llm_tokens / dt, "tflops": micro_flops * accum * steps / dt / 1e12,
@@ -111,10 +112,35 @@ def measure(cfg: RunConfig, steps: int, warmup: int, data: str) -> dict:
         "flops_per_image": micro_flops / batch, "flop_count": how,
         "peak_memory_gb": torch.cuda.max_memory_allocated(c.device) / 2**30 if c.device.type == "cuda" else None,
         "data_wait": (c.loader.wait_seconds - wait0) / dt, "final_loss": float(losses[-1]),
-    }
+    }}
 
 
-def bench_step(preset: str, *, batch: int | None, steps: int, warmup: int, modes: list[str], device: str,
+def profile_steps(c, steps: int, rows: int = 15) -> list[dict]:
+    """The top costs of `steps` more optimizer steps under torch.profiler (what a missed goal is
+    reported with): ops and kernels by self time on the device (CPU time on a CPU run), each with
+    its ms per step, share of the total and calls per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = c.device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(steps):
+            c.update(c, next_batches(c))
+            c.scheduler.step()
+        _sync(c.device)
+
+    def self_us(e) -> float:  # torch renamed the CUDA fields to "device" in 2.4; both exist for a while
+        if not cuda:
+            return e.self_cpu_time_total
+        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+
+    events = prof.key_averages()
+    total = sum(self_us(e) for e in events) or 1.0
+    ranked = sorted(events, key=self_us, reverse=True)[:rows]
+    return [{"name": e.key, "ms_per_step": self_us(e) / 1e3 / steps, "share": self_us(e) / total,
+             "calls_per_step": e.count / steps} for e in ranked]
+
+
+def bench_step(preset: str, *, batch: int | None, steps: int, warmup: int, modes: list[str], device: str, profile: int = 0,
                data: str, sets: list[str], out: str | None) -> dict:
     base = get_preset(preset)
     recipe_images = base.train.steps * base.optim.grad_accum * base.data.batch_size
@@ -135,12 +161,16 @@ def bench_step(preset: str, *, batch: int | None, steps: int, warmup: int, modes
             overrides.append(f"data.source={data}")
         if reca_alone(base, sets):
             overrides.append("mix.cycle=recon")  # RecA alone unless the run names its captioned images
-        row = measure(apply_overrides(base, overrides + sets), steps, warmup, data)
+        row = measure(apply_overrides(base, overrides + sets), steps, warmup, data,
+                      profile if mode == modes[-1] else 0)  # the last mode (fast) is the one to explain
         row["mfu"] = row["tflops"] / peak  # model FLOPs: padding and masked-out slots excluded
         row["hfu"] = row["tflops_executed"] / peak  # what the fixed shapes execute (no recomputation)
         row["recipe_gpu_hours"] = recipe_images / row["images_per_s"] / 3600
         rows.append(row)
         _print_row(row)
+        for e in row["profile_top"] or []:
+            print(f"    {100 * e['share']:5.1f}% {e['ms_per_step']:9.2f} ms/step {e['calls_per_step']:7.1f} calls  "
+                  f"{e['name'][:90]}")
     ref = next((r for r in rows if r["mode"] == "reference"), None)
     for r in rows:
         r["speedup_vs_reference"] = r["images_per_s"] / ref["images_per_s"] if ref else None

@@ -49,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--modes", default="reference,fast", help="comma-separated train.mode values to time")
     s.add_argument("--device", default="auto")
     s.add_argument("--data", default="demo", help="'demo', an image folder, or 'synthetic' (no decoding)")
+    s.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="profile N more steps of the last mode and print its top costs (kernels by device time)")
     s.add_argument("--out", help="JSON file or directory (default: benchmarks/results on CUDA, a temp dir on CPU)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     m = bsub.add_parser("batch", help="the largest micro-batch of a preset that trains on this device", epilog=EPILOG)
@@ -130,7 +132,7 @@ def _bench(args) -> None:
     if args.steps < 1 or args.warmup < 0:
         raise UserError("--steps must be at least 1 and --warmup at least 0")
     bench_step(args.preset, batch=args.batch, steps=args.steps, warmup=args.warmup,
-               modes=[m for m in args.modes.split(",") if m], device=args.device, data=args.data,
+               modes=[m for m in args.modes.split(",") if m], device=args.device, data=args.data, profile=args.profile,
                sets=args.set, out=args.out)
 
 

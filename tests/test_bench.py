@@ -22,7 +22,7 @@ def test_tiny_step(benchmark, tmp_path, mode):
 
 def test_reca_bench_step_cli(tmp_path, capsys):
     out = tmp_path / "step.json"
-    main(["bench", "step", "--preset", "tiny", "--steps", "2", "--warmup", "2", "--out", str(out)])
+    main(["bench", "step", "--preset", "tiny", "--steps", "2", "--warmup", "2", "--profile", "1", "--out", str(out)])
     text = capsys.readouterr().out
     for word in ("img/s", "tok/s", "TFLOP/s", "MFU", "peak", "fast / reference", "recipe"):
         assert word in text, word
@@ -30,6 +30,11 @@ def test_reca_bench_step_cli(tmp_path, capsys):
     assert [r["mode"] for r in report["modes"]] == ["reference", "fast"]
     assert report["peak_tflops"] > 0 and all(r["tflops"] > 0 and r["mfu"] > 0 for r in report["modes"])
     assert report["versions"]["torch"] and report["device"]
+    ref, fast = report["modes"]
+    assert ref["profile_top"] is None and 5 <= len(fast["profile_top"]) <= 15  # the last mode is profiled
+    shares = [e["share"] for e in fast["profile_top"]]
+    assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
+    assert any("mm" in e["name"] for e in fast["profile_top"])  # the matmuls are among the top costs
 
 
 def test_bench_step_on_a_mixed_preset_measures_reca_alone(tmp_path, capsys, monkeypatch):
