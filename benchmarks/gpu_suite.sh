@@ -72,17 +72,17 @@ if [ ${#STAGES[@]} -gt 0 ] && [ ! -d "$CORPUS" ] && ! want corpus && { want data
   STAGES+=(corpus)
 fi
 
+# In order of what matters most, should a call be cut at its limit: correctness, the headline step
+# figure (harmon-1.5b: the largest preset that trains on one H100; flow-7b's 7.1B trainable weights
+# with fp32 AdamW states need ~113 GB), the kernels, the data path, the largest batch, the rest.
 stage gpu_tests 240 "$PY" -m pytest "$ROOT/tests" -m gpu -q -p no:cacheprovider -rfE "${XDIST[@]}"
-stage kernels 120 "$PY" "$ROOT/benchmarks/kernels/run_all.py"
 stage corpus 40 "$PY" "$ROOT/benchmarks/data/make_corpus.py" "$CORPUS" --n 300 --side 1024 --captions
-stage data 50 "$PY" "$ROOT/benchmarks/data/bench_decode.py" "$CORPUS" --batch 64 --batches 4 --out "$RES"
-stage step_tiny 60 "$PY" -m reca.engine bench step --preset tiny --steps 20 --warmup 6 --data "$CORPUS" --out "$RES"
-# The largest preset that fits one H100 for training (flow-7b's 7.1B trainable weights with fp32
-# AdamW states need ~113 GB before activations): harmon-1.5b, RecA micro-batches of 8; then the
-# largest micro-batch it trains with (the recipe's is 48).
-stage step_harmon 150 "$PY" -m reca.engine bench step --preset harmon-1.5b --batch 8 --steps 5 --warmup 5 \
+stage step_harmon 210 "$PY" -m reca.engine bench step --preset harmon-1.5b --batch 8 --steps 5 --warmup 5 \
   --profile 2 --data "$CORPUS" --out "$RES"
+stage kernels 120 "$PY" "$ROOT/benchmarks/kernels/run_all.py"
+stage data 50 "$PY" "$ROOT/benchmarks/data/bench_decode.py" "$CORPUS" --batch 64 --batches 4 --out "$RES"
 stage batch 90 "$PY" -m reca.engine bench batch --preset harmon-1.5b --start 8 --max 48 --out "$RES"
+stage step_tiny 60 "$PY" -m reca.engine bench step --preset tiny --steps 20 --warmup 6 --data "$CORPUS" --out "$RES"
 # The published recipe itself: 2 RecA : 2 captioning micro-batches (FLOPs by FlopCounterMode).
 stage step_harmon_mix 120 "$PY" -m reca.engine bench step --preset harmon-1.5b --batch 8 --steps 4 --warmup 4 \
   --modes fast --data "$CORPUS" --set mix.caption_source="$CORPUS" --out "$RES/step_harmon-1.5b_mix.json"
