@@ -74,9 +74,9 @@ def measure(cfg: RunConfig, steps: int, warmup: int, data: str, profile: int = 0
     batch, accum = cfg.data.batch_size, cfg.optim.grad_accum
     prompts = c.builder.build(torch.arange(64))  # the padded length, and the mean valid one
     prompt_len, prompt_mean = prompts.input_ids.shape[1], float(prompts.mask.sum(1).float().mean())
-    try:
-        if "caption" in cfg.mix.cycle:  # the analytic plans describe RecA micro-batches only
-            raise AttributeError("mixed cycle")
+    # Analytic where the family has a token plan (`flop_plan`) and the cycle is RecA alone;
+    # otherwise one step under FlopCounterMode (what runs, padding included).
+    if "caption" not in cfg.mix.cycle and hasattr(c.model, "flop_plan"):
         codec, passes = codec_flops(c.model, c.device), codec_passes(c.model, cfg.data.und_downscale)
         executed = step_flops(c.model, prompt_len, batch, codec, passes)
         useful = step_flops(c.model, prompt_mean, batch, codec, passes, useful=True)
@@ -84,7 +84,7 @@ def measure(cfg: RunConfig, steps: int, warmup: int, data: str, profile: int = 0
         llm_tokens = next((n for m, n in per.items() if m.split(".")[0] == "llm"), max(per.values()))
         how = "analytic"
         micro_flops, micro_executed = useful["total"], executed["total"]
-    except AttributeError:  # a family without a token plan, or a mixed cycle: count one step instead
+    else:
         micro_flops = micro_executed = counted_flops(lambda: c.update(c, next_batches(c))) / accum
         llm_tokens, how = prompt_len, "FlopCounterMode (executed, padding included)"
     for _ in range(warmup):

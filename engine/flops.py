@@ -3,7 +3,7 @@ are computed from (nanoGPT's `estimate_mfu`, torchtitan's explicit count).
 
 `step_flops` is the one formula (executed or useful tokens). `counted_flops` runs a function under PyTorch's FlopCounterMode
 (matmuls, convolutions, attention): the tests check the two agree on the tiny preset, and it is
-the fallback for a family that describes no token plan.
+the fallback for a family that describes no token plan (no `flop_plan`).
 """
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ class Stage:
 def flow_plan(model: nn.Module, prompt_len: float, useful: bool = False) -> list[Stage]:
     """The flow family: ViT and connector on the Nv visual tokens; the LLM on the whole sequence
     (P prompt + T generation tokens + 2 markers); gen_in/gen_out on the T tokens; the timestep MLP
-    once per sample."""
+    once per sample. No slots or masked tokens: `useful` changes nothing beyond the prompt length
+    the caller passes."""
     nv, t = model.num_visual_tokens, model.latent_grid**2
     vit, llm = model.vit.config, model.llm.config
     seq = prompt_len + t + 2
@@ -78,13 +79,12 @@ def step_flops(model: nn.Module, prompt_len: float, batch: int, codec_flops: flo
                               `codec_flops`), `passes` passes (default: `codec_passes(model)`)
 
     M: `matmul_params` of the module, n: tokens it processes per sample (the family's plan:
-    `model.flop_plan(prompt_len, useful)` when defined, else `flow_plan`). Two counts:
+    `model.flop_plan(prompt_len, useful)`, an optional adapter member). Two counts:
     executed (default: the fixed shapes, padding included, with `prompt_len` the padded length;
     what the hardware does) and `useful` (the model's own work: mean valid prompt length, mean
     kept tokens; what MFU is quoted on, as PaLM's MFU excludes padding). Returns total FLOPs and
     the per-module split (per micro-batch)."""
-    plan = (model.flop_plan(prompt_len, useful) if hasattr(model, "flop_plan")
-            else flow_plan(model, prompt_len, useful))
+    plan = model.flop_plan(prompt_len, useful)
     parts, tokens = {}, {}
     for s in plan:
         module = model.get_submodule(s.module)

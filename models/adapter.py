@@ -128,7 +128,9 @@ class RecaAdapter(Protocol):
     # `caption_loss(embeds, prompt_mask, answer_ids, answer_mask) -> LossOutput` and
     # `caption_views: ViewSpec` for image-to-text micro-batches (`mix.cycle`);
     # `encode_views(und, gen, generator) -> (visual, target)`, both steps in one call, for a
-    # family that can share work between them (Harmon encodes the image once when `und is gen`).
+    # family that can share work between them (Harmon encodes the image once when `und is gen`);
+    # `flop_plan(prompt_len, useful) -> [Stage]`, the tokens each module processes per sample
+    # (`reca.engine.flops`; without it `reca bench step` counts FLOPs with FlopCounterMode).
 
     def sample(
         self,

@@ -151,6 +151,12 @@ class FlowModel(nn.Module):
         z = unpatchify(x0.float(), self.cfg.latent_patch, self.latent_channels, self.latent_grid)
         return self.codec.decode(z).clamp(-1, 1)
 
+    def flop_plan(self, prompt_len: float, useful: bool = False) -> list:
+        """Tokens per sample of each module (`reca.engine.flops.flow_plan`)."""
+        from reca.engine.flops import flow_plan
+
+        return flow_plan(self, prompt_len, useful)
+
     def load_pretrained(self, directory: str) -> dict[str, int]:
         """Weights from a local directory (layout in `reca.models.loading`); tensors loaded per part."""
         from reca.models.loading import load_pretrained

@@ -20,7 +20,7 @@ from reca.engine.data import TarSource, build_loader, open_source
 from reca.engine.data_order import MIX_BLOCK, Order, apportion, parse_source_spec
 from reca.engine.data_sources import TAR_INDEX_CACHE, expand_braces, tar_index_dir
 from reca.engine.errors import UserError
-from test_data import VIEWS, broken_images, cfg, encode, photo, photos
+from test_data import VIEWS, cfg, encode, photo, photos
 
 
 @pytest.fixture(autouse=True)

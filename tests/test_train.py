@@ -1,5 +1,4 @@
 """End-to-end training on the tiny preset: it learns, it overfits one batch, it resumes exactly."""
-import dataclasses
 import json
 
 import pytest
