@@ -79,7 +79,7 @@ def harmon_tiny() -> RunConfig:
             image_size=32,
             sample_clip=1.0,  # pixel tokens lie in [-1, 1]; keeps previews of a young head from diverging
         ),
-        data=DataConfig(source="demo", batch_size=8),
+        data=DataConfig(source="demo", batch_size=8, crop_scale=1.0, hflip=False),  # Harmon: whole image, unflipped
         sample=SampleConfig(max_text_tokens=32),
         optim=OptimConfig(lr=1e-3, warmup_steps=20, weight_decay=0.01, schedule="cosine", min_lr_ratio=0.1),
         train=TrainConfig(steps=1200, precision="fp32"),
@@ -97,7 +97,8 @@ def _harmon(name: str, llm: Qwen2Shape, mar: MARShape, head: DiffHeadShape, batc
         preset=name,
         model=HarmonConfig(llm=llm, mar=mar, head=head, vae=VAEConfig(kind="kl", kl=kl16_config()),
                            image_size=512, gradient_checkpointing=True),
-        data=DataConfig(batch_size=batch, num_workers=8),
+        # the official run stretches the whole image to 512 and never flips it
+        data=DataConfig(batch_size=batch, num_workers=8, crop_scale=1.0, hflip=False),
         sample=SampleConfig(max_text_tokens=128),
         # 2 reconstruction : 2 image-to-text micro-batches; the captioned images must be given:
         # --set mix.caption_source=DIR (or --set mix.cycle=recon for RecA alone)

@@ -157,6 +157,7 @@ class Components:
     params: list[torch.nn.Parameter]
     update: Callable  # (Components, batches) -> (loss, grad_norm, skipped): optimizer_update or a GraphStep
     caption_loader: object = None  # captioned images, when mix.cycle holds "caption"
+    caption_builder: SampleBuilder | None = None
 
     def data_state(self) -> dict:
         state = {"images": self.loader.state_dict()}
@@ -205,6 +206,9 @@ def build(cfg: RunConfig) -> Components:
         fixed_instruction=cfg.sample.fixed_instruction, fixed_prob=cfg.sample.fixed_prob,
         max_text_tokens=cfg.sample.max_text_tokens, seed=cfg.data.seed,
     )
+    caption_builder = SampleBuilder(
+        model.tokenizer, getattr(model, "caption_template", model.template), model.num_visual_tokens,
+        load_instructions(cfg.sample.prompts), max_text_tokens=cfg.sample.max_text_tokens, seed=cfg.data.seed)
     # A step holds grad_accum batches at once: a CUDA decoder's fixed buffers rotate that many.
     loader = build_loader(cfg.data, model.views, hold=cfg.optim.grad_accum)
     caption_loader = _caption_loader(cfg, model)
@@ -221,7 +225,7 @@ def build(cfg: RunConfig) -> Components:
         update = GraphStep(optimizer_update)
     params = [p for p in model.parameters() if p.requires_grad]
     return Components(cfg, device, model, ops, builder, loader, optimizer, scheduler, generator, params, update,
-                      caption_loader)
+                      caption_loader, caption_builder)
 
 
 def _caption_loader(cfg: RunConfig, model):
@@ -257,7 +261,7 @@ def next_batches(c: Components) -> list[MicroBatch]:
             out.append(MicroBatch("recon", und, gen, _prompt_to(p, c.device)))
         else:
             images = next(c.caption_loader)
-            p, ids, mask = c.builder.build_caption(c.model.tokenizer, images.captions, c.cfg.mix.caption_prompt,
+            p, ids, mask = c.caption_builder.build_caption(c.model.tokenizer, images.captions, c.cfg.mix.caption_prompt,
                                                    c.cfg.mix.max_answer_tokens)
             out.append(MicroBatch("caption", _to(images.und, c.device), None, _prompt_to(p, c.device),
                                   _to(ids, c.device), _to(mask, c.device)))

@@ -94,7 +94,11 @@ class HarmonModel(nn.Module):
         self.tokenizer = load_tokenizer(cfg.tokenizer or None, q.vocab_size)
         if self.tokenizer.vocab_size > q.vocab_size:
             raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} tokens but the LLM only {q.vocab_size}")
+        # Harmon's official RecA prompt: no newline between the visual tokens and the instruction;
+        # its image-to-text prompt keeps the question on its own line.
         self.template = PromptTemplate(
+            text="<|im_start|>user\n{image}{instruction}<|im_end|>\n<|im_start|>assistant\n")
+        self.caption_template = PromptTemplate(
             text="<|im_start|>user\n{image}\n{instruction}<|im_end|>\n<|im_start|>assistant\n")
         self.views = ViewSpec(und_size=cfg.image_size, und_mean=(0.5, 0.5, 0.5), und_std=(0.5, 0.5, 0.5),
                               gen_size=cfg.image_size, gen_resize="stretch")
