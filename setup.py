@@ -3,14 +3,14 @@
 The folders keep the short names of the repository layout; only `reca.*` is installed, so
 no top-level `engine`, `kernels` or `models` module can shadow a user's own folders.
 """
-from setuptools import setup
+from setuptools import find_packages, setup
 
-PACKAGES = {
-    "reca": "reca",
-    "reca.engine": "engine",
-    "reca.kernels": "kernels",
-    "reca.models": "models",
-}
+ROOTS = {"reca": "reca", "reca.engine": "engine", "reca.kernels": "kernels", "reca.models": "models"}
+# every subpackage (engine/data/, models/harmon/, kernels/condition/, ...) under its reca.* name
+PACKAGES = dict(ROOTS)
+for name, folder in list(ROOTS.items())[1:]:
+    for sub in find_packages(folder):
+        PACKAGES[f"{name}.{sub}"] = f"{folder}/{sub.replace('.', '/')}"
 
 setup(
     name="reca",

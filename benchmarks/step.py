@@ -1,4 +1,4 @@
-"""Whole-step benchmark: a thin wrapper of `reca bench step` (the code lives in reca.engine.bench,
+"""Whole-step benchmark: a thin wrapper of `reca bench step` (the code lives in reca.engine.bench.step,
 which is installed; this directory is not). Same arguments:
 
     python benchmarks/step.py --preset tiny --steps 10

@@ -96,7 +96,7 @@ def _train(args) -> None:
 
 def _info(args) -> None:
     from reca.engine.config import apply_overrides
-    from reca.engine.info import describe
+    from reca.engine.bench.info import describe
     from reca.engine.presets import preset
 
     cfg = apply_overrides(preset(args.preset), args.set)
@@ -121,13 +121,13 @@ def _info(args) -> None:
 
 def _bench(args) -> None:
     if args.bench == "batch":
-        from reca.engine.bench_batch import bench_batch
+        from reca.engine.bench.batch import bench_batch
 
         if args.start < 1 or (args.max is not None and args.max < 1):
             raise UserError("--start and --max must be at least 1")
         bench_batch(args.preset, limit=args.max, start=args.start, device=args.device, sets=args.set, out=args.out)
         return
-    from reca.engine.bench import bench_step
+    from reca.engine.bench.step import bench_step
 
     if args.steps < 1 or args.warmup < 0:
         raise UserError("--steps must be at least 1 and --warmup at least 0")

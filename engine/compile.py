@@ -11,7 +11,6 @@ are fixed (`dynamic=False`): prompts are padded to P, so the step never recompil
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import torch
@@ -21,7 +20,6 @@ from reca.engine.errors import UserError
 from reca.kernels import KernelOps
 
 ATTENTION = ("sdpa", "flash", "xformers")
-_OPS = ("condition", "flow_matching_noise", "flow_matching_loss", "ddpm_loss", "linear_cross_entropy")
 
 
 def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -50,8 +48,7 @@ def apply_compile(model: nn.Module) -> list[str]:
 def compile_ops(ops: KernelOps) -> KernelOps:
     """The op table with each op compiled whole: the torch references fuse under inductor; the
     Triton kernels (user-defined kernels inside their autograd.Function) enter the graph as is."""
-    compiled = {k: torch.compile(getattr(ops, k), fullgraph=True, dynamic=False) for k in _OPS}
-    return dataclasses.replace(ops, **compiled)
+    return ops.map(lambda _, op: torch.compile(op, fullgraph=True, dynamic=False))
 
 
 def apply_checkpointing(model: nn.Module, every: int) -> int:

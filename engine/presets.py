@@ -5,11 +5,11 @@ from typing import Callable
 
 from reca.engine.config import DataConfig, MixConfig, OptimConfig, OutputConfig, RunConfig, SampleConfig, TrainConfig
 from reca.engine.errors import UserError
-from reca.models.diffhead import DiffHeadShape
+from reca.models.harmon.diffhead import DiffHeadShape
 from reca.models.flow import FlowConfig, SiglipShape
 from reca.models.layers import Qwen2Shape
 from reca.models.harmon import HarmonConfig
-from reca.models.mar import MARShape
+from reca.models.harmon.mar import MARShape
 from reca.models.vae import VAEConfig, flux_vae_config, kl16_config
 
 

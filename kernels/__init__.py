@@ -1,21 +1,24 @@
-"""Fused ops for RecA steps, each with a pure-torch reference beside it.
+"""Fused ops for RecA steps, one folder an op, each with its pure-torch reference beside it.
 
 Models never import a kernel directly: they hold a `KernelOps` from `get_ops(backend, device)`,
 chosen by `RunConfig.kernels.backend`, so the same model code runs on the torch references
 (CPU, debugging, the reference mode) and on the Triton kernels.
 
-Ops (Triton module / torch reference in `reca.kernels.reference`):
-  condition             kernels/condition.py      condition_ref
-  flow_matching_noise   kernels/flow_matching.py  flow_matching_noise_ref
-  flow_matching_loss    kernels/flow_matching.py  flow_matching_loss_ref
-  ddpm_loss             kernels/ddpm.py           ddpm_loss_ref (tables: kernels/schedule.py)
-  linear_cross_entropy  kernels/linear_ce.py      linear_cross_entropy_ref
+`OPS` is the one list of ops: op name -> its folder. In folder F, `F/kernel.py` holds the
+Triton kernel -> launcher -> autograd.Function -> functional named as the op, and
+`F/reference.py` the reference named `<op>_ref`:
 
-Importing this package imports neither triton nor any Triton module and probes no device: the
-Triton functionals are reached through `get_ops("triton")` or the lazy names below.
+  condition             kernels/condition/        token embedding + visual-prompt scatter
+  flow_matching_noise   kernels/flow_matching/    rectified-flow interpolation
+  flow_matching_loss    kernels/flow_matching/    its MSE, the gradient made in the forward
+  ddpm_loss             kernels/ddpm/             MAR's diffusion-head loss (tables: ddpm/schedule.py)
+  linear_cross_entropy  kernels/linear_ce/        LM head + cross-entropy, logits never stored
+
+Importing this package imports neither triton nor any kernel module and probes no device.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 from dataclasses import dataclass
@@ -23,21 +26,25 @@ from typing import Callable
 
 import torch
 
-from reca.kernels import reference
-from reca.kernels.schedule import DDPMSchedule, cosine_schedule
+from reca.kernels.ddpm.schedule import DDPMSchedule, cosine_schedule
 
 BACKENDS = ("auto", "torch", "triton")
+OPS: dict[str, str] = {
+    "condition": "condition",
+    "flow_matching_noise": "flow_matching",
+    "flow_matching_loss": "flow_matching",
+    "ddpm_loss": "ddpm",
+    "linear_cross_entropy": "linear_ce",
+}
 
-__all__ = [
-    "BACKENDS", "KernelOps", "get_ops", "resolve_backend", "reference", "DDPMSchedule", "cosine_schedule",
-    "fused_condition", "flow_matching_noise", "flow_matching_loss", "ddpm_loss", "linear_cross_entropy",
-]
+__all__ = ["BACKENDS", "OPS", "KernelOps", "get_ops", "resolve_backend", "reference", "kernel", "DDPMSchedule",
+           "cosine_schedule"]
 
 
 @dataclass(frozen=True)
 class KernelOps:
-    """The op table a model calls. Signatures are those of the references in `reca.kernels.reference`
-    (the Triton `condition` also takes `deterministic=False`)."""
+    """The op table a model calls: one field per entry of `OPS`, with the signature of its
+    reference `<op>_ref` (the Triton `condition` also takes `deterministic=False`)."""
 
     backend: str
     condition: Callable
@@ -45,6 +52,20 @@ class KernelOps:
     flow_matching_loss: Callable
     ddpm_loss: Callable
     linear_cross_entropy: Callable
+
+    def map(self, fn: Callable[[str, Callable], Callable]) -> "KernelOps":
+        """The table with every op replaced by fn(name, op) (e.g. compiled)."""
+        return dataclasses.replace(self, **{name: fn(name, getattr(self, name)) for name in OPS})
+
+
+def reference(op: str) -> Callable:
+    """The pure-torch reference of `op` (`kernels/<folder>/reference.py`, `<op>_ref`)."""
+    return getattr(importlib.import_module(f"reca.kernels.{OPS[op]}.reference"), f"{op}_ref")
+
+
+def kernel(op: str) -> Callable:
+    """The Triton functional of `op` (`kernels/<folder>/kernel.py`); imports triton."""
+    return getattr(importlib.import_module(f"reca.kernels.{OPS[op]}.kernel"), op)
 
 
 def resolve_backend(backend: str, device: torch.device | str) -> str:
@@ -60,48 +81,13 @@ def get_ops(backend: str = "auto", device: torch.device | str = "cpu") -> Kernel
     """The op table for `backend` on `device`. Asking for "triton" where triton does not import
     raises ValueError. On CPU the Triton ops run only under TRITON_INTERPRET=1 (tests)."""
     backend = resolve_backend(backend, device)
-    if backend == "torch":
-        return KernelOps(
-            backend="torch",
-            condition=reference.condition_ref,
-            flow_matching_noise=reference.flow_matching_noise_ref,
-            flow_matching_loss=reference.flow_matching_loss_ref,
-            ddpm_loss=reference.ddpm_loss_ref,
-            linear_cross_entropy=reference.linear_cross_entropy_ref,
-        )
-    if not _triton_available():
+    if backend == "triton" and not _triton_available():
         raise ValueError(
             f"kernels.backend='triton' but triton cannot be imported ({_triton_import_error()}); "
             "install triton or use kernels.backend='torch'"
         )
-    return KernelOps(
-        backend="triton",
-        condition=_load("condition", "fused_condition"),
-        flow_matching_noise=_load("flow_matching", "flow_matching_noise"),
-        flow_matching_loss=_load("flow_matching", "flow_matching_loss"),
-        ddpm_loss=_load("ddpm", "ddpm_loss"),
-        linear_cross_entropy=_load("linear_ce", "linear_cross_entropy"),
-    )
-
-
-_LAZY = {
-    "fused_condition": "condition",
-    "flow_matching_noise": "flow_matching",
-    "flow_matching_loss": "flow_matching",
-    "ddpm_loss": "ddpm",
-    "linear_cross_entropy": "linear_ce",
-}
-
-
-def __getattr__(name: str):
-    """`reca.kernels.fused_condition` etc.: the Triton functionals, imported on first use."""
-    if name in _LAZY:
-        return _load(_LAZY[name], name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _load(module: str, name: str) -> Callable:
-    return getattr(importlib.import_module(f"reca.kernels.{module}"), name)
+    pick = reference if backend == "torch" else kernel
+    return KernelOps(backend=backend, **{op: pick(op) for op in OPS})
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,17 +1,20 @@
-"""The adapter protocol: the few things the engine needs from a unified multimodal model.
+"""The adapter protocol: what the engine needs from a unified multimodal model.
 
-A RecA step, for any family, is
+A micro-batch of any objective is ONE module call (FSDP2 gathers parameters around forwards;
+torch.compile and CUDA graphs see one function):
 
-    visual  = model.encode_visual_prompt(und)             # [B, Nv, D]   understanding path
-    target  = model.make_target(gen)                      # family's target (e.g. latents)
-    embeds  = condition(prompt.input_ids, model.input_embeddings(), visual)   # placeholders <- visual
-    loss    = model.generation_loss(embeds, prompt, target, generator)
+    out = model(ReconBatch(und, gen, prompt), "recon", generator=g)      # -> LossOutput
+    out = model(CaptionBatch(und, prompt, answer_ids, answer_mask), "caption")
+    images = model(SampleBatch(und, prompt, steps), "sample", generator=g)  # previews
 
-where `prompt` (a `PromptBatch`: ids [B, P], mask [B, P]) comes from the engine's sample builder, which lays out
-`model.template` with the image placeholder expanded to `model.num_visual_tokens` positions.
-Another repository plugs its own model in by implementing this protocol on an `nn.Module`:
-nothing else in the engine looks inside the model. Shapes: B batch, P prompt length (fixed),
-D LLM width, Nv = B * num_visual_tokens, Hu/Wu the understanding view, Hg/Wg the generation view.
+`prompt` (a `PromptBatch`: ids [B, P], mask [B, P]) comes from the engine's sample builder,
+which lays out `model.template` with the image placeholder expanded to `model.num_visual_tokens`
+positions; the model writes its visual prompt over them (`reca.models.base.Conditioning`).
+`reca.models.base.RecaModule` implements `forward` from a family's native pieces
+(`encode_visual_prompt`, `make_target`, `generation_loss`, `sample`); another repository
+subclasses it with a page of code (README: "Using reca from another repository").
+Shapes: B batch, P prompt length (fixed), D LLM width, N visual tokens per image, Hu/Wu the
+understanding view, Hg/Wg the generation view.
 """
 from __future__ import annotations
 
@@ -71,6 +74,36 @@ class LossOutput:
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # detached scalars, read back lazily
 
 
+@dataclass
+class ReconBatch:
+    """One RecA micro-batch: both views of each image and its prompt. `gen` may be the same
+    tensor as `und` (`ViewSpec.same_pixels`: one decode, one copy, one codec pass)."""
+
+    und: torch.Tensor  # [B, 3, Hu, Wu], the understanding normalisation
+    gen: torch.Tensor  # [B, 3, Hg, Wg] in [-1, 1]
+    prompt: PromptBatch
+
+
+@dataclass
+class CaptionBatch:
+    """One image-to-text micro-batch: the visual prompt and a question, then the answer."""
+
+    und: torch.Tensor  # [B, 3, Hu, Wu] (the model's `caption_views`)
+    prompt: PromptBatch  # the caption template with the question
+    answer_ids: torch.Tensor  # [B, A] int64, right-padded
+    answer_mask: torch.Tensor  # [B, A] bool; all False for an image without a caption
+
+
+@dataclass
+class SampleBatch:
+    """What to generate from: an image's visual prompt (`und`) or, with `und` None, the text
+    prompt alone (RecA's inference); `steps` sampling steps."""
+
+    und: torch.Tensor | None  # [B, 3, Hu, Wu] or None
+    prompt: PromptBatch
+    steps: int
+
+
 @runtime_checkable
 class TextTokenizer(Protocol):
     vocab_size: int
@@ -84,60 +117,27 @@ class TextTokenizer(Protocol):
 
 @runtime_checkable
 class RecaAdapter(Protocol):
-    """What `reca.engine` calls. Implement it on an `nn.Module`; freeze what must stay frozen by
-    `requires_grad_(False)` (the engine optimises exactly the parameters that require grad)."""
+    """What `reca.engine` reads and calls. Implement it on an `nn.Module` (subclassing
+    `reca.models.base.RecaModule` gives `forward` and the defaults); freeze what must stay frozen
+    with `requires_grad_(False)`: the engine optimises exactly the parameters that require grad."""
 
-    views: ViewSpec
-    template: PromptTemplate
+    views: ViewSpec  # the two views one decode produces (recon); `caption_views` for "caption"
+    template: PromptTemplate  # the RecA prompt; `caption_template` for "caption" (default: the same)
     tokenizer: TextTokenizer
     num_visual_tokens: int  # visual-prompt tokens per image
     image_token_id: int  # id of `template.image_token`
-    visual_grad_scale: float  # gradient scale on the visual-prompt path (Harmon: 0.1; 1.0 = off)
+    objectives: frozenset[str]  # what `forward` accepts: "recon" and "sample" always, "caption" ...
+    # optional members the engine uses: "init_from" -> load_pretrained(directory); "export" ->
+    # export(path) in the family's original layout; "flop_plan" -> flop_plan(prompt_len, useful)
+    # (`reca.models.flops.Stage` list; without it FLOPs are counted with FlopCounterMode)
+    capabilities: frozenset[str]
 
-    def input_embeddings(self) -> torch.Tensor:
-        """The LLM's token-embedding matrix [V, D] (the conditioning op gathers from it)."""
+    def forward(self, batch: Any, objective: str, generator: torch.Generator | None = None) -> Any:
+        """`ReconBatch` + "recon" (and `CaptionBatch` + "caption") -> `LossOutput`: the family's
+        native loss on the target only, randomness from `generator`. `SampleBatch` + "sample" ->
+        images [B, 3, Hg, Wg] in [-1, 1]."""
         ...
 
-    def encode_visual_prompt(self, und: torch.Tensor) -> torch.Tensor:
-        """Understanding view [B, 3, Hu, Wu] (normalised) -> visual-prompt embeddings [B, Nv/B, D]."""
-        ...
-
-    def make_target(self, gen: torch.Tensor, generator: torch.Generator | None = None) -> Any:
-        """Generation view [B, 3, Hg, Wg] in [-1, 1] -> the family's target (e.g. VAE latents
-        [B, T, C] or VQ codes [B, T]); no gradient flows through it. `generator` feeds a
-        sampled posterior."""
-        ...
-
-    def generation_loss(
-        self,
-        prompt_embeds: torch.Tensor,
-        prompt: PromptBatch,
-        target: Any,
-        generator: torch.Generator | None = None,
-    ) -> LossOutput:
-        """The family's native generation loss on the target only, conditioned on the prompt.
-
-        prompt_embeds [B, P, D] (the visual prompt already in place), `prompt` the ids and
-        padding mask it came from. No loss term may fall on a prompt position. Randomness
-        (timesteps, noise, masks) draws from `generator`.
-        """
-        ...
-
-    # Optional: `load_pretrained(directory)` for `--init-from`; `no_weight_decay_modules()` ->
-    # parameter-name prefixes the optimizer must not decay (beyond 1-D tensors and biases);
-    # `caption_loss(embeds, prompt_mask, answer_ids, answer_mask) -> LossOutput` and
-    # `caption_views: ViewSpec` for image-to-text micro-batches (`mix.cycle`);
-    # `encode_views(und, gen, generator) -> (visual, target)`, both steps in one call, for a
-    # family that can share work between them (Harmon encodes the image once when `und is gen`);
-    # `flop_plan(prompt_len, useful) -> [Stage]`, the tokens each module processes per sample
-    # (`reca.engine.flops`; without it `reca bench step` counts FLOPs with FlopCounterMode).
-
-    def sample(
-        self,
-        prompt_embeds: torch.Tensor,
-        prompt: PromptBatch,
-        steps: int,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """Generate images [B, 3, Hg, Wg] in [-1, 1] from a prompt (used for preview grids)."""
+    def no_weight_decay_modules(self) -> tuple[str, ...]:
+        """Parameter-name prefixes the optimizer must not decay (beyond 1-D tensors and biases)."""
         ...

@@ -41,7 +41,7 @@ def test_bench_step_on_a_mixed_preset_measures_reca_alone(tmp_path, capsys, monk
     """harmon-1.5b mixes 2 RecA : 2 captioning micro-batches and needs captioned images; the
     benchmark measures RecA alone (and says so) unless the run names them, with the analytic
     Harmon FLOP plan."""
-    import reca.engine.bench as bench
+    import reca.engine.bench.step as bench
     from reca.engine.presets import preset
 
     mixed = apply_overrides(preset("harmon-tiny"), ["mix.cycle=recon,recon,caption,caption", "optim.grad_accum=4"])
@@ -73,7 +73,7 @@ def test_gpu_suite_imports_through_its_shim():
 
 @pytest.mark.parametrize("limit,start,fit", [(48, 1, 20), (48, 1, 48), (48, 8, 3), (48, 8, 0), (5, 1, 5), (1, 4, 1)])
 def test_largest_fitting_batch_search(limit, start, fit):
-    from reca.engine.bench_batch import largest_fitting
+    from reca.engine.bench.batch import largest_fitting
 
     tried = []
     assert largest_fitting(lambda b: tried.append(b) or b <= fit, limit, start) == fit
@@ -85,7 +85,7 @@ def test_reca_bench_batch_stops_at_out_of_memory(tmp_path, capsys, monkeypatch):
     run goes on after each failure (gradients dropped)."""
     import torch
 
-    import reca.engine.bench_batch as bb
+    import reca.engine.bench.batch as bb
 
     real = bb.next_batches
 

@@ -22,7 +22,7 @@ from reca.engine.data import (
     BadImage, DemoSource, FolderSource, ImageBatch, Loader, PillowDecoder, build_loader,
     make_views, open_source, open_sources,
 )
-from reca.engine.data_decode import needed_side
+from reca.engine.data.decode import needed_side
 from reca.engine.errors import UserError
 from reca.models.adapter import ViewSpec
 

@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from reca.engine.data import build_loader
-from reca.engine.data_dali import dali_available
-from reca.engine.data_nvjpeg import nvjpeg_available
+from reca.engine.data.backends.dali import dali_available
+from reca.engine.data.backends.nvjpeg import nvjpeg_available
 from test_data import VIEWS, broken_images, cfg, encode, photo, unusual_images, write
 
 needs_dali = pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed: pip install 'reca[dali]'")

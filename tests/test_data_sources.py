@@ -1,4 +1,4 @@
-"""reca.engine.data_sources / data_order: tar shards, Parquet, captions, hostile input, mixing.
+"""reca.engine.data.sources / data_order: tar shards, Parquet, captions, hostile input, mixing.
 
 Every file is generated in tmp_path. Resume tests compare the sequences of sample keys of an
 interrupted run with an uninterrupted one: nothing may be skipped or repeated.
@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from reca.engine import data_sources
+from reca.engine.data import sources as data_sources
 from reca.engine.data import TarSource, build_loader, open_source
-from reca.engine.data_order import MIX_BLOCK, Order, apportion, parse_source_spec
-from reca.engine.data_sources import TAR_INDEX_CACHE, expand_braces, tar_index_dir
+from reca.engine.data.order import MIX_BLOCK, Order, apportion, parse_source_spec
+from reca.engine.data.sources import TAR_INDEX_CACHE, expand_braces, tar_index_dir
 from reca.engine.errors import UserError
 from test_data import VIEWS, cfg, encode, photo, photos
 

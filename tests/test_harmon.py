@@ -12,8 +12,8 @@ from reca.engine.sample import SampleBuilder, load_instructions
 from reca.engine.train import train, train_step
 from reca.kernels import get_ops
 from reca.models import build_model
-from reca.models.harmon_io import export_harmon, harmon_state_dict, load_harmon_checkpoint, load_pretrained
-from reca.models.mar import _interpolate, kept_slots, mask_ratio, max_kept, random_masking
+from reca.models.harmon.weights import export_harmon, harmon_state_dict, load_harmon_checkpoint, load_pretrained
+from reca.models.harmon.mar import _interpolate, kept_slots, mask_ratio, max_kept, random_masking
 
 B = 3
 
@@ -402,8 +402,8 @@ def test_checkpointing_changes_nothing_even_with_dropout():
 
 
 def test_expected_kept_matches_the_masking_and_useful_flops_are_fewer():
-    from reca.engine.flops import step_flops
-    from reca.models.mar import expected_kept
+    from reca.engine.bench.flops import step_flops
+    from reca.models.harmon.mar import expected_kept
 
     g = torch.Generator().manual_seed(0)
     kept = [float((~random_masking(2, 1024, g, "cpu")[0]).sum()) / 2 for _ in range(4000)]

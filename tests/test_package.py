@@ -24,7 +24,7 @@ def test_wheel_installs_only_the_reca_package(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
     assert top == {"reca"}, top
-    for needed in ("reca/__init__.py", "reca/engine/train.py", "reca/kernels/reference.py", "reca/models/adapter.py",
+    for needed in ("reca/__init__.py", "reca/engine/train.py", "reca/kernels/condition/reference.py", "reca/engine/data/backends/dali.py", "reca/models/adapter.py",
                    "reca/engine/prompts/instructions.txt"):
         assert needed in names, needed
     entry = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()

@@ -8,7 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from reca.engine.compile import find_blocks
 from reca.engine.config import apply_overrides
 from reca.engine.errors import UserError
-from reca.engine.flops import codec_flops, counted_flops, step_flops
+from reca.engine.bench.flops import codec_flops, counted_flops, step_flops
 from reca.engine.metrics import read_metrics
 from reca.engine.presets import preset, tiny
 from reca.engine.train import build, next_batches, optimizer_update, resolve_mode, train

@@ -27,8 +27,8 @@ from PIL import Image
 
 from reca.engine.config import DataConfig
 from reca.engine.data import Loader
-from reca.engine.data_dali import dali_available, make_backend
-from reca.engine.data_nvjpeg import nvjpeg_available
+from reca.engine.data.backends.dali import dali_available, make_backend
+from reca.engine.data.backends.nvjpeg import nvjpeg_available
 from reca.models.adapter import ViewSpec
 
 

@@ -12,8 +12,8 @@ import harness  # noqa: E402  (sets TRITON_INTERPRET before triton is imported o
 
 import torch  # noqa: E402
 
-from reca.kernels.condition import fused_condition  # noqa: E402
-from reca.kernels.reference import condition_ref  # noqa: E402
+from reca.kernels.condition.kernel import condition  # noqa: E402
+from reca.kernels.condition.reference import condition_ref  # noqa: E402
 
 IMG = 151655  # Qwen2.5's <|image_pad|>
 
@@ -34,8 +34,8 @@ def main():
         return build
 
     providers = {
-        "triton": make(fused_condition),
-        "triton-det": make(lambda *a, **k: fused_condition(*a, deterministic=True, **k)),
+        "triton": make(condition),
+        "triton-det": make(lambda *a, **k: condition(*a, deterministic=True, **k)),
         "torch": make(condition_ref),
     }
     if not args.no_compile and not args.smoke:

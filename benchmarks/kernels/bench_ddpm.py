@@ -13,9 +13,9 @@ import harness  # noqa: E402
 
 import torch  # noqa: E402
 
-from reca.kernels.ddpm import ddpm_loss  # noqa: E402
-from reca.kernels.reference import ddpm_loss_ref  # noqa: E402
-from reca.kernels.schedule import cosine_schedule  # noqa: E402
+from reca.kernels.ddpm.kernel import ddpm_loss  # noqa: E402
+from reca.kernels.ddpm.reference import ddpm_loss_ref  # noqa: E402
+from reca.kernels.ddpm.schedule import cosine_schedule  # noqa: E402
 
 
 def main():

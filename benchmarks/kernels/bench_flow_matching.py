@@ -13,8 +13,8 @@ import harness  # noqa: E402
 
 import torch  # noqa: E402
 
-from reca.kernels.flow_matching import flow_matching_loss, flow_matching_noise  # noqa: E402
-from reca.kernels.reference import flow_matching_loss_ref, flow_matching_noise_ref  # noqa: E402
+from reca.kernels.flow_matching.kernel import flow_matching_loss, flow_matching_noise  # noqa: E402
+from reca.kernels.flow_matching.reference import flow_matching_loss_ref, flow_matching_noise_ref  # noqa: E402
 
 
 def main():

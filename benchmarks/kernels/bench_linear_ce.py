@@ -18,8 +18,8 @@ import harness  # noqa: E402
 
 import torch  # noqa: E402
 
-from reca.kernels.linear_ce import linear_cross_entropy  # noqa: E402
-from reca.kernels.reference import linear_cross_entropy_ref  # noqa: E402
+from reca.kernels.linear_ce.kernel import linear_cross_entropy  # noqa: E402
+from reca.kernels.linear_ce.reference import linear_cross_entropy_ref  # noqa: E402
 
 
 def _liger():

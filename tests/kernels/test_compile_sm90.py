@@ -51,16 +51,16 @@ def _backward(out):
 
 
 def _condition(shape, dtype, deterministic, embed_grad):
-    from reca.kernels.condition import fused_condition
+    from reca.kernels.condition.kernel import condition
 
     B, S, D, V, nv = shape
     ids = torch.empty((B, S), dtype=torch.int64, device="meta")
     embed, visual = _meta((V, D), dtype, embed_grad), _meta((B * nv, D), dtype, True)
-    _backward(fused_condition(ids, embed, visual, IMG, grad_scale=0.1, deterministic=deterministic))
+    _backward(condition(ids, embed, visual, IMG, grad_scale=0.1, deterministic=deterministic))
 
 
 def _flow_noise(shape, dtype, all_grads):
-    from reca.kernels.flow_matching import flow_matching_noise
+    from reca.kernels.flow_matching.kernel import flow_matching_noise
 
     B = shape[0]
     x0, noise = _meta(shape, dtype, True), _meta(shape, dtype, all_grads)
@@ -68,14 +68,14 @@ def _flow_noise(shape, dtype, all_grads):
 
 
 def _flow_loss(shape, dtype, masked):
-    from reca.kernels.flow_matching import flow_matching_loss
+    from reca.kernels.flow_matching.kernel import flow_matching_loss
 
     mask = torch.empty(shape[:2], dtype=torch.bool, device="meta") if masked else None
     flow_matching_loss(_meta(shape, dtype, True), _meta(shape, dtype), _meta(shape, dtype), mask)
 
 
 def _ddpm(shape, dtype, masked):
-    from reca.kernels.ddpm import cosine_schedule, ddpm_loss
+    from reca.kernels.ddpm.kernel import cosine_schedule, ddpm_loss
 
     N, C = shape
     t = torch.empty((N,), dtype=torch.int64, device="meta")
@@ -85,7 +85,7 @@ def _ddpm(shape, dtype, masked):
 
 
 def _linear_ce(shape, dtype, bias, weight_grad):
-    from reca.kernels.linear_ce import linear_cross_entropy
+    from reca.kernels.linear_ce.kernel import linear_cross_entropy
 
     N, D, V = shape
     targets = torch.empty((N,), dtype=torch.int64, device="meta")
@@ -132,7 +132,7 @@ def _record(case: str) -> list:
 
     variant, shape, dtype = case.split("/")
     module, op, kwargs = VARIANTS[variant]
-    mods = [importlib.import_module(f"reca.kernels.{m}") for m in MODULES]
+    mods = [importlib.import_module(f"reca.kernels.{m}.kernel") for m in MODULES]
     launches, saved = [], []
     try:
         for mod in mods:
@@ -201,7 +201,7 @@ def _jit_functions() -> dict[str, str]:
 
     out = {}
     for m in MODULES:
-        for name, obj in vars(importlib.import_module(f"reca.kernels.{m}")).items():
+        for name, obj in vars(importlib.import_module(f"reca.kernels.{m}.kernel")).items():
             if isinstance(obj, JITFunction):
                 out[name] = inspect.getsource(obj.fn)
     return out

@@ -1,10 +1,10 @@
-"""fused_condition against condition_ref: output, embedding gradient, visual gradient."""
+"""condition against condition_ref: output, embedding gradient, visual gradient."""
 import pytest
 import torch
 
 from kernel_helpers import CASES, assert_close, grads, make, ref_copy, tol
-from reca.kernels.condition import fused_condition
-from reca.kernels.reference import condition_ref
+from reca.kernels.condition.kernel import condition
+from reca.kernels.condition.reference import condition_ref
 
 IMG = 3  # image placeholder id
 
@@ -45,7 +45,7 @@ def test_condition_matches_reference(B, S, D, V, layout, deterministic, device, 
     nv = int((ids == IMG).sum())
     embed = make((V, D), dtype, device, requires_grad=True, gen=gen)
     visual = make((nv, D), dtype, device, requires_grad=True, gen=gen)
-    out = fused_condition(ids, embed, visual, IMG, grad_scale=0.1, deterministic=deterministic)
+    out = condition(ids, embed, visual, IMG, grad_scale=0.1, deterministic=deterministic)
 
     embed_r, visual_r = ref_copy(embed), ref_copy(visual)
     ref = condition_ref(ids.cpu(), embed_r, visual_r, IMG, grad_scale=0.1)
@@ -69,7 +69,7 @@ def test_condition_deterministic_is_bitwise_repeatable(device, dtype):
     embed = make((4, 60), dtype, device, requires_grad=True, gen=gen)
     visual = make((5, 60), dtype, device, requires_grad=True, gen=gen)
     g = make((3, 41, 60), dtype, device, gen=gen)
-    runs = [grads(fused_condition(ids, embed, visual, IMG, deterministic=True), [embed, visual], g) for _ in range(3)]
+    runs = [grads(condition(ids, embed, visual, IMG, deterministic=True), [embed, visual], g) for _ in range(3)]
     for other in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
 
@@ -80,8 +80,8 @@ def test_condition_count_mismatch(device, dtype):
     embed = make((8, 16), dtype, device)
     visual = make((3, 16), dtype, device)
     with pytest.raises(ValueError, match="2 image placeholders but 3 visual tokens"):
-        fused_condition(ids, embed, visual, IMG, check=True)
-    fused_condition(ids, embed, visual[:2], IMG, check=True)
+        condition(ids, embed, visual, IMG, check=True)
+    condition(ids, embed, visual[:2], IMG, check=True)
 
 
 @pytest.mark.parametrize("device,dtype", CASES[:1] + CASES[2:3])
@@ -92,6 +92,6 @@ def test_condition_only_visual_requires_grad(device, dtype):
     nv = int((ids == IMG).sum())
     embed = make((20, 24), dtype, device, gen=gen)
     visual = make((nv, 24), dtype, device, requires_grad=True, gen=gen)
-    out = fused_condition(ids, embed, visual, IMG, grad_scale=0.5)
+    out = condition(ids, embed, visual, IMG, grad_scale=0.5)
     (gv,) = grads(out, [visual], torch.ones_like(out))
     assert torch.equal(gv.cpu(), torch.full((nv, 24), 0.5, dtype=dtype))

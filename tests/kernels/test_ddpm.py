@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from kernel_helpers import CASES, assert_close, grads, make, ref_copy, tol
-from reca.kernels.ddpm import ddpm_loss
-from reca.kernels.reference import ddpm_loss_ref
-from reca.kernels.schedule import cosine_schedule
+from reca.kernels.ddpm.kernel import ddpm_loss
+from reca.kernels.ddpm.reference import ddpm_loss_ref
+from reca.kernels.ddpm.schedule import cosine_schedule
 
 SCHED64 = cosine_schedule(dtype=torch.float64)
 

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from kernel_helpers import CASES, assert_close, grads, make, ref_copy, tol
-from reca.kernels.flow_matching import flow_matching_loss, flow_matching_noise
-from reca.kernels.reference import flow_matching_loss_ref, flow_matching_noise_ref
+from reca.kernels.flow_matching.kernel import flow_matching_loss, flow_matching_noise
+from reca.kernels.flow_matching.reference import flow_matching_loss_ref, flow_matching_noise_ref
 
 # (B, T, C): C not a power of two, a single token, a token count not a multiple of any block.
 SHAPES = [

@@ -7,34 +7,41 @@ import pytest
 import torch
 
 import reca.kernels as K
-from reca.kernels import reference
 
 FIELDS = ["backend", "condition", "flow_matching_noise", "flow_matching_loss", "ddpm_loss", "linear_cross_entropy"]
 
 
 def test_fields():
-    assert [f.name for f in dataclasses.fields(K.KernelOps)] == FIELDS
+    """The op table and the one op list agree (KernelOps is typed; OPS names the folders)."""
+    assert [f.name for f in dataclasses.fields(K.KernelOps)] == FIELDS == ["backend", *K.OPS]
 
 
 def test_torch_backend_is_the_references():
     ops = K.get_ops("torch", "cpu")
-    assert ops.condition is reference.condition_ref
-    assert ops.ddpm_loss is reference.ddpm_loss_ref
-    assert ops.linear_cross_entropy is reference.linear_cross_entropy_ref
+    from reca.kernels.condition.reference import condition_ref
+    from reca.kernels.ddpm.reference import ddpm_loss_ref
+    from reca.kernels.linear_ce.reference import linear_cross_entropy_ref
+
+    assert ops.condition is condition_ref and K.reference("condition") is condition_ref
+    assert ops.ddpm_loss is ddpm_loss_ref
+    assert ops.linear_cross_entropy is linear_cross_entropy_ref
     assert K.get_ops("auto", "cpu").backend == "torch"
 
 
 def test_triton_backend_functionals():
     ops = K.get_ops("triton", "cpu")
-    from reca.kernels import condition, ddpm, flow_matching, linear_ce
+    from reca.kernels.condition import kernel as condition
+    from reca.kernels.ddpm import kernel as ddpm
+    from reca.kernels.flow_matching import kernel as flow_matching
+    from reca.kernels.linear_ce import kernel as linear_ce
 
     assert ops.backend == "triton"
-    assert ops.condition is condition.fused_condition
+    assert ops.condition is condition.condition
     assert ops.flow_matching_noise is flow_matching.flow_matching_noise
     assert ops.flow_matching_loss is flow_matching.flow_matching_loss
     assert ops.ddpm_loss is ddpm.ddpm_loss
     assert ops.linear_cross_entropy is linear_ce.linear_cross_entropy
-    assert K.fused_condition is condition.fused_condition
+    assert K.kernel("condition") is condition.condition
 
 
 def test_bad_backends(monkeypatch):
@@ -52,6 +59,6 @@ def test_import_is_lazy():
         "import sys, reca.kernels as K; ops = K.get_ops('torch');"
         "assert 'triton' not in sys.modules, 'triton imported';"
         "assert not any(m.startswith('reca.kernels.') and m.split('.')[-1] in"
-        " ('condition', 'flow_matching', 'ddpm', 'linear_ce', 'utils') for m in sys.modules)"
+        " ('kernel', 'utils') for m in sys.modules)"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

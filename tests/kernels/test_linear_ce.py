@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from kernel_helpers import CASES, assert_close, grads, make, ref_copy, tol
-from reca.kernels.linear_ce import linear_cross_entropy
-from reca.kernels.reference import linear_cross_entropy_ref
+from reca.kernels.linear_ce.kernel import linear_cross_entropy
+from reca.kernels.linear_ce.reference import linear_cross_entropy_ref
 
 # (N, D, V): D not a power of two, a single row, V not a multiple of the vocabulary block (128).
 SHAPES = [

@@ -1,6 +1,6 @@
 """Rectified-flow ops: the noisy interpolation x_t and the velocity MSE with its gradient fused.
 
-References: `reca.kernels.reference.flow_matching_noise_ref` / `flow_matching_loss_ref`.
+References: `reca.kernels.flow_matching.reference.flow_matching_noise_ref` / `flow_matching_loss_ref`.
 Both are memory-bound: each kernel reads its inputs once and writes its outputs once. The loss
 recomputes the target noise - x0 in registers (never stored) and writes d loss / d pred in the
 forward pass, so backward is one scale by grad_output. Reductions (the loss, d x_t / d t) go
@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from reca.kernels import utils
-from reca.kernels.reference import flow_matching_loss_ref, flow_matching_noise_ref  # noqa: F401
+from reca.kernels.flow_matching.reference import flow_matching_loss_ref, flow_matching_noise_ref  # noqa: F401
 
 
 @triton.jit

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from reca.models.diffhead import DiffHeadShape, DiffLoss
+from reca.models.harmon.diffhead import DiffHeadShape, DiffLoss
 
 
 @dataclass(kw_only=True)

@@ -1,90 +1,11 @@
-"""Pure-torch references of every fused op: the `torch` backend, and the ground truth that the
-Triton kernels' tests and benchmarks import (nobody re-types them).
-
-Shapes: B batch, S sequence, D model width, V vocabulary, Nv visual tokens in the batch,
-T tokens per sample, C channels per token.
-"""
+"""Pure-torch reference of `ddpm_loss` (MAR's diffusion-head loss). Shapes: N tokens, C channels."""
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn.functional as F
 
-from reca.kernels.schedule import DDPMSchedule
-
-
-def _acc(x: torch.Tensor) -> torch.Tensor:
-    """At least float32: bf16/fp16 upcast, float64 stays float64 (the tests' ground truth)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
-class _ScaleGrad(torch.autograd.Function):
-    """Identity forward; multiplies the incoming gradient by `scale` (Harmon: 0.1 on the visual prompt)."""
-
-    @staticmethod
-    def forward(ctx, x, scale: float):
-        ctx.scale = scale
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * ctx.scale, None
-
-
-def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
-    return x if scale == 1.0 else _ScaleGrad.apply(x, scale)
-
-
-def condition_ref(
-    input_ids: torch.Tensor,
-    embed_weight: torch.Tensor,
-    visual: torch.Tensor,
-    image_token_id: int,
-    grad_scale: float = 1.0,
-    check: bool = False,
-) -> torch.Tensor:
-    """Token embeddings with the visual prompt written over the image placeholders.
-
-    input_ids [B, S] int, embed_weight [V, D], visual [Nv, D] -> [B, S, D].
-    Placeholder positions (`input_ids == image_token_id`) take the rows of `visual` in row-major
-    order (`masked_scatter` semantics); `visual` receives `grad_scale` times their gradient.
-    `check=True` verifies that the placeholder count equals Nv (a host sync: off in the step).
-    """
-    is_image = input_ids == image_token_id
-    if check:
-        n = int(is_image.sum())
-        if n != visual.shape[0]:
-            raise ValueError(f"{n} image placeholders but {visual.shape[0]} visual tokens")
-    embeds = F.embedding(input_ids, embed_weight)
-    visual = scale_grad(visual, grad_scale).to(embeds.dtype)
-    return embeds.masked_scatter(is_image.unsqueeze(-1), visual)
-
-
-def flow_matching_noise_ref(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Rectified-flow interpolation. x0, noise [B, T, C], t [B] -> x_t = (1 - t) x0 + t noise."""
-    t = t.to(x0.dtype).view(-1, *([1] * (x0.dim() - 1)))
-    return (1 - t) * x0 + t * noise
-
-
-def flow_matching_loss_ref(
-    pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor | None = None
-) -> torch.Tensor:
-    """MSE of the predicted velocity against noise - x0.
-
-    pred, x0, noise [B, T, C], mask [B, T] bool (None = all tokens) -> scalar: the mean over all
-    elements of the selected tokens (0 when none is selected).
-    """
-    err = (_acc(pred) - (_acc(noise) - _acc(x0))).square()
-    if mask is None:
-        return err.mean()
-    per_token = err.sum(-1)
-    m = mask.to(per_token.dtype)
-    return (per_token * m).sum() / (m.sum() * pred.shape[-1]).clamp_min(1)
-
-
-# ---------------------------------------------------------------------------------------------
-# DDPM loss of the MAR diffusion head (improved-diffusion: MSE on epsilon + variational bound).
+from reca.kernels.ddpm.schedule import DDPMSchedule
 
 
 def _normal_kl(mean1, logvar1, mean2, logvar2):
@@ -172,31 +93,3 @@ def ddpm_loss_ref(
 
 # ---------------------------------------------------------------------------------------------
 # Cross-entropy of a linear head (LM head / unified-vocabulary head).
-
-
-def linear_cross_entropy_ref(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-) -> torch.Tensor:
-    """cross_entropy(hidden @ weight.T + bias, targets), the logits materialised (reference only).
-
-    hidden [N, D], weight [V, D], bias [V] or None, targets [N] int -> scalar ("mean", "sum")
-    or [N] ("none", 0 at ignored rows). Computed in float32 (float64 stays float64).
-    "mean" divides by the number of non-ignored rows and gives 0 when every row is ignored
-    (torch's cross_entropy gives nan there; a fully-padded micro-batch must not poison the step).
-    """
-    dtype = torch.promote_types(hidden.dtype, torch.float32)
-    logits = F.linear(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
-    losses = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="none")
-    if reduction == "none":
-        return losses
-    if reduction == "sum":
-        return losses.sum()
-    if reduction != "mean":
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    count = (targets != ignore_index).sum().to(dtype)
-    return losses.sum() / count.clamp_min(1)

@@ -36,7 +36,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 from PIL import Image
 
-from reca.engine.data_decode import IMAGE_EXTENSIONS
+from reca.engine.data.decode import IMAGE_EXTENSIONS
 from reca.engine.errors import UserError
 
 log = logging.getLogger("reca.engine.data")

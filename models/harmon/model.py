@@ -12,7 +12,7 @@ of the AdaLN-MLP head on the masked tokens only. The LLM sequence is
 under Harmon's plain causal mask: Harmon appends the encoder outputs after the prompt and calls
 the LLM with a 2-D padding mask, so the image tokens attend causally among themselves (raster
 order, buffers last: each buffer sees every kept token). K = `max_kept(T, 0.7)` (308 of 1024)
-holds every kept token (`reca.models.mar.kept_slots`). Each row is packed before the LLM (valid
+holds every kept token (`reca.models.harmon.mar.kept_slots`). Each row is packed before the LLM (valid
 tokens first: exactly Harmon's right-padded sequence, positions 0..n-1) and unpacked after, so
 the attention is plain causal with no mask (flash, native GQA); tests/test_harmon.py checks the
 whole path against Harmon's variable-length computation sample by sample.
@@ -30,10 +30,11 @@ import torch.nn.functional as F
 from transformers import Qwen2ForCausalLM
 
 from reca.kernels import KernelOps, get_ops
+from reca.models.flops import Stage
 from reca.models.adapter import LossOutput, PromptBatch, PromptTemplate, ViewSpec
-from reca.models.diffhead import DiffHeadShape
+from reca.models.harmon.diffhead import DiffHeadShape
 from reca.models.layers import Qwen2Shape, enable_hf_checkpointing, freeze_except, patchify, unpatchify
-from reca.models.mar import (MAR, MARShape, expected_kept, kept_slots, mask_by_order, max_kept, random_masking,
+from reca.models.harmon.mar import (MAR, MARShape, expected_kept, kept_slots, mask_by_order, max_kept, random_masking,
                               random_orders)
 from reca.models.tokenizer import load_tokenizer
 from reca.models.vae import VAEConfig, build_codec
@@ -181,7 +182,7 @@ class HarmonModel(nn.Module):
                          slots: int):
         """Prompt [B, P, D] + latent tokens x0 [B, T, C] of which `keep` [B, T] are visible ->
         per-token conditions z [B, T, W] for the head. The kept tokens travel in `slots` fixed
-        slots (`reca.models.mar.kept_slots`; at least the most a row keeps) through the encoder,
+        slots (`reca.models.harmon.mar.kept_slots`; at least the most a row keeps) through the encoder,
         the LLM (prompt | slots | buffers) and back; nothing of a dropped token reaches z."""
         b, p, _ = prompt_embeds.shape
         nb, t = self.mar.buffer_size, x0.shape[1]
@@ -233,15 +234,13 @@ class HarmonModel(nn.Module):
     codec_passes = 2  # VAE passes per sample when the two views differ (1 when `und is gen`)
 
     def flop_plan(self, prompt_len: float, useful: bool = False) -> list:
-        """Tokens per sample of each module in one training micro-batch (`reca.engine.flops`):
+        """Tokens per sample of each module in one training micro-batch (`reca.engine.bench.flops`):
         the MAR encoder over nb + T (visual prompt) and nb + K (kept slots), proj_in on both, the
         LLM body over prompt | K slots | nb buffers, proj_out and decoder_embed on nb + K, the
         decoder over nb + T, the head over T tokens x batch_mul. As executed (default), K is the
         slot count and padding costs FLOPs like any token; `useful` counts the model's work
         only: K the mean kept count, the head on the masked tokens (the caller passes the mean
         valid prompt length)."""
-        from reca.engine.flops import Stage
-
         t, nb, m, mul = self.latent_grid**2, self.mar.buffer_size, self.cfg.mar, self.cfg.head.batch_mul
         k = expected_kept(t, self.cfg.mask_ratio_min, self.cfg.mask_ratio_std) if useful else self.gen_slots
         llm = self.llm.config
@@ -273,13 +272,13 @@ class HarmonModel(nn.Module):
 
     # --- weights ------------------------------------------------------------------------------
     def load_pretrained(self, directory: str) -> dict[str, int]:
-        """Harmon checkpoint / Qwen2.5 directory / KL-16 VAE from `directory` (`reca.models.harmon_io`)."""
-        from reca.models.harmon_io import load_pretrained
+        """Harmon checkpoint / Qwen2.5 directory / KL-16 VAE from `directory` (`reca.models.harmon.weights`)."""
+        from reca.models.harmon.weights import load_pretrained
 
         return load_pretrained(self, directory)
 
     def export(self, path: str) -> None:
         """Write the weights in Harmon's checkpoint layout (`.pth` or `.safetensors`)."""
-        from reca.models.harmon_io import export_harmon
+        from reca.models.harmon.weights import export_harmon
 
         export_harmon(self, path)

@@ -1,6 +1,6 @@
 """Fused conditioning: token embedding + visual prompt scattered over the image placeholders.
 
-Reference: `reca.kernels.reference.condition_ref` (embedding, then masked_scatter).
+Reference: `reca.kernels.condition.reference.condition_ref` (embedding, then masked_scatter).
 Forward reads each output row once from the right table and writes it once: no [B, S, D]
 embedding that is then overwritten. Backward: `visual` gets grad_scale times its rows'
 gradient (plain stores, each visual row has one position); `embed_weight` accumulates the rows
@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from reca.kernels import utils
-from reca.kernels.reference import condition_ref  # noqa: F401  (the reference, beside the kernel)
+from reca.kernels.condition.reference import condition_ref  # noqa: F401  (the reference, beside the kernel)
 
 
 @triton.jit
@@ -175,7 +175,7 @@ class FusedCondition(torch.autograd.Function):
         return None, grad_embed, grad_visual, None, None, None
 
 
-def fused_condition(
+def condition(
     input_ids: torch.Tensor,
     embed_weight: torch.Tensor,
     visual: torch.Tensor,

@@ -1,6 +1,6 @@
 """Cross-entropy of a linear head without the [N, V] logits (forward and backward).
 
-Reference: `reca.kernels.reference.linear_cross_entropy_ref` (F.linear + F.cross_entropy).
+Reference: `reca.kernels.linear_ce.reference.linear_cross_entropy_ref` (F.linear + F.cross_entropy).
 Forward: one program per BLOCK_M rows walks the vocabulary in BLOCK_V tiles, each tile's logits
 computed by tl.dot over D in BLOCK_D slices, folded into an online logsumexp; it stores the
 row's lse [N] and loss [N]. Backward: one program per (BLOCK_M rows, BLOCK_V vocab) tile
@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from reca.kernels import utils
-from reca.kernels.reference import linear_cross_entropy_ref  # noqa: F401  (the reference, beside the kernel)
+from reca.kernels.linear_ce.reference import linear_cross_entropy_ref  # noqa: F401  (the reference, beside the kernel)
 
 
 @triton.jit

@@ -5,16 +5,16 @@
                                   #             positions [B], captions (str | None each)
     state = loader.state_dict()   # {"position", "skipped"}: save per rank, load to resume exactly
 
-Sources (`data_sources`): an image folder, WebDataset tar shards, Parquet files or the demo;
-`data.source = "a/:0.7,b.tar:0.3"` mixes several with weights (`data_order`).
-Order (`data_order.Order`): stream position p reads a sample that is a pure function of
+Sources (`sources`): an image folder, WebDataset tar shards, Parquet files or the demo;
+`data.source = "a/:0.7,b.tar:0.3"` mixes several with weights (`order`).
+Order (`order.Order`): stream position p reads a sample that is a pure function of
 (seed, p); rank r of w takes positions r, r + w, ...; augmentation for position p is seeded
 by (seed, p) alone. Nothing depends on what was read before, so resuming from a position
 reproduces the uninterrupted run bit for bit, with or without worker processes. Broken
 images are skipped (the next position takes their place), counted in `loader.skipped` and
 named once in a warning on the `reca.engine.data` logger.
 
-Decoding (`data.decoder`): Pillow in the workers, or a batch backend (`data_dali`: DALI, or
+Decoding (`data.decoder`): Pillow in the workers, or a batch backend (`backends/`: DALI, or
 nvJPEG via torchvision) that decodes a whole batch in the training process, on the GPU when
 there is one. With a CUDA backend `und`/`gen` are FIXED device buffers: a ring of sets reused
 in turn (same storages, same shapes). A batch stays valid until `hold` more batches have been
@@ -33,9 +33,7 @@ runs needs `capture_error_mode="thread_local"`: "global" forbids the thread's CU
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-import queue
 import threading
 import time
 from collections import OrderedDict, deque
@@ -46,23 +44,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from reca.engine.data_dali import PLAIN_MODES, BatchBackend, make_backend
-from reca.engine.data_decode import (
+from reca.engine.data.backends.dali import PLAIN_MODES, BatchBackend, make_backend
+from reca.engine.data.decode import (
     BadImage, ImageDecoder, PillowDecoder, crop_box, make_views, needed_side, probe,
 )
-from reca.engine.data_order import Order, parse_source_spec
-from reca.engine.data_sources import (
+from reca.engine.data.order import Order, parse_source_spec
+from reca.engine.data.prefetch import Prefetch, Streams
+from reca.engine.data.sources import (
     DemoSource, FolderSource, ImageSource, ParquetSource, TarSource, caption_of, open_one,
 )
 from reca.engine.errors import UserError
 if TYPE_CHECKING:  # duck-typed at run time: any object with ViewSpec's fields works
     from reca.models.adapter import ViewSpec
-
-__all__ = [
-    "BadImage", "DemoSource", "FolderSource", "ImageBatch", "ImageDecoder", "ImageSource",
-    "Loader", "ParquetSource", "PillowDecoder", "TarSource", "build_loader", "make_views",
-    "open_source", "open_sources",
-]
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +63,7 @@ CACHE_BYTES = 256 << 20  # decoded-image LRU per process: holds a demo or small 
 
 
 def open_source(spec: str, cfg: Any = None) -> ImageSource:
-    """One source: 'demo', an image folder, tar shard(s), Parquet file(s) (see `data_sources`)."""
+    """One source: 'demo', an image folder, tar shard(s), Parquet file(s) (see `sources`)."""
     return open_one(spec, cfg)
 
 
@@ -243,8 +236,8 @@ class Loader:
         self._workers: Iterator[Sample] | None = None
         self._ring: list[tuple[torch.Tensor, torch.Tensor]] = []  # fixed buffer sets
         self._turn = 0  # next ring set of the in-line (not prefetched) path
-        self._streams: _Streams | None = None
-        self._ahead: _Prefetch | None = None
+        self._streams: Streams | None = None
+        self._ahead: Prefetch | None = None
         self._held: deque[int] = deque()  # ring sets of the batches taken and still valid, oldest first
 
     def __iter__(self) -> "Loader":
@@ -306,13 +299,13 @@ class Loader:
     def _start_prefetch(self) -> None:
         if self._streams is None:
             dev = self.backend.device if self.backend is not None else torch.device("cpu")
-            self._streams = _Streams(dev)
+            self._streams = Streams(dev)
         streams = self._streams
         ring = [self._buffers(j) for j in range(self.hold + 1)]
         for und, gen in ring:
             streams.used_by_producer(und, gen)
         after = streams.mark()  # whatever the consumer enqueued on any set so far comes first
-        ahead = _Prefetch()
+        ahead = Prefetch()
         for j in range(len(ring)):
             if j not in self._held:  # batches taken before a stop stay valid, as they would have
                 ahead.free.put((j, after))
@@ -321,7 +314,7 @@ class Loader:
         self._ahead = ahead
         ahead.thread.start()
 
-    def _produce(self, ahead: "_Prefetch", streams: "_Streams") -> None:
+    def _produce(self, ahead: "Prefetch", streams: "Streams") -> None:
         """Producer thread: fill free sets in order until told to stop; an error ends the thread
         and is handed over in its place. Owns the reading state (`_next`, `_skipped`, `_bad`,
         workers) while it runs: the consumer touches them only after `_stop_prefetch`."""
@@ -472,59 +465,6 @@ class Loader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-class _Prefetch:
-    """One run of the producer thread: ring sets flow free -> filled (ready) -> taken (the
-    loader's `_held`) -> free."""
-
-    def __init__(self) -> None:
-        self.free: queue.SimpleQueue = queue.SimpleQueue()  # (set, event it may be refilled after)
-        self.ready: queue.SimpleQueue = queue.SimpleQueue()  # (batch, set, state, event) | error
-        self.stop = threading.Event()
-        self.thread: threading.Thread | None = None
-
-
-class _Streams:
-    """The CUDA half of the hand-off. The producer thread runs on its own stream; events order
-    it against the consumer's current stream without blocking the host. On CPU every step is a
-    no-op: the work is done when the producer hands it over."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        if self.cuda and device.index is None:  # "cuda" means this thread's device, not the producer's
-            device = torch.device("cuda", torch.cuda.current_device())
-        self.device = device
-        self.stream = torch.cuda.Stream(device) if self.cuda else None
-
-    def producing(self) -> contextlib.AbstractContextManager:
-        """In the producer thread: its device and stream become current (both are per thread)."""
-        if not self.cuda:
-            return contextlib.nullcontext()
-        stack = contextlib.ExitStack()
-        stack.enter_context(torch.cuda.device(self.device))
-        stack.enter_context(torch.cuda.stream(self.stream))
-        return stack
-
-    def mark(self) -> Any:
-        """An event after all work enqueued so far on this thread's current stream."""
-        if not self.cuda:
-            return None
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(self.device))
-        return event
-
-    def wait(self, event: Any) -> None:
-        """Later work on this thread's current stream waits for `event` (the host does not)."""
-        if event is not None:
-            torch.cuda.current_stream(self.device).wait_event(event)
-
-    def used_by_producer(self, *tensors: torch.Tensor) -> None:
-        """The ring is allocated on the consumer's stream and written on the producer's: the
-        allocator must not hand its memory out again before the producer's writes are done."""
-        if self.cuda:
-            for t in tensors:
-                t.record_stream(self.stream)
 
 
 def _index(rows: list[int], device: torch.device) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Learned-sigma DDPM loss of the MAR diffusion head, forward and backward in one kernel.
 
-Reference: `reca.kernels.reference.ddpm_loss_ref` (improved-diffusion's steps, one tensor each).
+Reference: `reca.kernels.ddpm.reference.ddpm_loss_ref` (improved-diffusion's steps, one tensor each).
 One program takes BLOCK_N tokens x C channels: it reads model_out [N, 2C], x0, noise and t once,
 gathers the schedule tables at t, and writes the per-token loss and d loss / d model_out (both
 halves). Backward is a scale by grad_output.
@@ -18,8 +18,8 @@ import triton
 import triton.language as tl
 
 from reca.kernels import utils
-from reca.kernels.reference import ddpm_loss_ref  # noqa: F401  (the reference, beside the kernel)
-from reca.kernels.schedule import DDPMSchedule, cosine_schedule  # noqa: F401
+from reca.kernels.ddpm.reference import ddpm_loss_ref  # noqa: F401  (the reference, beside the kernel)
+from reca.kernels.ddpm.schedule import DDPMSchedule, cosine_schedule  # noqa: F401
 
 @triton.jit
 def _cdf_parts(x, ACC: tl.constexpr):
@@ -176,7 +176,7 @@ def ddpm_loss(
     reduction "mean" -> scalar, the mean over selected tokens (0 when none); "none" -> [N]
     (0 at unselected tokens). Values in fp32 (fp64 for fp64 model_out). The gradient reaches
     model_out only (both halves; the vb term sees eps_pred detached, as MAR): x0, noise, t
-    and the schedule get none. Semantics: `reca.kernels.reference.ddpm_loss_ref`.
+    and the schedule get none. Semantics: `reca.kernels.ddpm.reference.ddpm_loss_ref`.
     """
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")

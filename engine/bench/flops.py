@@ -7,43 +7,12 @@ the fallback for a family that describes no token plan (no `flop_plan`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn as nn
 
-
-@dataclass(frozen=True)
-class Stage:
-    """One module of the step (a dotted path under the model: "llm", "mar.encoder_blocks"):
-    `tokens` it processes per sample; its attention layers (if any) over sequences of `attn_len`
-    with query width `attn_width`. A module run twice (Harmon's MAR encoder: the visual prompt,
-    then the kept tokens) is two stages; their FLOPs add up under its name."""
-
-    module: str
-    tokens: int
-    attn_layers: int = 0
-    attn_len: int = 0
-    attn_width: int = 0
-
-
-def flow_plan(model: nn.Module, prompt_len: float, useful: bool = False) -> list[Stage]:
-    """The flow family: ViT and connector on the Nv visual tokens; the LLM on the whole sequence
-    (P prompt + T generation tokens + 2 markers); gen_in/gen_out on the T tokens; the timestep MLP
-    once per sample. No slots or masked tokens: `useful` changes nothing beyond the prompt length
-    the caller passes."""
-    nv, t = model.num_visual_tokens, model.latent_grid**2
-    vit, llm = model.vit.config, model.llm.config
-    seq = prompt_len + t + 2
-    return [
-        Stage("vit", nv, vit.num_hidden_layers, nv, vit.hidden_size),
-        Stage("connector", nv),
-        Stage("llm", seq, llm.num_hidden_layers, seq, llm.num_attention_heads * (llm.hidden_size // llm.num_attention_heads)),
-        Stage("gen_in", t),
-        Stage("time_embed", 1),
-        Stage("gen_out", t),
-    ]
+from reca.models.flops import Stage  # noqa: F401  (the plan type families declare)
 
 
 def matmul_params(module: nn.Module) -> int:

@@ -21,6 +21,7 @@ import torch.nn as nn
 from transformers import Qwen2Model, SiglipVisionConfig, SiglipVisionModel
 
 from reca.kernels import KernelOps, get_ops
+from reca.models.flops import Stage
 from reca.models.adapter import LossOutput, PromptBatch, PromptTemplate, ViewSpec
 from reca.models.layers import (MLPConnector, Qwen2Shape, TimestepEmbedder, enable_hf_checkpointing, freeze_except,
                                 patchify, sincos_2d, unpatchify)
@@ -151,11 +152,23 @@ class FlowModel(nn.Module):
         z = unpatchify(x0.float(), self.cfg.latent_patch, self.latent_channels, self.latent_grid)
         return self.codec.decode(z).clamp(-1, 1)
 
-    def flop_plan(self, prompt_len: float, useful: bool = False) -> list:
-        """Tokens per sample of each module (`reca.engine.flops.flow_plan`)."""
-        from reca.engine.flops import flow_plan
-
-        return flow_plan(self, prompt_len, useful)
+    def flop_plan(self, prompt_len: float, useful: bool = False) -> list[Stage]:
+        """Tokens per sample of each module (`reca.engine.bench.flops`): ViT and connector on the
+        Nv visual tokens; the LLM on the whole sequence (P prompt + T generation tokens + 2
+        markers); gen_in/gen_out on the T tokens; the timestep MLP once per sample. No slots or
+        masked tokens: `useful` changes nothing beyond the prompt length the caller passes."""
+        nv, t = self.num_visual_tokens, self.latent_grid**2
+        vit, llm = self.vit.config, self.llm.config
+        seq = prompt_len + t + 2
+        head_dim = llm.hidden_size // llm.num_attention_heads
+        return [
+            Stage("vit", nv, vit.num_hidden_layers, nv, vit.hidden_size),
+            Stage("connector", nv),
+            Stage("llm", seq, llm.num_hidden_layers, seq, llm.num_attention_heads * head_dim),
+            Stage("gen_in", t),
+            Stage("time_embed", 1),
+            Stage("gen_out", t),
+        ]
 
     def load_pretrained(self, directory: str) -> dict[str, int]:
         """Weights from a local directory (layout in `reca.models.loading`); tensors loaded per part."""

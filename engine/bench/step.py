@@ -2,7 +2,7 @@
 one in the same run, against the matmul peak measured in the same run.
 
 Per mode: images/s, tokens/s (the LLM's real tokens, padding aside), achieved TFLOP/s from the
-analytic count (`reca.engine.flops`), MFU against the peak of a large matmul in the step's dtype
+analytic count (`reca.engine.bench.flops`), MFU against the peak of a large matmul in the step's dtype
 (bf16 on CUDA, fp32 on CPU) on model FLOPs (padding and masked-out slots excluded), beside the
 utilisation of what the fixed shapes execute ("executed"), peak CUDA memory, the data-wait fraction, and the GPU-hours the preset's
 published recipe would take at that throughput. JSON (device, library versions, date) goes to
@@ -22,7 +22,7 @@ import torch
 
 from reca.engine.config import RunConfig, apply_overrides
 from reca.engine.data import ImageBatch
-from reca.engine.flops import codec_flops, codec_passes, counted_flops, step_flops
+from reca.engine.bench.flops import codec_flops, codec_passes, counted_flops, step_flops
 from reca.engine.presets import preset as get_preset
 from reca.engine.train import build, next_batches, resolve_device
 

@@ -8,7 +8,7 @@
 
 Backends (`data.decoder`): "dali" (NVIDIA DALI: `mixed` = nvJPEG/nvImageCodec decode on the
 GPU when CUDA is present, its CPU pipeline otherwise), "nvjpeg" (`torchvision.io.decode_jpeg`
-on CUDA; see `data_nvjpeg`), "pil" (no backend: Pillow in the loader's workers). "auto" picks
+on CUDA; see `nvjpeg`), "pil" (no backend: Pillow in the loader's workers). "auto" picks
 dali on CUDA if installed, else nvjpeg on CUDA if torchvision is installed, else pil: on CPU
 Pillow's draft-mode (DCT-scaled) decoding in worker processes beats a full-size decode.
 Formats a backend does not take (`formats`; odd modes, transparency, GIF...) are decoded by
@@ -57,7 +57,7 @@ def make_backend(cfg: Any, views: Any, batch_size: int, device: torch.device) ->
         if dali_available():
             choice = "dali"
         else:
-            from reca.engine.data_nvjpeg import nvjpeg_available
+            from reca.engine.data.backends.nvjpeg import nvjpeg_available
             choice = "nvjpeg" if nvjpeg_available() else "pil"
     if choice == "pil":
         return None
@@ -66,7 +66,7 @@ def make_backend(cfg: Any, views: Any, batch_size: int, device: torch.device) ->
             raise UserError("data.decoder=dali needs NVIDIA DALI: pip install 'reca[dali]' "
                             "(nvidia-dali-cuda130; nvidia-dali-cuda120 for CUDA 12 torch)")
         return DaliBackend(views, cfg, batch_size, device)
-    from reca.engine.data_nvjpeg import NvjpegBackend, nvjpeg_available
+    from reca.engine.data.backends.nvjpeg import NvjpegBackend, nvjpeg_available
     if not cuda or not nvjpeg_available():
         raise UserError("data.decoder=nvjpeg needs CUDA and torchvision")
     return NvjpegBackend(views, cfg, device)

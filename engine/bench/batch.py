@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from reca.engine.bench import RESULTS, SyntheticLoader, _device_name, _sync, _versions, reca_alone, write_report
+from reca.engine.bench.step import RESULTS, SyntheticLoader, _device_name, _sync, _versions, reca_alone, write_report
 from reca.engine.config import apply_overrides
 from reca.engine.presets import preset as get_preset
 from reca.engine.train import build, next_batches, resolve_device
