@@ -26,7 +26,7 @@ $(VENV)/.installed: setup.py | $(BIN)/python
 ifneq ($(HAS_GPU),1)
 	$(PIP) install $(CPU_TORCH)
 endif
-	$(PIP) install -e ".[test,dali]"
+	$(PIP) install -e ".[test,dali,openuni]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -40,6 +40,7 @@ setup(
         "test": ["pytest", "pytest-benchmark", "pyarrow"],
         "bench": ["pytest-benchmark", "liger-kernel"],
         "tensorboard": ["tensorboard"],
+        "openuni": ["diffusers>=0.42"],  # SANA and DC-AE of the openuni family (imported lazily); tested 0.42.1
     },
     entry_points={"console_scripts": ["reca = reca.engine.cli:main"]},
 )

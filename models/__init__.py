@@ -10,8 +10,10 @@ from dataclasses import dataclass
 from typing import Callable, Union
 
 from reca.models.adapter import LossOutput, PromptBatch, PromptTemplate, RecaAdapter, TextTokenizer, ViewSpec
+from reca.models.bagel import BagelConfig, BagelModel
 from reca.models.flow import FlowConfig, FlowModel
 from reca.models.harmon import HarmonConfig, HarmonModel
+from reca.models.openuni import OpenUniConfig, OpenUniModel
 
 
 @dataclass(frozen=True)
@@ -23,9 +25,11 @@ class Family:
 FAMILIES: dict[str, Family] = {
     "flow": Family(FlowConfig, FlowModel),
     "harmon": Family(HarmonConfig, HarmonModel),
+    "bagel": Family(BagelConfig, BagelModel),
+    "openuni": Family(OpenUniConfig, OpenUniModel),
 }
 
-ModelConfig = Union[FlowConfig, HarmonConfig]
+ModelConfig = Union[FlowConfig, HarmonConfig, BagelConfig, OpenUniConfig]
 
 
 def build_model(cfg, ops=None):
@@ -36,5 +40,5 @@ def build_model(cfg, ops=None):
 __all__ = [
     "FAMILIES", "Family", "ModelConfig", "build_model", "RecaAdapter", "ViewSpec",
     "PromptTemplate", "PromptBatch", "LossOutput", "TextTokenizer", "FlowConfig", "FlowModel",
-    "HarmonConfig", "HarmonModel",
+    "HarmonConfig", "HarmonModel", "OpenUniConfig", "OpenUniModel",
 ]

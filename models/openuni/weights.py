@@ -1,0 +1,178 @@
+"""OpenUni weights in and out: OpenUni's checkpoint layout and the public part directories.
+
+OpenUni's model (`OpenUniInternVL3SANAHF`) saves a flat state dict with the prefixes
+`meta_queries`, `connector.`, `projector.`, `transformer.` (diffusers SANA names) and, when its
+frozen parts were saved too, `lmm.` (InternVL3's remote-code names: `vision_model.`, `mlp1.`,
+`language_model.model.`) and `vae.` (diffusers DC-AE names). `OpenUniModel` keeps OpenUni's names
+except inside `lmm.`, which is transformers' `InternVLModel`; `internvl_to_reca` /
+`internvl_from_reca` map between the two (the renaming of transformers'
+convert_internvl_weights_to_hf.py, and its split of the ViT's fused qkv). A directory for
+`load_pretrained` may hold (each part optional, later ones overriding earlier ones):
+
+    DIR/internvl/           InternVL3-1B/2B: the remote-code layout (OpenGVLab/InternVL3-1B) or
+                            transformers' "-hf" layout (model.vision_tower., ...); the LM head is dropped
+    DIR/transformer/        diffusers SanaTransformer2DModel (e.g. Sana_600M_512px_diffusers/transformer)
+    DIR/vae/                diffusers AutoencoderDC (dc-ae-f32c32-sana-1.1-diffusers)
+    DIR/*.pth or DIR/openuni.safetensors   one OpenUni checkpoint (RecA's starting point)
+
+Shapes must match the preset exactly; an error is one line naming the tensor.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from reca.models.harmon.weights import read_checkpoint
+from reca.models.loading import load_into, read_safetensors
+
+TRAINED = ("meta_queries", "connector.", "projector.", "transformer.")  # what RecA changes; export writes these
+REQUIRED = ("meta_queries", "connector.", "projector.")  # an OpenUni checkpoint always holds these
+FROZEN = ("lmm.", "vae.")
+
+# remote-code InternVL name -> transformers InternVLModel name, applied in order (the conversion script's table)
+_TO_RECA = (
+    (r"^language_model\.model\.", "language_model."),
+    (r"^mlp1\.0\.", "multi_modal_projector.layer_norm."),
+    (r"^mlp1\.1\.", "multi_modal_projector.linear_1."),
+    (r"^mlp1\.3\.", "multi_modal_projector.linear_2."),
+    (r"^vision_model\.", "vision_tower."),
+    (r"\.class_embedding$", ".cls_token"),
+    (r"\.position_embedding$", ".position_embeddings"),
+    (r"\.patch_embedding\.", ".patch_embeddings.projection."),
+    (r"\.encoder\.layers\.", ".encoder.layer."),
+    (r"\.ls(\d)$", r".lambda_\1"),
+    (r"\.attn\.proj\.", ".attention.projection_layer."),
+    (r"\.attn\.", ".attention."),
+    (r"\.norm1\.", ".layernorm_before."),
+    (r"\.norm2\.", ".layernorm_after."),
+)
+_TO_REMOTE = (
+    (r"^language_model\.", "language_model.model."),
+    (r"^multi_modal_projector\.layer_norm\.", "mlp1.0."),
+    (r"^multi_modal_projector\.linear_1\.", "mlp1.1."),
+    (r"^multi_modal_projector\.linear_2\.", "mlp1.3."),
+    (r"^vision_tower\.", "vision_model."),
+    (r"\.cls_token$", ".class_embedding"),
+    (r"\.position_embeddings$", ".position_embedding"),
+    (r"\.patch_embeddings\.projection\.", ".patch_embedding."),
+    (r"\.encoder\.layer\.", ".encoder.layers."),
+    (r"\.lambda_(\d)$", r".ls\1"),
+    (r"\.attention\.projection_layer\.", ".attn.proj."),
+    (r"\.attention\.", ".attn."),
+    (r"\.layernorm_before\.", ".norm1."),
+    (r"\.layernorm_after\.", ".norm2."),
+)
+
+
+def _rename(key: str, table) -> str:
+    for pattern, repl in table:
+        key = re.sub(pattern, repl, key)
+    return key
+
+
+def internvl_to_reca(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """InternVL3 tensors in the remote-code layout (or transformers' "-hf" layout) -> the names of
+    `OpenUniModel.lmm`; the fused ViT `attn.qkv` is split into q/k/v (rows in that order); the LM
+    head is dropped (OpenUni never reads logits)."""
+    if any(k.startswith(("vision_tower.", "model.vision_tower.")) for k in state):  # already transformers'
+        out = {}
+        for k, v in state.items():
+            k = k[len("model."):] if k.startswith("model.") else k
+            k = "language_model." + k[len("language_model.model."):] if k.startswith("language_model.model.") else k
+            if not k.startswith(("lm_head.", "language_model.lm_head.")):
+                out[k] = v
+        return out
+    out = {}
+    for key, value in state.items():
+        if key.startswith("language_model.lm_head."):
+            continue
+        new = _rename(key, _TO_RECA)
+        if new.endswith((".attention.qkv.weight", ".attention.qkv.bias")):
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
+                out[new.replace(".qkv.", f".{name}.")] = part
+        else:
+            out[new] = value
+    return out
+
+
+def internvl_from_reca(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of `internvl_to_reca` for `lmm.` tensors (names without the prefix): InternVL3's
+    remote-code layout, q/k/v fused back into `attn.qkv`."""
+    out, qkv = {}, {}
+    for key, value in state.items():
+        m = re.search(r"\.attention\.([qkv])_proj\.(weight|bias)$", key)
+        if m and key.startswith("vision_tower."):
+            qkv.setdefault(key[: m.start()] + f".attention.qkv.{m.group(2)}", {})[m.group(1)] = value
+        else:
+            out[_rename(key, _TO_REMOTE)] = value
+    for key, parts in qkv.items():
+        out[_rename(key, _TO_REMOTE)] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+    return out
+
+
+def openuni_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trained tensors under OpenUni's names (queries, connector, projector, SANA)."""
+    return {k: v for k, v in model.state_dict().items() if k.startswith(TRAINED)}
+
+
+def export_openuni(model: torch.nn.Module, path: str | Path) -> Path:
+    """Write the trained parts where OpenUni's `load_state_dict(strict=False)` reads them
+    (`pretrained_pth`): `.safetensors` or a torch `.pth`. The frozen InternVL3 and DC-AE are the
+    public ones and are not written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").clone().contiguous() for k, v in openuni_state_dict(model).items()}
+    if path.suffix == ".safetensors":
+        save_file(state, str(path), metadata={"format": "pt"})
+    else:
+        torch.save(state, path)
+    return path
+
+
+def load_openuni_checkpoint(model: torch.nn.Module, path: str | Path) -> int:
+    """Copy an OpenUni checkpoint into `model`; returns how many tensors were set. Queries,
+    connector and projector must all be present; SANA, InternVL3 (`lmm.`, remote-code names)
+    and DC-AE may be; nothing else may."""
+    state = read_checkpoint(path)
+    unexpected = sorted(k for k in state if not k.startswith(TRAINED + FROZEN))
+    if unexpected:
+        raise ValueError(f"{path}: {len(unexpected)} keys that an OpenUni model does not have, e.g. {unexpected[0]}")
+    lmm = internvl_to_reca({k[len("lmm."):]: v for k, v in state.items() if k.startswith("lmm.")})
+    state = {k: v for k, v in state.items() if not k.startswith("lmm.")} | {f"lmm.{k}": v for k, v in lmm.items()}
+    own = model.state_dict()
+    unknown = sorted(k for k in state if k not in own)
+    if unknown:
+        raise ValueError(f"{path}: {unknown[0]} is not a tensor of this OpenUni preset")
+    params = {n for n, _ in model.named_parameters() if n.startswith(REQUIRED)}
+    missing = sorted(params - state.keys())
+    if missing:
+        raise ValueError(f"{path}: the checkpoint lacks {len(missing)} parameters, e.g. {missing[0]}")
+    return load_into(model, state, str(path), strict=False)
+
+
+def load_pretrained(model: torch.nn.Module, directory: str | Path) -> dict[str, int]:
+    """Load whatever parts `directory` holds (see the module docstring); a file is read as an
+    OpenUni checkpoint. Returns the number of tensors set per part."""
+    root = Path(directory)
+    if root.is_file():
+        return {"openuni": load_openuni_checkpoint(model, root)}
+    if not root.is_dir():
+        raise ValueError(f"--init-from directory not found: {root}")
+    loaded: dict[str, int] = {}
+    if (root / "internvl").is_dir():
+        loaded["internvl"] = load_into(model.lmm, internvl_to_reca(read_safetensors(root / "internvl")), "internvl")
+    for part in ("transformer", "vae"):
+        if (root / part).is_dir():
+            loaded[part] = load_into(getattr(model, part), read_safetensors(root / part), part)
+    checkpoints = sorted(root.glob("*.pth")) + [p for p in (root / "openuni.safetensors",) if p.exists()]
+    if len(checkpoints) > 1:
+        names = ", ".join(p.name for p in checkpoints)
+        raise ValueError(f"{root} holds {len(checkpoints)} OpenUni checkpoints ({names}); keep one")
+    if checkpoints:
+        loaded["openuni"] = load_openuni_checkpoint(model, checkpoints[0])
+    if not loaded:
+        raise ValueError(f"{root} holds none of internvl/, transformer/, vae/, *.pth, openuni.safetensors")
+    return loaded
