@@ -21,7 +21,7 @@ setup(
     python_requires=">=3.10",
     packages=list(PACKAGES),
     package_dir=PACKAGES,
-    package_data={"reca.engine": ["prompts/*.txt"]},
+    package_data={"reca.engine": ["prompts/*.txt"], "reca.models.showo": ["*.pt"]},
     install_requires=[
         "torch>=2.11",
         "transformers>=5.0",
