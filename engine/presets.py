@@ -10,6 +10,8 @@ from reca.models.flow import FlowConfig, SiglipShape
 from reca.models.layers import Qwen2Shape
 from reca.models.harmon import HarmonConfig
 from reca.models.harmon.mar import MARShape
+from reca.models.showo import ClipShape, PhiShape, ShowoConfig
+from reca.models.showo import CodecConfig as ShowoCodecConfig
 from reca.models.vae import VAEConfig, flux_vae_config, kl16_config
 
 
@@ -137,9 +139,69 @@ def harmon_1_5b() -> RunConfig:
     )
 
 
+def showo_tiny() -> RunConfig:
+    """Show-o (CLIP variant) at CPU scale: a 2-layer Phi (128 wide) over reca's tiny tokenizer,
+    the 10 Show-o specials, 256 image codes and the mask token; a 1-layer CLIP tower (32 px, 8 px
+    patches: 16 visual tokens) and the pixel-patch codebook fitted on the demo photographs (4 x 4
+    patches: 64 codes, previews viewable). Show-o's recipe otherwise: stretched, unflipped, no
+    instruction dropout; CLIP tower and codebook frozen. About a second a step on two cores."""
+    return RunConfig(
+        preset="showo-tiny",
+        model=ShowoConfig(
+            llm=PhiShape(hidden_size=128, intermediate_size=512, num_layers=2, num_heads=4, max_position=1024),
+            clip=ClipShape(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2, image_size=32,
+                           patch_size=8),
+            codec=ShowoCodecConfig(kind="patch", patch=4),
+            image_size=32,
+        ),
+        data=DataConfig(source="demo", batch_size=8, crop_scale=1.0, hflip=False),
+        sample=SampleConfig(max_text_tokens=32, fixed_prob=0.0),
+        optim=OptimConfig(lr=1e-3, warmup_steps=20, weight_decay=0.01, schedule="cosine", min_lr_ratio=0.1),
+        train=TrainConfig(steps=1200, precision="fp32"),
+        output=OutputConfig(dir="runs/showo-tiny", log_every=10, ckpt_every=200, preview_every=400, preview_steps=8),
+    )
+
+
+def _showo(name: str, size: int, batch: int) -> RunConfig:
+    """Show-o-RecA (CLIP), RecA's showo_reca_clip.yaml / showo_reca_256_clip.yaml: Phi-1.5 over
+    the 58,498-token vocabulary, CLIP-ViT-L/14-336 (576 tokens) through mm_projector, MAGVIT-v2
+    codes of the stretched image; AdamW lr 5e-7, betas (0.9, 0.999), weight decay 0.01, cosine
+    after 1000 warm-up steps, no clipping, bf16 on CUDA; recon and image-to-text in every step
+    (each at weight 1.0: cycle recon, caption with accumulation 10 = upstream's 5 micro-steps
+    of recon + mmu; the engine averages over the 10, so the step's gradient is half upstream's
+    sum, which AdamW does not see). Phi and mm_projector train; CLIP and MAGVIT-v2 frozen. The
+    real tokenizer is Phi-1.5's: --set model.tokenizer=DIR; captioned images: mix.caption_source.
+    Steps: 10,000 (the 256 config; the 512 config sets 1,000,000 and the published runs' count
+    is not stated)."""
+    return RunConfig(
+        preset=name,
+        model=ShowoConfig(llm=PhiShape(), llm_vocab_size=50295, clip=ClipShape(),
+                          codec=ShowoCodecConfig(kind="magvit2"), image_size=size),
+        data=DataConfig(batch_size=batch, num_workers=8, crop_scale=1.0, hflip=False),
+        # text part of the recon prompt: template + 116 instruction tokens ~ upstream's 128
+        sample=SampleConfig(max_text_tokens=116, fixed_prob=0.0),
+        mix=MixConfig(cycle=("recon", "caption"), max_answer_tokens=256),
+        optim=OptimConfig(lr=5e-7, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, warmup_steps=1000,
+                          schedule="cosine", min_lr_ratio=0.0, clip_grad=0.0, grad_accum=10),
+        train=TrainConfig(steps=10_000, checkpoint_every=1),
+        output=OutputConfig(dir=f"runs/{name}", log_every=10, ckpt_every=1000, preview_every=1000, preview_steps=18),
+    )
+
+
+def showo_1_3b_256() -> RunConfig:
+    """Show-o-RecA (CLIP) at 256 px: 256 codes; 4 recon + 4 image-to-text images a micro-step."""
+    return _showo("showo-1.3b-256", 256, 4)
+
+
+def showo_1_3b_512() -> RunConfig:
+    """Show-o-512x512-RecA (CLIP): 1024 codes; 2 recon + 2 image-to-text images a micro-step."""
+    return _showo("showo-1.3b-512", 512, 2)
+
+
 PRESETS: dict[str, Callable[[], RunConfig]] = {
     "tiny": tiny, "flow-7b": flow_7b,
     "harmon-tiny": harmon_tiny, "harmon-0.5b": harmon_0_5b, "harmon-1.5b": harmon_1_5b,
+    "showo-tiny": showo_tiny, "showo-1.3b-256": showo_1_3b_256, "showo-1.3b-512": showo_1_3b_512,
 }
 
 

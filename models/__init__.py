@@ -9,11 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Union
 
-from reca.models.adapter import LossOutput, PromptBatch, PromptTemplate, RecaAdapter, TextTokenizer, ViewSpec
+from reca.models.adapter import (CaptionBatch, LossOutput, PromptBatch, PromptTemplate, RecaAdapter, ReconBatch,
+                                 SampleBatch, TextTokenizer, ViewSpec)
+from reca.models.base import Conditioning, RecaModule
 from reca.models.bagel import BagelConfig, BagelModel
 from reca.models.flow import FlowConfig, FlowModel
 from reca.models.harmon import HarmonConfig, HarmonModel
 from reca.models.openuni import OpenUniConfig, OpenUniModel
+from reca.models.showo import ShowoConfig, ShowoModel
 
 
 @dataclass(frozen=True)
@@ -27,9 +30,17 @@ FAMILIES: dict[str, Family] = {
     "harmon": Family(HarmonConfig, HarmonModel),
     "bagel": Family(BagelConfig, BagelModel),
     "openuni": Family(OpenUniConfig, OpenUniModel),
+    "showo": Family(ShowoConfig, ShowoModel),
 }
 
-ModelConfig = Union[FlowConfig, HarmonConfig, BagelConfig, OpenUniConfig]
+ModelConfig = Union[FlowConfig, HarmonConfig, BagelConfig, OpenUniConfig, ShowoConfig]
+
+
+def register_family(name: str, config: type, build: Callable) -> None:
+    """Make a family known by name: `config` a dataclass with a `family` field (its default,
+    `name`), `build(config, ops)` an nn.Module implementing the adapter protocol. Another
+    repository plugs its model into `reca.train` / `reca train` with this (README)."""
+    FAMILIES[name] = Family(config, build)
 
 
 def build_model(cfg, ops=None):
@@ -38,7 +49,8 @@ def build_model(cfg, ops=None):
 
 
 __all__ = [
-    "FAMILIES", "Family", "ModelConfig", "build_model", "RecaAdapter", "ViewSpec",
+    "FAMILIES", "Family", "ModelConfig", "build_model", "register_family", "RecaModule", "Conditioning",
+    "ReconBatch", "CaptionBatch", "SampleBatch", "RecaAdapter", "ViewSpec",
     "PromptTemplate", "PromptBatch", "LossOutput", "TextTokenizer", "FlowConfig", "FlowModel",
     "HarmonConfig", "HarmonModel", "OpenUniConfig", "OpenUniModel",
 ]

@@ -238,3 +238,17 @@ def test_phi_directory_fills_the_text_rows(tmp_path):
     assert torch.equal(m.showo.lm_head.bias[:t], phi.lm_head.bias[:t])
     assert torch.equal(m.showo.model.embed_tokens.weight[t:], before)
     assert torch.equal(m.showo.model.layers[1].mlp.fc2.weight, phi.model.layers[1].mlp.fc2.weight)
+
+
+def test_presets_build_and_count_on_meta():
+    from reca.engine.bench.info import describe
+    from reca.engine.presets import preset
+
+    info = describe(preset("showo-1.3b-512"))
+    assert info["family"] == "showo" and info["modules"]["showo"]["parameters"] == 1_448_170_626
+    assert info["modules"]["mm_projector"] == {"parameters": 6_295_552, "trainable": True}
+    assert not info["modules"]["clip"]["trainable"] and not info["modules"]["vq"]["trainable"]
+    small = describe(preset("showo-1.3b-256"))
+    assert small["parameters"] == info["parameters"] and small["shapes"]["batch"] == 4
+    tiny = preset("showo-tiny")
+    assert tiny.model.visual == "clip" and tiny.sample.fixed_prob == 0.0
