@@ -1,0 +1,69 @@
+"""BAGEL-7B-MoT's released layout in and out.
+
+The release holds `Bagel.state_dict()` dumped whole (FSDP FULL_STATE_DICT): `model.safetensors`
+and `ema.safetensors` with keys `language_model.*`, `vit_model.vision_model.*`, `connector.*`,
+`time_embedder.mlp.{0,2}.*`, `vae2llm.*`, `llm2vae.*` and the two fixed tables
+`latent_pos_embed.pos_embed` / `vit_pos_embed.pos_embed`, which BAGEL pops on load and rebuilds;
+the FLUX VAE is a separate `ae.safetensors` (LDM AutoencoderKL keys) [R: FAMILY_FACTS A2]. The
+exact key strings are derived from BAGEL's module names, which `BagelModel` reuses, so loading
+and export are a filter, never a renaming table.
+
+A directory for `load_bagel` holds `ema.safetensors` (preferred: RecA starts model and EMA from
+it) or `model.safetensors`, and optionally `ae.safetensors`. Shapes must match exactly; every
+parameter outside the VAE must be present; an error is one line naming the tensor.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from reca.models.loading import load_into, read_safetensors
+
+FIXED_TABLES = ("latent_pos_embed.pos_embed", "vit_pos_embed.pos_embed")
+
+
+def bagel_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor of the release's `model.safetensors`, by its key: all parameters but the
+    VAE's, plus the two fixed sin-cos tables."""
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("codec.")}
+    for key in FIXED_TABLES:
+        state[key] = model.get_buffer(key)
+    return state
+
+
+def export_bagel(model: torch.nn.Module, path: str | Path) -> Path:
+    """Write `path` (a `.safetensors` file, or a directory that receives `model.safetensors`)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        path = path / "model.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in bagel_state_dict(model).items()}
+    save_file(state, str(path), metadata={"format": "pt"})
+    return path
+
+
+def load_bagel(model: torch.nn.Module, directory: str | Path) -> dict[str, int]:
+    """Load a BAGEL checkpoint directory into `model`; returns tensors set per file."""
+    root = Path(directory)
+    if not root.is_dir():
+        raise ValueError(f"--init-from directory not found: {root}")
+    weights = next((root / f for f in ("ema.safetensors", "model.safetensors") if (root / f).exists()), None)
+    if weights is None:
+        raise ValueError(f"{root} holds neither ema.safetensors nor model.safetensors (BAGEL's layout)")
+    state = read_safetensors(weights)
+    for key in FIXED_TABLES:  # rebuilt from the config, as BAGEL does
+        state.pop(key, None)
+    own = {k for k in model.state_dict() if not k.startswith("codec.")}
+    unknown = sorted(set(state) - own)
+    if unknown:
+        raise ValueError(f"{weights.name}: {len(unknown)} keys this model does not have, e.g. {unknown[0]} "
+                         "(a different layer_module or shape?)")
+    missing = sorted(own - set(state))
+    if missing:
+        raise ValueError(f"{weights.name}: the checkpoint lacks {len(missing)} tensors, e.g. {missing[0]}")
+    loaded = {weights.name: load_into(model, state, weights.name, strict=False)}
+    if (root / "ae.safetensors").exists():
+        loaded["ae.safetensors"] = load_into(model.codec, read_safetensors(root / "ae.safetensors"), "ae.safetensors")
+    return loaded
