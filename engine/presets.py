@@ -5,6 +5,7 @@ from typing import Callable
 
 from reca.engine.config import DataConfig, MixConfig, OptimConfig, OutputConfig, RunConfig, SampleConfig, TrainConfig
 from reca.engine.errors import UserError
+from reca.models.bagel import BagelConfig, VitShape
 from reca.models.harmon.diffhead import DiffHeadShape
 from reca.models.flow import FlowConfig, SiglipShape
 from reca.models.layers import Qwen2Shape
@@ -198,9 +199,62 @@ def showo_1_3b_512() -> RunConfig:
     return _showo("showo-1.3b-512", 512, 2)
 
 
+def bagel_tiny() -> RunConfig:
+    """BAGEL (Mixture-of-Transformers) at CPU scale, every part real and small: a 2-layer MoT
+    (128 wide, both experts), a 2-layer SigLIP NaViT (32 px, 16 visual tokens), 8 samples packed
+    into one 1024-token sequence with the split-mode mask, text dropped with p 0.1. The VAE is the
+    pixel-patch stand-in of `tiny` (a random frozen KL would make previews unreadable). BAGEL's
+    RecA split: ViT, connector and understanding expert frozen; the generation side learns."""
+    return RunConfig(
+        preset="bagel-tiny",
+        model=BagelConfig(
+            llm=Qwen2Shape(vocab_size=1024, hidden_size=128, intermediate_size=256, num_layers=2,
+                           num_heads=4, num_kv_heads=2, max_position=1024),
+            vit=VitShape(hidden_size=64, intermediate_size=128, num_layers=3, num_heads=2, image_size=32,
+                         patch_size=8, max_side=4),
+            vae=VAEConfig(kind="patch", patch=2),
+            gen_size=32, latent_patch=2, max_latent_size=8,
+        ),
+        data=DataConfig(source="demo", batch_size=8),
+        sample=SampleConfig(max_text_tokens=32, fixed_prob=0.0),  # BAGEL drops the text split instead
+        optim=OptimConfig(lr=1e-3, warmup_steps=20, weight_decay=0.0, schedule="cosine", min_lr_ratio=0.1),
+        train=TrainConfig(steps=600, precision="fp32"),
+        output=OutputConfig(dir="runs/bagel-tiny", log_every=10, ckpt_every=200, preview_every=300, preview_steps=16),
+    )
+
+
+def bagel_7b_mot() -> RunConfig:
+    """BAGEL-7B-MoT's RecA run (FAMILY_FACTS.md A9): Qwen2-7B-shaped MoT (3584 wide, 28 layers,
+    28 heads, 4 KV heads, MLP 18944, two experts), SigLIP so400m/14 NaViT at 224 px (26 of 27
+    layers, 256 tokens, 70-patch tables), FLUX VAE at 1024 px (4096 latent tokens in 2 x 2
+    patches, 64-token tables), 8 samples a pack (~36k tokens, BAGEL's max_num_tokens 36864).
+    AdamW lr 4e-5, betas (0.9, 0.95), eps 1e-15, no weight decay, 1000 warm-up steps then
+    constant, clip 1.0; text dropped with p 0.1 (no fixed instruction); activation checkpointing
+    on every block. The public script sets no step count (A9): 5,000 is our choice."""
+    return RunConfig(
+        preset="bagel-7b-mot",
+        model=BagelConfig(
+            llm=Qwen2Shape(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28,
+                           num_heads=28, num_kv_heads=4, rope_theta=1_000_000.0, max_position=32768),
+            vit=VitShape(hidden_size=1152, intermediate_size=4304, num_layers=27, num_heads=16, image_size=224,
+                         patch_size=14, max_side=70),
+            vae=VAEConfig(kind="kl", kl=flux_vae_config()),
+            gen_size=1024, latent_patch=2, max_latent_size=64,
+        ),
+        data=DataConfig(batch_size=8, num_workers=8),
+        sample=SampleConfig(max_text_tokens=128, fixed_prob=0.0),
+        optim=OptimConfig(lr=4e-5, betas=(0.9, 0.95), eps=1e-15, weight_decay=0.0, warmup_steps=1000,
+                          schedule="constant", clip_grad=1.0),
+        train=TrainConfig(steps=5_000, checkpoint_every=1),
+        output=OutputConfig(dir="runs/bagel-7b-mot", log_every=10, ckpt_every=250, preview_every=1000,
+                            preview_steps=30),
+    )
+
+
 PRESETS: dict[str, Callable[[], RunConfig]] = {
     "tiny": tiny, "flow-7b": flow_7b,
     "harmon-tiny": harmon_tiny, "harmon-0.5b": harmon_0_5b, "harmon-1.5b": harmon_1_5b,
+    "bagel-tiny": bagel_tiny, "bagel-7b-mot": bagel_7b_mot,
     "showo-tiny": showo_tiny, "showo-1.3b-256": showo_1_3b_256, "showo-1.3b-512": showo_1_3b_512,
 }
 
