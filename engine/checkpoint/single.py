@@ -1,40 +1,26 @@
-"""Checkpoints that survive a crash mid-write and resume a run exactly.
+"""Checkpoints that survive a crash mid-write, refuse damaged bytes and resume a run exactly.
 
 A checkpoint holds the trainable parameters (frozen ones are rebuilt from the seed or
-`train.init_from` at start), the optimizer and scheduler, every RNG state and the data
-position. It is written to a temporary file in the run directory, flushed, then renamed over
-the previous one: a reader sees the old checkpoint or the new one, never half of either.
+`train.init_from` at start, and their fingerprint is stored to prove it), the optimizer and
+scheduler, every RNG state, the data position and the run's config. It is one file,
+`RUN/checkpoint.pt`, written atomically with a sha256 of its bytes (`integrity`): a reader
+sees the old checkpoint or the new one, never half of either, and never a changed byte.
+Every fault a user can meet (damaged, empty, foreign, another preset's, a full disk) is a
+one-line `UserError`.
 """
 from __future__ import annotations
 
-import os
-import tempfile
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from reca.engine.checkpoint.integrity import atomic_save, verified_load
+from reca.engine.errors import UserError
+
 CHECKPOINT = "checkpoint.pt"
-
-
-def atomic_save(obj: Any, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+REQUIRED = ("step", "model", "optimizer", "scheduler", "data", "rng")
 
 
 def rng_state(generator: torch.Generator) -> dict[str, Any]:
@@ -55,19 +41,38 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor], *, source: str = "the checkpoint") -> None:
+    """Copy `state` into the model's trainable parameters. Every name and shape is checked
+    before anything is copied: a mismatch raises a `UserError` naming the tensor, and the
+    model is left as it was."""
     params = dict(model.named_parameters())
+    for name, value in state.items():
+        p = params.get(name)
+        if p is None:
+            raise UserError(f"{source} holds tensor {name}, which this model does not have "
+                            "(a checkpoint of another preset or model config?)")
+        if not p.requires_grad:
+            raise UserError(f"{source} trains tensor {name}, which this model keeps frozen "
+                            "(a checkpoint of another preset or model config?)")
+        if not isinstance(value, torch.Tensor):
+            raise UserError(f"{source}: entry {name} is not a tensor")
+        if value.shape != p.shape:
+            raise UserError(f"{source}: tensor {name} has shape {list(value.shape)}, this model's is "
+                            f"{list(p.shape)} (a checkpoint of another preset or model config?)")
     missing = [n for n, p in params.items() if p.requires_grad and n not in state]
     if missing:
-        raise ValueError(f"checkpoint lacks {len(missing)} trainable parameters, e.g. {missing[0]}")
+        raise UserError(f"{source} lacks {len(missing)} trainable tensor(s) of this model, e.g. {missing[0]} "
+                        "(a checkpoint of another preset or model config?)")
     with torch.no_grad():
         for name, value in state.items():
             params[name].copy_(value)
 
 
 def save_checkpoint(run_dir: str | Path, *, step: int, model, optimizer, scheduler, data: dict, generator,
-                    extra=None) -> Path:
-    """`data`: the loaders' positions (`Components.data_state()`)."""
+                    config: dict | None = None, frozen: dict[str, str] | None = None, extra=None) -> Path:
+    """`data`: the loaders' positions (`Components.data_state()`); `config`: the run's
+    `RunConfig.to_dict()` (a resume compares it, `guard.resume_conflicts`); `frozen`: the
+    frozen parameters' fingerprint (`guard.frozen_fingerprint`, computed once at start)."""
     path = Path(run_dir) / CHECKPOINT
     atomic_save(
         {
@@ -77,6 +82,8 @@ def save_checkpoint(run_dir: str | Path, *, step: int, model, optimizer, schedul
             "scheduler": scheduler.state_dict(),
             "data": data,
             "rng": rng_state(generator),
+            "config": json.dumps(config) if config is not None else "",  # a string: weights_only loads it
+            "frozen": frozen or {},
             "extra": extra or {},
         },
         path,
@@ -85,4 +92,48 @@ def save_checkpoint(run_dir: str | Path, *, step: int, model, optimizer, schedul
 
 
 def load_checkpoint(run_dir: str | Path, map_location="cpu") -> dict[str, Any]:
-    return torch.load(Path(run_dir) / CHECKPOINT, map_location=map_location, weights_only=True)
+    """RUN/checkpoint.pt, checksum verified and weights-only; `config` comes back as a dict
+    (empty when the writer gave none). Faults are one-line `UserError`s naming the file."""
+    path = Path(run_dir) / CHECKPOINT
+    if not path.exists():
+        raise UserError(f"nothing to resume: {path} does not exist")
+    ckpt = verified_load(path, map_location)
+    if not isinstance(ckpt, dict):
+        raise UserError(f"{path} is not a reca checkpoint: it holds a {type(ckpt).__name__}, not a dict")
+    for key in REQUIRED:
+        if key not in ckpt:
+            raise UserError(f"{path} is not a reca run's checkpoint: it lacks {key!r}")
+    if not isinstance(ckpt["step"], int) or ckpt["step"] < 0:
+        raise UserError(f"{path}: its step is {ckpt['step']!r}, not a count of optimizer steps")
+    if not isinstance(ckpt["model"], dict):
+        raise UserError(f"{path}: 'model' is not a dict of tensors")
+    try:
+        ckpt["config"] = json.loads(ckpt["config"]) if ckpt.get("config") else {}
+    except (TypeError, ValueError):
+        raise UserError(f"{path}: the config stored in it does not parse") from None
+    ckpt.setdefault("frozen", {})
+    return ckpt
+
+
+def restore(ckpt: dict[str, Any], *, model, optimizer, scheduler, generator, source: str = "the checkpoint") -> int:
+    """Load weights, optimizer, scheduler and RNG states from a `load_checkpoint` dict; returns
+    its step. The data position is the caller's (`Components.load_data_state(ckpt["data"])`)."""
+    load_trainable(model, ckpt["model"], source=source)
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{source}: its optimizer state does not fit this run ({e})") from None
+    try:
+        set_rng_state(ckpt["rng"], generator)
+    except (RuntimeError, KeyError, TypeError) as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{source}: its random-number state does not fit this device ({first}); "
+                        "resume on the device type that wrote it") from None
+    return ckpt["step"]
+
+
+def checkpoint_bytes(params: list[torch.nn.Parameter]) -> int:
+    """About how many bytes a checkpoint of these trainable parameters takes: the weights and
+    AdamW's two moments of the same size (the rest is small)."""
+    return sum(3 * p.numel() * p.element_size() for p in params)
