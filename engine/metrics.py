@@ -5,21 +5,29 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from reca.engine.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
 class MetricsWriter:
+    """Appends rows to RUN/metrics.jsonl, one JSON object a line. On resume the lines past the
+    checkpoint's step go (the resumed run writes them again), and so does a torn last line a
+    kill mid-write left: the next line written is always valid JSON on its own line."""
+
     def __init__(self, run_dir: str | Path, tensorboard: bool = True, resume_step: int = 0):
         self.path = Path(run_dir) / "metrics.jsonl"
         if resume_step == 0:
             self.path.unlink(missing_ok=True)
-        else:  # drop lines past the checkpoint: the resumed run writes them again
+        else:
             self._truncate(resume_step)
         self.tb = None
         if tensorboard:
@@ -33,13 +41,23 @@ class MetricsWriter:
     def _truncate(self, step: int) -> None:
         if not self.path.exists():
             return
-        keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in keep))
+        keep = [row for row in read_metrics(self.path.parent) if row["step"] <= step]
+        text = "".join(json.dumps(row) + "\n" for row in keep)
+        # atomically: a kill during this rewrite must not lose the lines before the checkpoint
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
     def write(self, rows: list[dict]) -> None:
         with self.path.open("a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+            f.write("".join(json.dumps(row) + "\n" for row in rows))  # one write: a kill tears one line at most
         if self.tb is not None:
             for row in rows:
                 for key, value in row.items():
@@ -52,8 +70,26 @@ class MetricsWriter:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The rows of RUN/metrics.jsonl. A last line that does not parse (a kill mid-write tore
+    it) is skipped; a bad line anywhere else is a one-line `UserError` naming it."""
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+    if not path.exists():
+        return []
+    lines = path.read_text(errors="replace").splitlines()
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError("not a row with a step")
+        except ValueError:
+            if i == len(lines) - 1:
+                break  # torn by a kill: the resumed run writes it again
+            raise UserError(f"{path} line {i + 1} is not a metrics row (edited by hand?)") from None
+        rows.append(row)
+    return rows
 
 
 def plot_loss(run_dir: str | Path) -> Path | None:
