@@ -1,5 +1,5 @@
 """Speed applied from outside the model: per-block torch.compile, the kernel ops compiled into
-graphs, selective activation checkpointing, the attention implementation.
+graphs, activation checkpointing over the same blocks, the attention implementation.
 
 Nothing here runs at import and no global compiler flag is set: `apply_compile` calls
 `Module.compile` on each repeated block (state-dict names do not change, so checkpoints and
@@ -51,25 +51,36 @@ def compile_ops(ops: KernelOps) -> KernelOps:
     return ops.map(lambda _, op: torch.compile(op, fullgraph=True, dynamic=False))
 
 
-def apply_checkpointing(model: nn.Module, every: int) -> int:
-    """Selective activation checkpointing: recompute every `every`-th block in the backward
-    (1 = all, 2 = half ...), trading compute for activation memory; 0 leaves the model's own
-    `gradient_checkpointing` setting. Applies to Hugging Face layers (Qwen2, SigLIP); returns
-    the number of blocks checkpointed."""
+def apply_checkpointing(model: nn.Module, every: int) -> list[str]:
+    """Activation checkpointing from outside, over the blocks `apply_compile` compiles: every
+    `every`-th trainable block (1 = all, 2 = half ...; 0 = none) recomputes its forward in the
+    backward, trading compute for activation memory. The block's `forward` is wrapped on the
+    instance, so parameter names, `Module.compile` (applied after, as torchtitan orders them) and
+    later sharding see the same module. Frozen blocks are left alone (no activation they keep is
+    needed by a gradient of theirs). Returns the names of the blocks checkpointed."""
     if every <= 0:
-        return 0
-    from torch.utils.checkpoint import checkpoint
-
+        return []
     from reca.models.layers import checkpoint_kwargs
 
-    n = 0
-    for i, (_, block) in enumerate(find_blocks(model)):
-        if not hasattr(block, "_gradient_checkpointing_func") and not hasattr(type(block), "gradient_checkpointing"):
-            continue
-        block.gradient_checkpointing = i % every == 0
-        block._gradient_checkpointing_func = functools.partial(checkpoint, **checkpoint_kwargs(block))
-        n += block.gradient_checkpointing
-    return n
+    trainable = [(n, b) for n, b in find_blocks(model) if any(p.requires_grad for p in b.parameters())]
+    done = []
+    for i, (name, block) in enumerate(trainable):
+        if i % every == 0:
+            block.forward = _checkpointed(block.forward, checkpoint_kwargs(block))
+            done.append(name)
+    return done
+
+
+def _checkpointed(forward, kwargs: dict):
+    from torch.utils.checkpoint import checkpoint
+
+    @functools.wraps(forward)
+    def run(*args, **kw):
+        if not torch.is_grad_enabled():  # previews, evaluation: nothing to save or recompute
+            return forward(*args, **kw)
+        return checkpoint(forward, *args, **kwargs, **kw)
+
+    return run
 
 
 def set_attention(model: nn.Module, name: str) -> None:

@@ -1,14 +1,17 @@
 """The whole optimizer step in one CUDA graph: forward, backward, clipping, accumulation over
 the micro-batches, the non-finite skip and fused AdamW, captured once and replayed.
 
-    update = GraphStep(optimizer_update)       # reca.engine.train builds it for train.cuda_graph
-    loss, grad_norm, skipped = update(c, batches)
+    update = GraphStep(train_step)             # reca.engine.build builds it for train.cuda_graph
+    metrics = update(c, batches)               # the step's device scalars, replayed in place
 
 What makes the step capturable (the rest of the engine keeps to it):
 - shapes never change: prompts are padded to P, images have the model's view sizes, the
   micro-batch count is `optim.grad_accum`;
 - inputs are static buffers: each call copies the batches into them (device to device; the
-  loader's pinned host memory or fixed CUDA decode buffers, copied asynchronously upstream);
+  loader's pinned host memory or fixed CUDA decode buffers, copied asynchronously upstream).
+  The buffers are a twin of the micro-batches' structure (any dataclasses, lists, tuples, dicts
+  of tensors: a pytree), so every objective's batch type is captured the same way; tensors
+  that are one object in the batch (shared views: `gen is und`) stay one buffer;
 - gradients live across replays and are zeroed in place (`zero_grad(set_to_none=False)`);
 - AdamW is fused and capturable with its lr a device tensor that the scheduler fills in place;
   its `found_inf` input (the 0/1 skip flag computed in the graph) skips a non-finite update;
@@ -23,13 +26,12 @@ execute the work, so every call performs exactly one optimizer step, as the eage
 """
 from __future__ import annotations
 
-import copy
-from typing import Callable
+import dataclasses
+from typing import Any, Callable
 
 import torch
 
 from reca.engine.errors import UserError
-from reca.models.adapter import PromptBatch
 
 
 class GraphStep:
@@ -40,15 +42,14 @@ class GraphStep:
         self.calls = 0
         self.static: list | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.out: tuple | None = None
+        self.out: dict[str, torch.Tensor] | None = None
         self.stream: torch.cuda.Stream | None = None
 
-    def __call__(self, c, batches: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __call__(self, c, batches: list) -> dict[str, torch.Tensor]:
         if self.static is None:
-            self.static = [_like(b) for b in batches]
+            self.static = _twin(batches, {})
             self.stream = torch.cuda.Stream(c.device)
-        for dst, src in zip(self.static, batches):
-            _fill(dst, src)
+        _fill(self.static, batches)
         if self.calls < self.warmup:
             self.calls += 1
             return self._side_stream(lambda: self.update(c, self.static))
@@ -74,24 +75,56 @@ class GraphStep:
         return out
 
 
-def _like(batch):
-    """A static twin of a micro-batch: same structure, fresh device tensors."""
-    twin = copy.copy(batch)
-    twin.und = _empty(batch.und)
-    twin.gen = twin.und if batch.gen is batch.und else _empty(batch.gen)  # shared views stay one buffer
-    twin.prompt = PromptBatch(torch.empty_like(batch.prompt.input_ids), torch.empty_like(batch.prompt.mask))
-    twin.answer_ids, twin.answer_mask = _empty(batch.answer_ids), _empty(batch.answer_mask)
-    return twin
+def _twin(x: Any, memo: dict[int, torch.Tensor]) -> Any:
+    """A static twin of a batch pytree: same structure and non-tensor values, fresh device
+    tensors (one per distinct tensor object: aliases stay aliases)."""
+    if isinstance(x, torch.Tensor):
+        if id(x) not in memo:
+            memo[id(x)] = torch.empty_like(x)
+        return memo[id(x)]
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return dataclasses.replace(x, **{f.name: _twin(getattr(x, f.name), memo) for f in dataclasses.fields(x)
+                                         if f.init})
+    if isinstance(x, (list, tuple)):
+        return type(x)(_twin(v, memo) for v in x)
+    if isinstance(x, dict):
+        return {k: _twin(v, memo) for k, v in x.items()}
+    return x
 
 
-def _empty(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else torch.empty_like(t)
+def _leaves(x: Any, out: list, seen: set[int]) -> list:
+    """Every leaf in a fixed order: distinct tensors once; type names, keys and other values as
+    they are (what must match between the captured step and a later one)."""
+    if isinstance(x, torch.Tensor):
+        if id(x) not in seen:
+            seen.add(id(x))
+            out.append(x)
+    elif dataclasses.is_dataclass(x) and not isinstance(x, type):
+        out.append(type(x).__name__)
+        for f in dataclasses.fields(x):
+            _leaves(getattr(x, f.name), out, seen)
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            _leaves(v, out, seen)
+    elif isinstance(x, dict):
+        for k, v in x.items():
+            out.append(k)
+            _leaves(v, out, seen)
+    else:
+        out.append(x)  # objective names, step counts: must match what was captured
+    return out
 
 
-def _fill(dst, src) -> None:
-    if dst.kind != src.kind:
-        raise ValueError(f"a CUDA-graph step needs a fixed objective order: got {src.kind} where {dst.kind} was captured")
-    for d, s in zip(dst.tensors(), src.tensors()):
-        if d.shape != s.shape:
-            raise ValueError(f"a CUDA-graph step needs fixed shapes: got {tuple(s.shape)} after {tuple(d.shape)}")
-        d.copy_(s, non_blocking=True)
+def _fill(dst: Any, src: Any) -> None:
+    """Copy a step's micro-batches into the captured buffers (device to device, asynchronous)."""
+    d, s = _leaves(dst, [], set()), _leaves(src, [], set())
+    if len(d) != len(s):
+        raise ValueError("a CUDA-graph step needs the same batch structure every step (objectives, shared views)")
+    for a, b in zip(d, s):
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+            if a.shape != b.shape:
+                raise ValueError(f"a CUDA-graph step needs fixed shapes: got {tuple(b.shape)} after {tuple(a.shape)}")
+            a.copy_(b, non_blocking=True)
+        elif isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor) or a != b:
+            raise ValueError(f"a CUDA-graph step needs a fixed objective order and batch structure: got {b!r} "
+                             f"where {a!r} was captured")

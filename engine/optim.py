@@ -8,11 +8,10 @@ import torch
 from reca.engine.config import OptimConfig
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: torch.nn.Module, weight_decay: float, exempt: tuple[str, ...] = ()) -> list[dict]:
     """Trainable parameters split into decayed (>= 2-D weights) and undecayed (1-D: norms,
-    biases, and whole modules the model names in an optional `no_weight_decay_modules()` -> prefixes,
-    e.g. Harmon's diffusion head)."""
-    exempt = tuple(getattr(model, "no_weight_decay_modules", lambda: ())())
+    biases, and the parameters under the `exempt` name prefixes: the model's
+    `no_weight_decay_modules()`, e.g. Harmon's diffusion head)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -26,11 +25,11 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device,
-                    capturable: bool = False) -> torch.optim.AdamW:
+                    capturable: bool = False, exempt: tuple[str, ...] = ()) -> torch.optim.AdamW:
     """Fused AdamW on every device: one kernel per step, and its `found_inf` input skips a
     non-finite step without a host sync. `capturable` (CUDA graphs): the lr is a device tensor
     that the scheduler fills in place, since a float would be frozen into the graph."""
-    groups = [g for g in param_groups(model, cfg.weight_decay) if g["params"]]
+    groups = [g for g in param_groups(model, cfg.weight_decay, exempt) if g["params"]]
     if not groups:
         raise ValueError("the model has no trainable parameters (check model.trainable)")
     lr = torch.tensor(cfg.lr, device=device) if capturable else cfg.lr

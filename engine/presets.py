@@ -1,6 +1,10 @@
 """Named presets: plain functions returning a complete `RunConfig`; the CLI only overrides fields."""
 from __future__ import annotations
 
+import dataclasses
+import importlib
+import os
+import sys
 from typing import Callable
 
 from reca.engine.config import DataConfig, MixConfig, OptimConfig, OutputConfig, RunConfig, SampleConfig, TrainConfig
@@ -11,6 +15,7 @@ from reca.models.flow import FlowConfig, SiglipShape
 from reca.models.layers import Qwen2Shape
 from reca.models.harmon import HarmonConfig
 from reca.models.harmon.mar import MARShape
+from reca.models.openuni import ConnectorShape, DCAEShape, InternViTShape, OpenUniConfig, SanaShape
 from reca.models.showo import ClipShape, PhiShape, ShowoConfig
 from reca.models.showo import CodecConfig as ShowoCodecConfig
 from reca.models.vae import VAEConfig, flux_vae_config, kl16_config
@@ -57,11 +62,10 @@ def flow_7b() -> RunConfig:
             latent_patch=2,
             sample_shift=3.0,
             trainable=("llm", "gen_in", "time_embed", "gen_out"),
-            gradient_checkpointing=True,
         ),
         data=DataConfig(batch_size=24, num_workers=8),
         optim=OptimConfig(lr=4e-5, eps=1e-15, weight_decay=0.0, warmup_steps=1000, schedule="constant"),
-        train=TrainConfig(steps=10_000),
+        train=TrainConfig(steps=10_000, checkpoint_every=1),
         output=OutputConfig(dir="runs/flow-7b", log_every=10, ckpt_every=1000, preview_every=1000, preview_steps=30),
     )
 
@@ -99,7 +103,7 @@ def _harmon(name: str, llm: Qwen2Shape, mar: MARShape, head: DiffHeadShape, batc
     return RunConfig(
         preset=name,
         model=HarmonConfig(llm=llm, mar=mar, head=head, vae=VAEConfig(kind="kl", kl=kl16_config()),
-                           image_size=512, gradient_checkpointing=True),
+                           image_size=512),
         # the official run stretches the whole image to 512 and never flips it
         data=DataConfig(batch_size=batch, num_workers=8, crop_scale=1.0, hflip=False),
         sample=SampleConfig(max_text_tokens=128),
@@ -108,7 +112,7 @@ def _harmon(name: str, llm: Qwen2Shape, mar: MARShape, head: DiffHeadShape, batc
         mix=MixConfig(cycle=("recon", "recon", "caption", "caption"), max_answer_tokens=128),
         optim=OptimConfig(lr=1e-5, betas=(0.9, 0.95), weight_decay=0.02, warmup_steps=steps // 100,
                           schedule="cosine", min_lr_ratio=0.0, clip_grad=1.0, grad_accum=4),
-        train=TrainConfig(steps=steps),
+        train=TrainConfig(steps=steps, checkpoint_every=1),  # the LLM, MAR and head blocks recomputed
         output=OutputConfig(dir=f"runs/{name}", log_every=10, ckpt_every=500, preview_every=1000, preview_steps=8),
     )
 
@@ -137,6 +141,146 @@ def harmon_1_5b() -> RunConfig:
                  dropout=0.1),
         DiffHeadShape(width=1536, depth=12, batch_mul=4, sample_steps=25),
         batch=48,
+    )
+
+
+def openuni_tiny() -> RunConfig:
+    """OpenUni at CPU scale: a 2-layer Qwen2 (64 wide) behind a 2-layer InternViT (32 px, 4 px
+    patches, pixel shuffle: 16 visual tokens), 16 queries, a 2-block connector, a 2-block SANA on
+    a 3-stage DC-AE (8 x 8 x 4 latents), all random (nothing downloaded). MLLM and DC-AE frozen,
+    as in the recipe; no instruction dropout. The DC-AE is untrained: previews are not images."""
+    return RunConfig(
+        preset="openuni-tiny",
+        model=OpenUniConfig(
+            llm=Qwen2Shape(vocab_size=1024, hidden_size=64, intermediate_size=128, num_layers=2,
+                           num_heads=4, num_kv_heads=2, max_position=1024),
+            vit=InternViTShape(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                               image_size=32, patch_size=4),
+            connector=ConnectorShape(width=64, mlp=128, heads=4, layers=2),
+            sana=SanaShape(heads=2, head_dim=16, layers=2, cross_heads=2, cross_head_dim=16, caption_channels=32),
+            vae=DCAEShape(latent_channels=4, channels=(8, 16, 32), encoder_layers=(1, 1, 1),
+                          decoder_layers=(1, 1, 1), vit_stages=1, attention_head_dim=8, scaling_factor=1.0),
+            image_size=32,
+            num_queries=16,
+        ),
+        data=DataConfig(source="demo", batch_size=8, crop_scale=1.0, hflip=False),
+        sample=SampleConfig(max_text_tokens=32, fixed_prob=0.0),
+        optim=OptimConfig(lr=1e-3, warmup_steps=20, weight_decay=0.01, schedule="cosine", min_lr_ratio=0.1),
+        train=TrainConfig(steps=1200, precision="fp32"),
+        output=OutputConfig(dir="runs/openuni-tiny", log_every=10, ckpt_every=200, preview_every=400,
+                            preview_steps=8),
+    )
+
+
+def _openuni(name: str, llm: Qwen2Shape, connector: ConnectorShape, sana: SanaShape, accum: int,
+             micro_iters: int) -> RunConfig:
+    """OpenUni's RecA recipe (FAMILY_FACTS.md C8): 512 px square crops, the same tensor both views,
+    no instruction dropout; InternVL3 (InternViT-300M at 448 px, 256 visual tokens) and the DC-AE
+    frozen; queries, connector, projector and SANA train. AdamW lr 1e-5, betas (0.9, 0.95), weight
+    decay 0.05 (>= 2-D tensors, the queries included), clip 1.0, 1 % warm-up then cosine to 0,
+    batch 42; mmengine's `max_iters` counts micro-batches, so updates = micro_iters / accum."""
+    steps = micro_iters // accum
+    return RunConfig(
+        preset=name,
+        model=OpenUniConfig(
+            llm=llm,
+            vit=InternViTShape(hidden_size=1024, intermediate_size=4096, num_layers=24, num_heads=16,
+                               image_size=448, patch_size=14),
+            connector=connector,
+            sana=sana,
+            vae=DCAEShape(),
+            image_size=512,
+            num_queries=256,
+            sample_shift=3.0,  # SANA's flow_shift
+        ),
+        data=DataConfig(batch_size=42, num_workers=8, crop_scale=1.0, hflip=False),
+        sample=SampleConfig(max_text_tokens=64, fixed_prob=0.0),
+        optim=OptimConfig(lr=1e-5, betas=(0.9, 0.95), weight_decay=0.05, warmup_steps=max(1, steps // 100),
+                          schedule="cosine", min_lr_ratio=0.0, clip_grad=1.0, grad_accum=accum),
+        train=TrainConfig(steps=steps),
+        output=OutputConfig(dir=f"runs/{name}", log_every=10, ckpt_every=250, preview_every=250, preview_steps=20),
+    )
+
+
+def openuni_b_512() -> RunConfig:
+    """OpenUni-B-512 (RecA's "OpenUni-1-0.6B", reca_1_0.6): InternVL3-1B (Qwen2.5-0.5B: 896 wide,
+    24 layers, 14 heads, 2 KV heads, MLP 4864), connector 896 / 3072 / 14 heads / 6 layers,
+    SANA 0.6B (28 layers, 36 x 32 self-attention, 16 x 72 cross-attention); accumulation 4,
+    10,000 micro-batches = 2,500 updates."""
+    return _openuni(
+        "openuni-b-512",
+        Qwen2Shape(vocab_size=151_674, hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
+                   num_kv_heads=2, rope_theta=1_000_000.0, max_position=32768),
+        ConnectorShape(width=896, mlp=3072, heads=14, layers=6),
+        SanaShape(heads=36, head_dim=32, layers=28, cross_heads=16, cross_head_dim=72, caption_channels=2304),
+        accum=4, micro_iters=10_000,
+    )
+
+
+def openuni_l_512() -> RunConfig:
+    """OpenUni-L-512 (RecA's "OpenUni-2-1.6B", reca_2_1.6): InternVL3-2B (Qwen2.5-1.5B: 1536 wide,
+    28 layers, 12 heads, 2 KV heads, MLP 8960), connector 1536 / 8960 / 24 heads / 6 layers,
+    SANA 1.6B (20 layers, 70 x 32 self-attention, 20 x 112 cross-attention); accumulation 16,
+    5,000 micro-batches = 312 updates."""
+    return _openuni(
+        "openuni-l-512",
+        Qwen2Shape(vocab_size=151_674, hidden_size=1536, intermediate_size=8960, num_layers=28, num_heads=12,
+                   num_kv_heads=2, rope_theta=1_000_000.0, max_position=32768),
+        ConnectorShape(width=1536, mlp=8960, heads=24, layers=6),
+        SanaShape(heads=70, head_dim=32, layers=20, cross_heads=20, cross_head_dim=112, caption_channels=2304),
+        accum=16, micro_iters=5_000,
+    )
+
+
+def bagel_tiny() -> RunConfig:
+    """BAGEL (Mixture-of-Transformers) at CPU scale, every part real and small: a 2-layer MoT
+    (128 wide, both experts), a 2-layer SigLIP NaViT (32 px, 16 visual tokens), 8 samples packed
+    into one 1024-token sequence with the split-mode mask, text dropped with p 0.1. The VAE is the
+    pixel-patch stand-in of `tiny` (a random frozen KL would make previews unreadable). BAGEL's
+    RecA split: ViT, connector and understanding expert frozen; the generation side learns."""
+    return RunConfig(
+        preset="bagel-tiny",
+        model=BagelConfig(
+            llm=Qwen2Shape(vocab_size=1024, hidden_size=128, intermediate_size=256, num_layers=2,
+                           num_heads=4, num_kv_heads=2, max_position=1024),
+            vit=VitShape(hidden_size=64, intermediate_size=128, num_layers=3, num_heads=2, image_size=32,
+                         patch_size=8, max_side=4),
+            vae=VAEConfig(kind="patch", patch=2),
+            gen_size=32, latent_patch=2, max_latent_size=8,
+        ),
+        data=DataConfig(source="demo", batch_size=8),
+        sample=SampleConfig(max_text_tokens=32, fixed_prob=0.0),  # BAGEL drops the text split instead
+        optim=OptimConfig(lr=1e-3, warmup_steps=20, weight_decay=0.0, schedule="cosine", min_lr_ratio=0.1),
+        train=TrainConfig(steps=600, precision="fp32"),
+        output=OutputConfig(dir="runs/bagel-tiny", log_every=10, ckpt_every=200, preview_every=300, preview_steps=16),
+    )
+
+
+def bagel_7b_mot() -> RunConfig:
+    """BAGEL-7B-MoT's RecA run (FAMILY_FACTS.md A9): Qwen2-7B-shaped MoT (3584 wide, 28 layers,
+    28 heads, 4 KV heads, MLP 18944, two experts), SigLIP so400m/14 NaViT at 224 px (26 of 27
+    layers, 256 tokens, 70-patch tables), FLUX VAE at 1024 px (4096 latent tokens in 2 x 2
+    patches, 64-token tables), 8 samples a pack (~36k tokens, BAGEL's max_num_tokens 36864).
+    AdamW lr 4e-5, betas (0.9, 0.95), eps 1e-15, no weight decay, 1000 warm-up steps then
+    constant, clip 1.0; text dropped with p 0.1 (no fixed instruction); activation checkpointing
+    on every block. The public script sets no step count (A9): 5,000 is our choice."""
+    return RunConfig(
+        preset="bagel-7b-mot",
+        model=BagelConfig(
+            llm=Qwen2Shape(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28,
+                           num_heads=28, num_kv_heads=4, rope_theta=1_000_000.0, max_position=32768),
+            vit=VitShape(hidden_size=1152, intermediate_size=4304, num_layers=27, num_heads=16, image_size=224,
+                         patch_size=14, max_side=70),
+            vae=VAEConfig(kind="kl", kl=flux_vae_config()),
+            gen_size=1024, latent_patch=2, max_latent_size=64,
+        ),
+        data=DataConfig(batch_size=8, num_workers=8),
+        sample=SampleConfig(max_text_tokens=128, fixed_prob=0.0),
+        optim=OptimConfig(lr=4e-5, betas=(0.9, 0.95), eps=1e-15, weight_decay=0.0, warmup_steps=1000,
+                          schedule="constant", clip_grad=1.0),
+        train=TrainConfig(steps=5_000, checkpoint_every=1),
+        output=OutputConfig(dir="runs/bagel-7b-mot", log_every=10, ckpt_every=250, preview_every=1000,
+                            preview_steps=30),
     )
 
 
@@ -199,67 +343,49 @@ def showo_1_3b_512() -> RunConfig:
     return _showo("showo-1.3b-512", 512, 2)
 
 
-def bagel_tiny() -> RunConfig:
-    """BAGEL (Mixture-of-Transformers) at CPU scale, every part real and small: a 2-layer MoT
-    (128 wide, both experts), a 2-layer SigLIP NaViT (32 px, 16 visual tokens), 8 samples packed
-    into one 1024-token sequence with the split-mode mask, text dropped with p 0.1. The VAE is the
-    pixel-patch stand-in of `tiny` (a random frozen KL would make previews unreadable). BAGEL's
-    RecA split: ViT, connector and understanding expert frozen; the generation side learns."""
-    return RunConfig(
-        preset="bagel-tiny",
-        model=BagelConfig(
-            llm=Qwen2Shape(vocab_size=1024, hidden_size=128, intermediate_size=256, num_layers=2,
-                           num_heads=4, num_kv_heads=2, max_position=1024),
-            vit=VitShape(hidden_size=64, intermediate_size=128, num_layers=3, num_heads=2, image_size=32,
-                         patch_size=8, max_side=4),
-            vae=VAEConfig(kind="patch", patch=2),
-            gen_size=32, latent_patch=2, max_latent_size=8,
-        ),
-        data=DataConfig(source="demo", batch_size=8),
-        sample=SampleConfig(max_text_tokens=32, fixed_prob=0.0),  # BAGEL drops the text split instead
-        optim=OptimConfig(lr=1e-3, warmup_steps=20, weight_decay=0.0, schedule="cosine", min_lr_ratio=0.1),
-        train=TrainConfig(steps=600, precision="fp32"),
-        output=OutputConfig(dir="runs/bagel-tiny", log_every=10, ckpt_every=200, preview_every=300, preview_steps=16),
-    )
-
-
-def bagel_7b_mot() -> RunConfig:
-    """BAGEL-7B-MoT's RecA run (FAMILY_FACTS.md A9): Qwen2-7B-shaped MoT (3584 wide, 28 layers,
-    28 heads, 4 KV heads, MLP 18944, two experts), SigLIP so400m/14 NaViT at 224 px (26 of 27
-    layers, 256 tokens, 70-patch tables), FLUX VAE at 1024 px (4096 latent tokens in 2 x 2
-    patches, 64-token tables), 8 samples a pack (~36k tokens, BAGEL's max_num_tokens 36864).
-    AdamW lr 4e-5, betas (0.9, 0.95), eps 1e-15, no weight decay, 1000 warm-up steps then
-    constant, clip 1.0; text dropped with p 0.1 (no fixed instruction); activation checkpointing
-    on every block. The public script sets no step count (A9): 5,000 is our choice."""
-    return RunConfig(
-        preset="bagel-7b-mot",
-        model=BagelConfig(
-            llm=Qwen2Shape(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28,
-                           num_heads=28, num_kv_heads=4, rope_theta=1_000_000.0, max_position=32768),
-            vit=VitShape(hidden_size=1152, intermediate_size=4304, num_layers=27, num_heads=16, image_size=224,
-                         patch_size=14, max_side=70),
-            vae=VAEConfig(kind="kl", kl=flux_vae_config()),
-            gen_size=1024, latent_patch=2, max_latent_size=64,
-        ),
-        data=DataConfig(batch_size=8, num_workers=8),
-        sample=SampleConfig(max_text_tokens=128, fixed_prob=0.0),
-        optim=OptimConfig(lr=4e-5, betas=(0.9, 0.95), eps=1e-15, weight_decay=0.0, warmup_steps=1000,
-                          schedule="constant", clip_grad=1.0),
-        train=TrainConfig(steps=5_000, checkpoint_every=1),
-        output=OutputConfig(dir="runs/bagel-7b-mot", log_every=10, ckpt_every=250, preview_every=1000,
-                            preview_steps=30),
-    )
-
-
 PRESETS: dict[str, Callable[[], RunConfig]] = {
     "tiny": tiny, "flow-7b": flow_7b,
     "harmon-tiny": harmon_tiny, "harmon-0.5b": harmon_0_5b, "harmon-1.5b": harmon_1_5b,
     "bagel-tiny": bagel_tiny, "bagel-7b-mot": bagel_7b_mot,
+    "openuni-tiny": openuni_tiny, "openuni-b-512": openuni_b_512, "openuni-l-512": openuni_l_512,
     "showo-tiny": showo_tiny, "showo-1.3b-256": showo_1_3b_256, "showo-1.3b-512": showo_1_3b_512,
 }
 
 
 def preset(name: str) -> RunConfig:
+    """A named preset, or `module:function`: a function of no arguments returning a `RunConfig`,
+    from any importable module (or a .py file in the working directory)."""
+    if ":" in name:
+        return _from_module(name)
     if name not in PRESETS:
-        raise UserError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
+        raise UserError(f"unknown preset {name!r} (known: {', '.join(PRESETS)}; or module:function)")
     return PRESETS[name]()
+
+
+def _from_module(spec: str) -> RunConfig:
+    module_name, _, fn_name = spec.partition(":")
+    if not module_name or not fn_name:
+        raise UserError(f"preset {spec!r}: expected module:function")
+    cwd = os.getcwd()
+    added = cwd not in sys.path and "" not in sys.path  # `python -m` has the working directory; `reca` not
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        raise UserError(f"preset {spec!r}: cannot import {module_name} ({e})") from None
+    except Exception as e:  # a broken module: its error, on one line
+        raise UserError(f"preset {spec!r}: importing {module_name} failed: {type(e).__name__}: {e}") from None
+    finally:
+        if added:
+            sys.path.remove(cwd)
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise UserError(f"preset {spec!r}: module {module_name} has no function {fn_name!r}")
+    try:
+        cfg = fn()
+    except (UserError, ValueError) as e:  # a config or model shape refusing a value
+        raise UserError(f"preset {spec!r}: {e}") from None
+    if not isinstance(cfg, RunConfig):
+        raise UserError(f"preset {spec!r}: {fn_name}() returned {type(cfg).__name__}, not a RunConfig")
+    return cfg if cfg.preset else dataclasses.replace(cfg, preset=spec)

@@ -23,17 +23,26 @@ _FIELD = re.compile(r"(\{image\}|\{instruction\})")
 
 
 def load_instructions(path: str = "") -> list[str]:
-    """One instruction a line from `path`, or the pool shipped with reca when `path` is empty."""
+    """One instruction a line from `path` (UTF-8 text), or the pool shipped with reca when `path`
+    is empty. A binary file (NUL bytes, or not UTF-8) or one without a line of printable text
+    is refused with one line: its bytes would otherwise reach the model as garbage tokens."""
     if path:
         p = Path(path)
         if not p.is_file():
             raise UserError(f"prompts file not found: {path}")
-        text = p.read_text(encoding="utf-8", errors="replace")
+        raw = p.read_bytes()
+        if b"\0" in raw:
+            raise UserError(f"prompts file {path} is binary (it holds NUL bytes); give one instruction a line")
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise UserError(f"prompts file {path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
     else:
         text = (importlib.resources.files("reca.engine") / "prompts" / "instructions.txt").read_text(encoding="utf-8")
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    lines = [line.strip() for line in text.splitlines()]
+    lines = [line for line in lines if any(ch.isprintable() and not ch.isspace() for ch in line)]
     if not lines:
-        raise UserError(f"prompts file has no instructions: {path}")
+        raise UserError(f"prompts file has no instructions (no line of printable text): {path}")
     return lines
 
 
@@ -53,6 +62,7 @@ class SampleBuilder:
         parts = _FIELD.split(template.text)
         if parts.count("{image}") != 1 or parts.count("{instruction}") != 1:
             raise ValueError(f"template needs exactly one {{image}} and one {{instruction}}: {template.text!r}")
+        self.tokenizer = tokenizer
         self.image_id = tokenizer.token_id(template.image_token)
         self.pad_id = tokenizer.token_id(template.pad_token)
         self.num_visual_tokens = num_visual_tokens

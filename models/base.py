@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from reca.kernels import get_ops
 from reca.models.adapter import CaptionBatch, LossOutput, PromptBatch, ReconBatch, SampleBatch
 
 
@@ -32,7 +33,8 @@ class Conditioning(nn.Module):
     def __init__(self, embedding: nn.Embedding, ops, image_token_id: int, grad_scale: float = 1.0):
         super().__init__()
         self.__dict__["embedding"] = embedding  # a plain attribute: not a child, not in state_dict
-        self.ops, self.image_token_id, self.grad_scale = ops, image_token_id, grad_scale
+        self.ops = ops if ops is not None else get_ops("torch")
+        self.image_token_id, self.grad_scale = image_token_id, grad_scale
 
     def forward(self, input_ids: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
         scale = self.grad_scale if torch.is_grad_enabled() else 1.0
@@ -92,8 +94,10 @@ class RecaModule(nn.Module):
         """Images [B, 3, Hg, Wg] in [-1, 1] from the visual prompt of `batch.und` (or, with
         `batch.und` None, from the text prompt alone) in `batch.steps` steps."""
         ids = batch.prompt.input_ids
-        visual = self.encode_visual_prompt(batch.und) if batch.und is not None else ids.new_zeros(0)
-        embeds = self.conditioning(ids, visual) if batch.und is not None else self.conditioning.embedding(ids)
+        if batch.und is None:  # text only: no placeholder to fill
+            embeds = self.conditioning.embedding(ids)
+        else:
+            embeds = self.conditioning(ids, self.encode_visual_prompt(batch.und))
         return self.sample(embeds, batch.prompt, batch.steps, generator)
 
     def sample(self, prompt_embeds: torch.Tensor, prompt: PromptBatch, steps: int,

@@ -3,6 +3,7 @@ and `reca bench step` end to end (its numbers on CPU only show that it runs)."""
 import json
 
 import pytest
+import torch
 
 from reca.engine.cli import main
 from reca.engine.config import apply_overrides
@@ -16,8 +17,10 @@ def test_tiny_step(benchmark, tmp_path, mode):
     batches = next_batches(c)
     for _ in range(2):  # compile (fast) outside the timing
         c.update(c, batches)
-    loss, _, _ = benchmark.pedantic(c.update, args=(c, batches), rounds=5, iterations=1)
-    assert loss.isfinite()
+    before = [p.detach().clone() for p in c.params]
+    out = benchmark.pedantic(c.update, args=(c, batches), rounds=5, iterations=1)
+    assert out["loss"].isfinite() and out["skip"].item() == 0
+    assert all(not torch.equal(a, p) for a, p in zip(before, c.params))  # every trainable tensor was updated
 
 
 def test_reca_bench_step_cli(tmp_path, capsys):
@@ -91,7 +94,7 @@ def test_reca_bench_batch_stops_at_out_of_memory(tmp_path, capsys, monkeypatch):
 
     def batches(c):
         out = real(c)
-        if out[0].und.shape[0] > 5:
+        if out[0].batch.und.shape[0] > 5:
             raise torch.OutOfMemoryError("simulated")
         return out
 

@@ -9,9 +9,11 @@ from reca.engine.config import apply_overrides
 from reca.engine.metrics import read_metrics
 from reca.engine.presets import preset
 from reca.engine.sample import SampleBuilder, load_instructions
-from reca.engine.train import train, train_step
+from reca.engine.compile import apply_checkpointing
+from reca.engine.train import train
 from reca.kernels import get_ops
 from reca.models import build_model
+from reca.models.adapter import CaptionBatch, ReconBatch
 from reca.models.harmon.weights import export_harmon, harmon_state_dict, load_harmon_checkpoint, load_pretrained
 from reca.models.harmon.mar import _interpolate, kept_slots, mask_ratio, max_kept, random_masking
 
@@ -40,7 +42,7 @@ def tiny():
 def _embeds(model, builder, images, scale=1.0, fixed=False):
     prompt = builder.build(list(range(images.shape[0])), fixed=fixed)
     visual = model.encode_visual_prompt(images)
-    embeds = model.ops.condition(prompt.input_ids, model.input_embeddings(), visual.flatten(0, 1),
+    embeds = model.ops.condition(prompt.input_ids, model.llm.model.embed_tokens.weight, visual.flatten(0, 1),
                                  model.image_token_id, scale)
     return embeds, prompt, visual
 
@@ -199,8 +201,8 @@ def test_loss_falls_only_on_masked_tokens(tiny):
         assert torch.isfinite(full) and not torch.equal(full, changed)
 
 
-def test_visual_prompt_gradient_is_scaled_by_the_engine(tiny):
-    """train_step with visual_grad_scale 0.1 vs 1.0 (same inputs, same generator): the gradient
+def test_visual_prompt_gradient_is_scaled_by_the_conditioning(tiny):
+    """model(ReconBatch, "recon") with the conditioning's grad scale 0.1 vs 1.0 (same inputs, same generator): the gradient
     reaching the visual prompt, and its contribution to every parameter, scale by 0.1."""
     model, builder, images = tiny
     prompt = builder.build(list(range(B)))
@@ -216,15 +218,15 @@ def test_visual_prompt_gradient_is_scaled_by_the_engine(tiny):
     model._visual_prompt = hooked
     try:
         for scale in (0.0, 0.1, 1.0):
-            model.visual_grad_scale = scale
+            model.conditioning.grad_scale = scale
             model.zero_grad(set_to_none=True)
-            train_step(model, model.ops, images, images, prompt, torch.Generator().manual_seed(0)).loss.backward()
+            model(ReconBatch(images, images, prompt), "recon", generator=torch.Generator().manual_seed(0)).loss.backward()
             params = {n: p.grad.clone() for n, p in model.named_parameters()
                       if p.grad is not None and n.startswith(("mar.z_proj", "proj_in"))}
             grads[scale] = (captured["v"].grad.clone(), params)
     finally:
         del model._visual_prompt
-        model.visual_grad_scale = model.cfg.visual_grad_scale
+        model.conditioning.grad_scale = model.cfg.visual_grad_scale
         model.zero_grad(set_to_none=True)
     assert grads[1.0][0].abs().sum() > 0
     torch.testing.assert_close(grads[0.1][0], grads[1.0][0])  # the op scales what flows past it
@@ -236,13 +238,13 @@ def test_visual_prompt_gradient_is_scaled_by_the_engine(tiny):
 
 def test_caption_loss_equals_packed_cross_entropy(tiny):
     model, builder, images = tiny
-    embeds, prompt, _ = _embeds(model, builder, images)
+    embeds, prompt, _ = _embeds(model, builder, images, scale=model.cfg.visual_grad_scale)
     torch.manual_seed(0)
     answers = torch.randint(10, model.tokenizer.vocab_size, (B, 7))
     amask = torch.ones(B, 7, dtype=torch.bool)
     amask[1, 4:] = False
     amask[2, 2:] = False
-    got = model.caption_loss(embeds, prompt.mask, answers, amask).loss
+    got = model(CaptionBatch(images, prompt, answers, amask), "caption").loss
     total, count = 0.0, 0
     with torch.no_grad():
         for i in range(B):
@@ -253,7 +255,7 @@ def test_caption_loss_equals_packed_cross_entropy(tiny):
             total = total + torch.nn.functional.cross_entropy(logits[-n - 1:-1], ans, reduction="sum")
             count += n
     torch.testing.assert_close(got, total / count, rtol=1e-5, atol=1e-5)
-    assert model.lm_head_weight() is model.input_embeddings()  # tied, as Qwen2.5 small sizes
+    assert model.llm.lm_head.weight is model.llm.model.embed_tokens.weight  # tied, as Qwen2.5 small sizes
 
 
 def test_checkpoint_round_trip_and_layout_names(tmp_path):
@@ -382,7 +384,11 @@ def test_checkpointing_changes_nothing_even_with_dropout():
     dropout, and only there), so loss and every gradient equal the plain run's."""
     grads = []
     for ckpt in (False, True):
-        model, cfg = _model(**{"model.mar.dropout": 0.1, "model.gradient_checkpointing": ckpt})
+        model, cfg = _model(**{"model.mar.dropout": 0.1})
+        if ckpt:  # from outside, over the LLM layers, MAR blocks and head blocks
+            names = apply_checkpointing(model, 1)
+            assert {n.rsplit(".", 1)[0] for n in names} == {"llm.model.layers", "mar.encoder_blocks",
+                                                            "mar.decoder_blocks", "mar.diffloss.net.res_blocks"}
         builder = SampleBuilder(model.tokenizer, model.template, model.num_visual_tokens, load_instructions(),
                                 max_text_tokens=cfg.sample.max_text_tokens, seed=0)
         with torch.no_grad():
@@ -390,8 +396,8 @@ def test_checkpointing_changes_nothing_even_with_dropout():
                 p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.02)
         images = torch.rand(B, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
         torch.manual_seed(5)  # dropout draws from the global generator
-        loss = train_step(model, model.ops, images, images, builder.build(list(range(B))),
-                          torch.Generator().manual_seed(0)).loss
+        loss = model(ReconBatch(images, images, builder.build(list(range(B)))), "recon",
+                     generator=torch.Generator().manual_seed(0)).loss
         loss.backward()
         grads.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
     (l0, g0), (l1, g1) = grads

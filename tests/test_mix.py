@@ -31,18 +31,17 @@ def test_cycle_order_across_steps(tmp_path):
     kinds = []
     for _ in range(4):  # the cycle position follows the optimizer step, so step by hand
         batches = next_batches(c)
-        kinds.append([b.kind for b in batches])
+        kinds.append([b.objective for b in batches])
         c.scheduler.step()
     assert kinds == [["recon", "recon"], ["caption", "caption"], ["recon", "recon"], ["caption", "caption"]]
-    c.loader.close()
-    c.caption_loader.close()
+    c.close()
 
 
 def test_caption_batches_carry_answers_only_in_the_answer(tmp_path):
     c = build(_cfg(tmp_path, "mix.cycle=caption", "mix.max_answer_tokens=24"))
-    (b,) = next_batches(c)
-    tok = c.model.tokenizer
-    assert b.kind == "caption" and b.gen is None
+    (mb,) = next_batches(c)
+    b, tok = mb.batch, c.model.tokenizer
+    assert mb.objective == "caption" and not hasattr(b, "gen")
     assert b.answer_ids.shape == (2, 24) and b.answer_mask.any(1).all()
     for ids, mask in zip(b.answer_ids, b.answer_mask):
         answer = ids[mask].tolist()
@@ -85,7 +84,7 @@ def test_caption_images_are_padded_with_grey_not_cut(tmp_path):
     (root / "red.txt").write_text("a red band")
     cfg = _cfg(tmp_path, "mix.cycle=recon,caption", "optim.grad_accum=2", f"mix.caption_source={root}")
     c = build(cfg)
-    (cap,) = [b for b in next_batches(c) if b.kind == "caption"]
+    (cap,) = [b.batch for b in next_batches(c) if b.objective == "caption"]
     assert c.model.caption_views.gen_resize == "pad" and c.model.views.gen_resize == "stretch"
     und = cap.und[0] * 0.5 + 0.5  # the understanding view, back to [0, 1]
     side = und.shape[-1]

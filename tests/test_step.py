@@ -11,7 +11,8 @@ from reca.engine.errors import UserError
 from reca.engine.bench.flops import codec_flops, counted_flops, step_flops
 from reca.engine.metrics import read_metrics
 from reca.engine.presets import preset, tiny
-from reca.engine.train import build, next_batches, optimizer_update, resolve_mode, train
+from reca.engine.build import build, resolve_mode
+from reca.engine.train import next_batches, train, train_step
 import reca.engine.train as train_module
 
 
@@ -23,7 +24,7 @@ def _cfg(tmp_path, *sets):
 def _losses(c, steps: int) -> list[float]:
     out = []
     for _ in range(steps):
-        loss, _, _ = c.update(c, next_batches(c))
+        loss = c.update(c, next_batches(c))["loss"]
         c.scheduler.step()
         out.append(loss)
     return torch.stack(out).tolist()
@@ -66,30 +67,37 @@ def test_compiled_matches_eager(tmp_path, name):
 def test_nonfinite_loss_skips_update_and_is_counted(tmp_path, monkeypatch):
     """A NaN loss at step 3: the update is skipped on the device (weights and AdamW state
     untouched), the run goes on, metrics.jsonl counts it."""
-    real, calls = train_module.train_step, []
+    calls = []
 
-    def poisoned(*args):
-        out = real(*args)
+    def poison(module, args, out):  # the model's third forward returns a NaN loss
         calls.append(1)
         if len(calls) == 3:
             out.loss = out.loss * float("nan")
         return out
 
-    monkeypatch.setattr(train_module, "train_step", poisoned)
     c = build(_cfg(tmp_path))
+    hook = c.model.register_forward_hook(poison)
     for _ in range(2):
         c.update(c, next_batches(c))
     before = {k: v.clone() for k, v in c.model.state_dict().items()}
     steps = [s["step"].clone() for s in c.optimizer.state.values()]
-    loss, grad_norm, skipped = c.update(c, next_batches(c))
-    assert skipped.item() == 1 and not loss.isfinite()
+    out = c.update(c, next_batches(c))
+    assert out["skip"].item() == 1 and not out["loss"].isfinite()
     assert all(torch.equal(before[k], v) for k, v in c.model.state_dict().items())
     assert all(torch.equal(a, s["step"]) for a, s in zip(steps, c.optimizer.state.values()))
-    _, _, skipped = c.update(c, next_batches(c))
-    assert skipped.item() == 0
+    assert c.update(c, next_batches(c))["skip"].item() == 0
     assert any(not torch.equal(before[k], v) for k, v in c.model.state_dict().items())
+    hook.remove()
 
-    calls.clear()
+    calls.clear()  # the same poison in a whole run, through the model the run builds
+    real_build = train_module.build
+
+    def poisoned_build(cfg):
+        built = real_build(cfg)
+        built.model.register_forward_hook(poison)
+        return built
+
+    monkeypatch.setattr(train_module, "build", poisoned_build)
     train(_cfg(tmp_path, "train.steps=6", "output.log_every=2", "output.overwrite=true"), quiet=True)
     rows = read_metrics(tmp_path / "run")
     assert [r.get("nonfinite") for r in rows if "nonfinite" in r] == [0, 1, 1]
@@ -127,10 +135,10 @@ def test_step_reads_nothing_back(tmp_path, name):
     c = build(apply_overrides(preset(name), [f"output.dir={tmp_path / 'run'}", "output.tensorboard=false",
                                              "optim.grad_accum=2"]))
     batches = next_batches(c)
-    optimizer_update(c, batches)  # lazy optimizer state first
+    train_step(c, batches)  # lazy optimizer state first
     batches = next_batches(c)  # the sample builder reads positions on the host: data, not step
     with _HostReads() as reads:
-        optimizer_update(c, batches)
+        train_step(c, batches)
     assert reads.seen == []
 
 
@@ -143,11 +151,11 @@ def test_flop_count_matches_flop_counter(tmp_path, name, big, small):
     leaves out)."""
     c = build(apply_overrides(preset(name), [f"output.dir={tmp_path / 'run'}", "output.tensorboard=false"]))
     batches = next_batches(c)
-    prompt_len = batches[0].prompt.input_ids.shape[1]
+    prompt_len = batches[0].batch.prompt.input_ids.shape[1]
     analytic = step_flops(c.model, prompt_len, c.cfg.data.batch_size, codec_flops(c.model))
     with sdpa_kernel(SDPBackend.MATH):
-        counted = counted_flops(lambda: optimizer_update(c, batches))
-    c.loader.close()
+        counted = counted_flops(lambda: train_step(c, batches))
+    c.close()
     assert analytic["total"] == pytest.approx(counted, rel=0.05)
     assert analytic["modules"][big] > analytic["modules"][small] > 0
 
@@ -163,7 +171,7 @@ def _gpu_cfg(tmp_path, *sets, name="tiny"):
 FAMILIES = ["tiny", "harmon-tiny"]  # flow matching; Harmon (MAR masking, DDPM head, fixed slots)
 
 
-CKPT_DROPOUT = ("model.gradient_checkpointing=true", "model.mar.dropout=0.1")  # harmon-1.5b's setting
+CKPT_DROPOUT = ("train.checkpoint_every=1", "model.mar.dropout=0.1")  # harmon-1.5b's setting
 
 
 @pytest.mark.gpu
@@ -192,10 +200,10 @@ def test_cuda_graph_step_never_syncs(tmp_path, mode, name):
     torch.cuda.set_sync_debug_mode("error")
     try:
         outs = [c.update(c, b) for b in batches]
-        count = sum(skipped for _, _, skipped in outs)
+        count = sum(out["skip"] for out in outs)
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    assert count.item() == 0 and all(torch.isfinite(loss) for loss, _, _ in outs)
+    assert count.item() == 0 and all(torch.isfinite(out["loss"]) for out in outs)
 
 
 @pytest.mark.gpu

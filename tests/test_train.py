@@ -8,7 +8,8 @@ from reca.engine.checkpoint import load_checkpoint
 from reca.engine.config import apply_overrides
 from reca.engine.metrics import read_metrics
 from reca.engine.presets import tiny
-from reca.engine.train import build, train, train_step
+from reca.engine.train import build, train
+from reca.models.adapter import ReconBatch
 
 
 def _cfg(tmp_path, name="run", **sets):
@@ -27,7 +28,7 @@ def test_overfits_one_fixed_batch(tmp_path):
     losses = []
     for _ in range(120):
         gen = torch.Generator().manual_seed(0)
-        out = train_step(c.model, c.ops, images.und, images.gen, prompt, gen)
+        out = c.model(ReconBatch(images.und, images.gen, prompt), "recon", generator=gen)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         c.optimizer.step()

@@ -18,7 +18,8 @@ import torch
 from reca.engine.bench.step import RESULTS, SyntheticLoader, _device_name, _sync, _versions, reca_alone, write_report
 from reca.engine.config import apply_overrides
 from reca.engine.presets import preset as get_preset
-from reca.engine.train import build, next_batches, resolve_device
+from reca.engine.build import build, resolve_device
+from reca.engine.train import next_batches
 
 
 def largest_fitting(fits: Callable[[int], bool], limit: int, start: int = 1) -> int:
@@ -50,7 +51,7 @@ def bench_batch(preset: str, *, limit: int | None, start: int, device: str, sets
     tries: list[dict] = []
 
     def fits(b: int) -> bool:
-        c.loader = SyntheticLoader(b, c.model.views, seed=b)
+        c.loaders[c.objectives[0].name] = SyntheticLoader(b, c.model.views, seed=b)
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         ok = True

@@ -28,12 +28,9 @@ def matmul_params(module: nn.Module) -> int:
 
 
 def codec_passes(model: nn.Module, und_downscale: float = 1.0) -> int:
-    """VAE passes per sample: one where the family encodes shared views once (`encode_views` and
-    `ViewSpec.same_pixels`: the loader hands one tensor as both), else `model.codec_passes`
-    (default 1: the understanding view goes through another encoder)."""
-    if hasattr(model, "encode_views") and model.views.same_pixels(und_downscale):
-        return 1
-    return getattr(model, "codec_passes", 1)
+    """Frozen-codec (VAE) passes per sample: the family's `codec_passes(same_pixels)`, where
+    `same_pixels` says the loader hands one tensor as both views (`ViewSpec.same_pixels`)."""
+    return model.codec_passes(model.views.same_pixels(und_downscale))
 
 
 def step_flops(model: nn.Module, prompt_len: float, batch: int, codec_flops: float = 0.0,

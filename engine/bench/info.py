@@ -19,7 +19,7 @@ def describe(cfg: RunConfig) -> dict:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     text = cfg.sample.max_text_tokens
     gen_tokens = getattr(model, "latent_grid", 0) ** 2
-    parts = model.parameter_breakdown() if hasattr(model, "parameter_breakdown") else {}
+    parts = model.parameter_breakdown()
     return {
         "preset": cfg.preset,
         "parts": parts,  # a family's finer split, when it gives one (e.g. Harmon's head apart from MAR)

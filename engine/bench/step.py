@@ -24,7 +24,8 @@ from reca.engine.config import RunConfig, apply_overrides
 from reca.engine.data import ImageBatch
 from reca.engine.bench.flops import codec_flops, codec_passes, counted_flops, step_flops
 from reca.engine.presets import preset as get_preset
-from reca.engine.train import build, next_batches, resolve_device
+from reca.engine.build import build, resolve_device
+from reca.engine.train import next_batches
 
 # Published RecA budgets: the images a recipe trains on come from the preset (steps x accum x batch).
 PAPER_GPU_HOURS = {"flow-7b": (27.0, "BAGEL RecA: 6 x A100-80GB x 4.5 h")}
@@ -70,13 +71,13 @@ def measure(cfg: RunConfig, steps: int, warmup: int, data: str, profile: int = 0
     c = build(cfg)
     if data == "synthetic":
         c.loader.close()
-        c.loader = SyntheticLoader(cfg.data.batch_size, c.model.views, cfg.data.seed)
+        c.loaders[c.objectives[0].name] = SyntheticLoader(cfg.data.batch_size, c.model.views, cfg.data.seed)
     batch, accum = cfg.data.batch_size, cfg.optim.grad_accum
     prompts = c.builder.build(torch.arange(64))  # the padded length, and the mean valid one
     prompt_len, prompt_mean = prompts.input_ids.shape[1], float(prompts.mask.sum(1).float().mean())
     # Analytic where the family has a token plan (`flop_plan`) and the cycle is RecA alone;
     # otherwise one step under FlopCounterMode (what runs, padding included).
-    if "caption" not in cfg.mix.cycle and hasattr(c.model, "flop_plan"):
+    if set(cfg.mix.cycle) == {"recon"} and "flop_plan" in c.model.capabilities:
         codec, passes = codec_flops(c.model, c.device), codec_passes(c.model, cfg.data.und_downscale)
         executed = step_flops(c.model, prompt_len, batch, codec, passes)
         useful = step_flops(c.model, prompt_mean, batch, codec, passes, useful=True)
@@ -96,13 +97,13 @@ def measure(cfg: RunConfig, steps: int, warmup: int, data: str, profile: int = 0
     wait0, t0 = c.loader.wait_seconds, time.perf_counter()
     losses = []
     for _ in range(steps):
-        loss, _, skipped = c.update(c, next_batches(c))
+        out = c.update(c, next_batches(c))
         c.scheduler.step()
-        losses.append(loss.detach().clone())
+        losses.append(out["loss"].detach().clone())
     _sync(c.device)
     dt = time.perf_counter() - t0
     top = profile_steps(c, profile) if profile > 0 else None
-    c.loader.close()
+    c.close()
     images = steps * accum * batch
     return {"profile_top": top, **{
         "mode": cfg.train.mode, "compile": c.cfg.train.compile, "cuda_graph": c.cfg.train.cuda_graph,

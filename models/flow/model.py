@@ -23,7 +23,8 @@ from transformers import Qwen2Model, SiglipVisionConfig, SiglipVisionModel
 from reca.kernels import KernelOps, get_ops
 from reca.models.flops import Stage
 from reca.models.adapter import LossOutput, PromptBatch, PromptTemplate, ViewSpec
-from reca.models.layers import (MLPConnector, Qwen2Shape, TimestepEmbedder, enable_hf_checkpointing, freeze_except,
+from reca.models.base import Conditioning, RecaModule
+from reca.models.layers import (MLPConnector, Qwen2Shape, TimestepEmbedder, freeze_except,
                                 patchify, sincos_2d, unpatchify)
 from reca.models.tokenizer import load_tokenizer
 from reca.models.vae import VAEConfig, build_codec
@@ -40,6 +41,15 @@ class SiglipShape:
     image_size: int = 32
     patch_size: int = 8
 
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "image_size", "patch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"num_heads {self.num_heads} must divide hidden_size {self.hidden_size}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} must be divisible by patch_size {self.patch_size}")
+
 
 @dataclass(kw_only=True)
 class FlowConfig:
@@ -55,11 +65,13 @@ class FlowConfig:
     visual_grad_scale: float = 1.0
     trainable: tuple[str, ...] = ("connector", "llm", "gen_in", "time_embed", "gen_out")
     tokenizer: str = ""  # a local HF tokenizer directory; empty = reca's tiny byte-level BPE
-    gradient_checkpointing: bool = False
 
 
-class FlowModel(nn.Module):
+class FlowModel(RecaModule):
     """RecA adapter (see `reca.models.adapter.RecaAdapter`) for the flow-matching family."""
+
+    objectives = frozenset({"recon", "sample"})
+    capabilities = frozenset({"init_from", "flop_plan"})
 
     def __init__(self, cfg: FlowConfig, ops: KernelOps | None = None):
         super().__init__()
@@ -74,8 +86,6 @@ class FlowModel(nn.Module):
         ))
         self.connector = MLPConnector(v.hidden_size, q.hidden_size)
         self.llm = Qwen2Model(q.hf_config(tie_word_embeddings=False))
-        if cfg.gradient_checkpointing:
-            enable_hf_checkpointing(self.llm)
         self.codec = build_codec(cfg.vae)
         self.latent_channels = self.codec.latent_channels
         self.latent_grid = cfg.gen_size // self.codec.downsample // cfg.latent_patch
@@ -103,13 +113,10 @@ class FlowModel(nn.Module):
                               gen_size=cfg.gen_size, gen_resize="crop")
         self.num_visual_tokens = vit_grid**2
         self.image_token_id = self.tokenizer.token_id(self.template.image_token)
-        self.visual_grad_scale = cfg.visual_grad_scale
+        self.conditioning = Conditioning(self.llm.embed_tokens, self.ops, self.image_token_id, cfg.visual_grad_scale)
         self._marker_ids = (self.tokenizer.token_id("<|vision_start|>"), self.tokenizer.token_id("<|vision_end|>"))
 
-    # --- adapter protocol -------------------------------------------------------------------
-    def input_embeddings(self) -> torch.Tensor:
-        return self.llm.embed_tokens.weight
-
+    # --- the pieces of RecaModule's objectives -------------------------------------------------
     def encode_visual_prompt(self, und: torch.Tensor) -> torch.Tensor:
         """[B, 3, Hu, Wu] -> [B, (Hu/patch)^2, D]."""
         grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.vit.parameters())

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 
 from reca.kernels import DDPMSchedule, cosine_schedule
 from reca.models.layers import TimestepEmbedder
@@ -26,6 +25,15 @@ class DiffHeadShape:
     num_steps: int = 1000  # training diffusion steps (cosine schedule)
     sample_steps: int = 20  # respaced DDPM steps for previews (MAR samples with 100)
     freq_dim: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("width", "depth", "batch_mul", "num_steps", "sample_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.sample_steps > self.num_steps:  # respaced from the training steps: never more of them
+            raise ValueError(f"sample_steps {self.sample_steps} must be <= num_steps {self.num_steps}")
+        if self.freq_dim < 2 or self.freq_dim % 2:  # cos and sin halves of the timestep features
+            raise ValueError(f"freq_dim must be even and >= 2, got {self.freq_dim}")
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -69,7 +77,6 @@ class AdaLNMLP(nn.Module):
         self.input_proj = nn.Linear(channels, w)
         self.res_blocks = nn.ModuleList(ResBlock(w) for _ in range(shape.depth))
         self.final_layer = FinalLayer(w, 2 * channels)
-        self.grad_checkpointing = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -90,10 +97,7 @@ class AdaLNMLP(nn.Module):
         h = self.input_proj(x.to(self.input_proj.weight.dtype))
         y = self.time_embed(t) + self.cond_embed(z)
         for block in self.res_blocks:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                h = checkpoint(block, h, y, use_reentrant=False, preserve_rng_state=False)  # no dropout
-            else:
-                h = block(h, y)
+            h = block(h, y)  # activation checkpointing is applied from outside (engine/compile.py)
         return self.final_layer(h, y)
 
 

@@ -20,7 +20,6 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from reca.models.harmon.diffhead import DiffHeadShape, DiffLoss
 
@@ -36,6 +35,18 @@ class MARShape:
     pos_grid: int = 8  # side of the stored position grid (MAR: 16, i.e. 256 px / 16); interpolated to the latent grid
     dropout: float = 0.0  # attention and projection dropout (MAR: 0.1)
     num_classes: int = 1000  # class_emb rows: present in checkpoints, unused by RecA
+
+    def __post_init__(self) -> None:
+        # buffer_size >= 1: a fully masked image leaves only the buffers for the decoder to attend to
+        for name in ("width", "encoder_depth", "decoder_depth", "num_heads", "buffer_size", "pos_grid", "num_classes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.width % self.num_heads:
+            raise ValueError(f"num_heads {self.num_heads} must divide width {self.width}")
+        if not (math.isfinite(self.mlp_ratio) and self.mlp_ratio > 0):
+            raise ValueError(f"mlp_ratio must be finite and > 0, got {self.mlp_ratio}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
 
 class Attention(nn.Module):
@@ -114,7 +125,6 @@ class MAR(nn.Module):
             Block(w, shape.num_heads, shape.mlp_ratio, shape.dropout) for _ in range(shape.decoder_depth))
         self.decoder_norm = nn.LayerNorm(w, eps=1e-6)
         self.diffusion_pos_embed_learned = nn.Parameter(torch.zeros(1, g * g, w))
-        self.grad_checkpointing = False
         self.reset_parameters()
         self.diffloss = DiffLoss(channels, w, head)  # after MAR's init: the head keeps its own
 
@@ -137,10 +147,7 @@ class MAR(nn.Module):
 
     def _run(self, blocks: nn.ModuleList, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         for block in blocks:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, mask, use_reentrant=False, preserve_rng_state=self.shape.dropout > 0)
-            else:
-                x = block(x, mask)
+            x = block(x, mask)  # activation checkpointing is applied from outside (engine/compile.py)
         return x
 
     def encode(self, x: torch.Tensor, slots: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:

@@ -31,9 +31,10 @@ from transformers import Qwen2ForCausalLM
 
 from reca.kernels import KernelOps, get_ops
 from reca.models.flops import Stage
-from reca.models.adapter import LossOutput, PromptBatch, PromptTemplate, ViewSpec
+from reca.models.adapter import CaptionBatch, LossOutput, PromptBatch, PromptTemplate, ViewSpec
+from reca.models.base import Conditioning, RecaModule
 from reca.models.harmon.diffhead import DiffHeadShape
-from reca.models.layers import Qwen2Shape, enable_hf_checkpointing, freeze_except, patchify, unpatchify
+from reca.models.layers import Qwen2Shape, freeze_except, patchify, unpatchify
 from reca.models.harmon.mar import (MAR, MARShape, expected_kept, kept_slots, mask_by_order, max_kept, random_masking,
                               random_orders)
 from reca.models.tokenizer import load_tokenizer
@@ -58,16 +59,18 @@ class HarmonConfig:
     visual_grad_scale: float = 0.1
     trainable: tuple[str, ...] = MODULES  # all but the VAE
     tokenizer: str = ""  # a local HF tokenizer directory (Qwen2.5); empty = reca's tiny byte-level BPE
-    gradient_checkpointing: bool = False  # LLM, MAR blocks and head blocks
 
 
 def _mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(d_in, d_hidden), nn.SiLU(), nn.Linear(d_hidden, d_out))
 
 
-class HarmonModel(nn.Module):
+class HarmonModel(RecaModule):
     """RecA adapter (see `reca.models.adapter.RecaAdapter`) for Harmon. Parameter names are those
     of Harmon's checkpoints (`llm.`, `proj_in.`, `proj_out.`, `mar.`), plus the frozen `codec.`."""
+
+    objectives = frozenset({"recon", "caption", "sample"})
+    capabilities = frozenset({"init_from", "export", "flop_plan"})
 
     def __init__(self, cfg: HarmonConfig, ops: KernelOps | None = None):
         super().__init__()
@@ -86,9 +89,6 @@ class HarmonModel(nn.Module):
         self.mar = MAR(cfg.mar, self.latent_channels, cfg.head)
         self.proj_in = _mlp(cfg.mar.width, q.hidden_size, q.hidden_size)
         self.proj_out = _mlp(q.hidden_size, q.hidden_size, cfg.mar.width)
-        if cfg.gradient_checkpointing:
-            enable_hf_checkpointing(self.llm)
-            self.mar.grad_checkpointing = self.mar.diffloss.net.grad_checkpointing = True
         freeze_except(self, MODULES, cfg.trainable)
         self.codec.requires_grad_(False)
 
@@ -108,19 +108,14 @@ class HarmonModel(nn.Module):
         # Token slots of the training generation pass (encoder and LLM): every kept token fits.
         self.gen_slots = max_kept(self.latent_grid**2, cfg.mask_ratio_min)
         self.image_token_id = self.tokenizer.token_id(self.template.image_token)
-        self.visual_grad_scale = cfg.visual_grad_scale
+        # the visual prompt's gradient x 0.1 (Harmon), written over the placeholders in the forward
+        self.conditioning = Conditioning(self.llm.model.embed_tokens, self.ops, self.image_token_id,
+                                         cfg.visual_grad_scale)
 
-    # --- adapter protocol -------------------------------------------------------------------
-    def input_embeddings(self) -> torch.Tensor:
-        return self.llm.model.embed_tokens.weight
-
-    def lm_head_weight(self) -> torch.Tensor:
-        """[V, D]; the embedding itself when tied."""
-        return self.llm.lm_head.weight
-
+    # --- the pieces of RecaModule's objectives -------------------------------------------------
     def encode_visual_prompt(self, und: torch.Tensor) -> torch.Tensor:
         """Understanding view [B, 3, H, W] in [-1, 1] -> [B, T + nb, D]: the MAR encoder over all
-        latents, buffers moved to the end, through proj_in. The 0.1 gradient scale is the engine's."""
+        latents, buffers moved to the end, through proj_in (the 0.1 gradient scale: `conditioning`)."""
         return self._visual_prompt(self.make_target(und))
 
     def encode_views(self, und: torch.Tensor, gen: torch.Tensor, generator: torch.Generator | None = None):
@@ -213,25 +208,28 @@ class HarmonModel(nn.Module):
         out = self.llm.model(inputs_embeds=packed, attention_mask=no_mask, use_cache=False).last_hidden_state
         return out.gather(1, order.argsort(dim=1)[..., None].expand(b, n, out.shape[-1]))
 
-    def caption_loss(self, prompt_embeds: torch.Tensor, prompt_mask: torch.Tensor, answer_ids: torch.Tensor,
-                     answer_mask: torch.Tensor) -> LossOutput:
-        """Image-to-text cross-entropy on answer tokens only. prompt_embeds [B, P, D] (visual prompt
-        in place), prompt_mask [B, P] (right-padded), answer_ids [B, A], answer_mask [B, A]
-        (right-padded). Answer token j is predicted from the token before it: the last valid
-        prompt token for j = 0. Logits are never materialised (`ops.linear_cross_entropy`)."""
+    def caption_loss(self, batch: CaptionBatch, generator: torch.Generator | None = None) -> LossOutput:
+        """Image-to-text cross-entropy on answer tokens only: the visual prompt of `batch.und`
+        (grey-padded, `caption_views`) in the caption template's question prompt [B, P], then the
+        answer [B, A] (right-padded). Answer token j is predicted from the token before it: the
+        last valid prompt token for j = 0. Logits are never materialised (`ops.linear_cross_entropy`)."""
+        prompt_embeds = self.conditioning(batch.prompt.input_ids, self.encode_visual_prompt(batch.und))
+        prompt_mask, answer_ids, answer_mask = batch.prompt.mask, batch.answer_ids, batch.answer_mask
         b, p, d = prompt_embeds.shape
         a = answer_ids.shape[1]
-        answers = F.embedding(answer_ids, self.input_embeddings()).to(prompt_embeds.dtype)
+        answers = F.embedding(answer_ids, self.llm.model.embed_tokens.weight).to(prompt_embeds.dtype)
         hidden = self.llm_hidden(torch.cat([prompt_embeds, answers], dim=1), torch.cat([prompt_mask, answer_mask], 1))
         j = torch.arange(a, device=answer_ids.device)[None]
         src = torch.where(j == 0, prompt_mask.long().sum(1, keepdim=True) - 1, p + j - 1)  # [B, A]
         h = hidden.gather(1, src[..., None].expand(b, a, d))
         targets = answer_ids.masked_fill(~answer_mask, -100)
-        loss = self.ops.linear_cross_entropy(h.flatten(0, 1), self.lm_head_weight(), targets.flatten(),
-                                             ignore_index=-100)
+        loss = self.ops.linear_cross_entropy(h.flatten(0, 1), self.llm.lm_head.weight, targets.flatten(),
+                                             ignore_index=-100)  # lm_head is the embedding when tied
         return LossOutput(loss=loss, metrics={"caption_tokens": answer_mask.sum().detach().float()})
 
-    codec_passes = 2  # VAE passes per sample when the two views differ (1 when `und is gen`)
+    def codec_passes(self, same_pixels: bool) -> int:
+        """VAE passes per RecA sample: one when the loader hands the same tensor as both views."""
+        return 1 if same_pixels else 2
 
     def flop_plan(self, prompt_len: float, useful: bool = False) -> list:
         """Tokens per sample of each module in one training micro-batch (`reca.engine.bench.flops`):

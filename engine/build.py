@@ -1,0 +1,158 @@
+"""A run's components, built from a `RunConfig`: device, mode, kernels, model (speed applied from
+outside), one loader and prompt builder per objective, optimizer, schedule, generator, and the
+step function (eager or a CUDA graph). `train()` and the benchmarks start here."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import torch
+
+from reca.engine.compile import apply_checkpointing, apply_compile, compile_ops, set_attention
+from reca.engine.config import RunConfig
+from reca.engine.data import build_loader
+from reca.engine.errors import UserError
+from reca.engine.objectives import Objective, objectives_of
+from reca.engine.optim import build_optimizer, build_scheduler
+from reca.engine.sample import SampleBuilder
+from reca.kernels import KernelOps, get_ops
+from reca.models import build_model
+
+MODES = ("custom", "fast", "reference")
+
+
+@dataclass
+class Components:
+    """Everything a run is made of (tests and benchmarks reuse it)."""
+
+    cfg: RunConfig  # resolved: `train.mode` applied
+    device: torch.device
+    model: torch.nn.Module
+    ops: KernelOps
+    objectives: list[Objective]  # the distinct entries of mix.cycle
+    loaders: dict[str, object]  # objective name -> its loader
+    builders: dict[str, SampleBuilder]  # objective name -> its prompt builder
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    generator: torch.Generator  # the training noise (timesteps, masks, posterior samples)
+    params: list[torch.nn.Parameter]
+    update: Callable  # (Components, batches) -> dict of device scalars: train_step or a GraphStep
+
+    @property
+    def loader(self):
+        """The RecA images' loader (what throughput and data-wait are measured on)."""
+        return self.loaders[self.objectives[0].name]
+
+    @property
+    def builder(self) -> SampleBuilder:
+        return self.builders[self.objectives[0].name]
+
+    def data_state(self) -> dict:
+        return {o.state_key: self.loaders[o.name].state_dict() for o in self.objectives}
+
+    def load_data_state(self, state: dict) -> None:
+        for o in self.objectives:
+            self.loaders[o.name].load_state_dict(state[o.state_key])
+
+    def close(self) -> None:
+        for loader in self.loaders.values():
+            loader.close()
+
+
+def build(cfg: RunConfig) -> Components:
+    """Components of a run; `cfg.train.mode` is resolved here (`Components.cfg` is the result).
+    The caller's global RNG is left as it was: the model is initialised from `train.seed` inside
+    `torch.random.fork_rng` (frozen weights are rebuilt from it on resume)."""
+    device = resolve_device(cfg.train.device)
+    cfg = resolve_mode(cfg, device)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    try:
+        ops = get_ops(cfg.kernels.backend, device)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if cfg.train.compile:
+        ops = compile_ops(ops)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(cfg.train.seed)
+        with torch.device(device):
+            try:
+                model = build_model(cfg.model, ops)
+            except ValueError as e:  # inconsistent model settings from the CLI
+                raise UserError(f"model config: {e}") from None
+    if cfg.train.init_from:
+        if "init_from" not in model.capabilities:
+            raise UserError(f"the {cfg.model.family} family cannot load --init-from weights")
+        try:
+            model.load_pretrained(cfg.train.init_from)
+        except (ValueError, OSError) as e:
+            raise UserError(str(e)) from None
+    set_attention(model, cfg.train.attention)
+    apply_checkpointing(model, cfg.train.checkpoint_every)  # torchtitan's order: checkpointing, compile, shard
+    if cfg.train.compile:
+        apply_compile(model)
+    model.train()
+    objectives = objectives_of(cfg, model)
+    # A step holds grad_accum batches at once: a CUDA decoder's fixed buffers rotate that many.
+    loaders = {o.name: build_loader(o.data(cfg), o.views(model), hold=cfg.optim.grad_accum) for o in objectives}
+    builders = {o.name: o.builder(model, cfg) for o in objectives}
+    try:
+        optimizer = build_optimizer(model, cfg.optim, device, capturable=cfg.train.cuda_graph,
+                                    exempt=tuple(model.no_weight_decay_modules()))
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
+    generator = torch.Generator(device).manual_seed(cfg.train.seed + 1)
+    from reca.engine.train import train_step
+
+    update = train_step
+    if cfg.train.cuda_graph:
+        from reca.engine.graph import GraphStep
+
+        update = GraphStep(train_step)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return Components(cfg, device, model, ops, objectives, loaders, builders, optimizer, scheduler, generator,
+                      params, update)
+
+
+def resolve_mode(cfg: RunConfig, device: torch.device) -> RunConfig:
+    """The config a `train.mode` stands for. reference: eager, SDPA, torch kernels, Pillow, no
+    graph (the baseline benchmarks print). fast: per-block compile, kernels auto (Triton on
+    CUDA), CUDA graph on CUDA. custom: the fields as set."""
+    t = cfg.train
+    if t.mode not in MODES:
+        raise UserError(f"train.mode must be one of {', '.join(MODES)}, got {t.mode!r}")
+    if t.mode == "reference":
+        cfg = replace(cfg, train=replace(t, compile=False, cuda_graph=False, attention="sdpa"),
+                      kernels=replace(cfg.kernels, backend="torch"), data=replace(cfg.data, decoder="pil"))
+    elif t.mode == "fast":
+        cfg = replace(cfg, train=replace(t, compile=True, cuda_graph=device.type == "cuda"),
+                      kernels=replace(cfg.kernels, backend="auto"))
+    if cfg.train.cuda_graph and device.type != "cuda":
+        raise UserError("train.cuda_graph needs CUDA")
+    return cfg
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise UserError(f"unknown device {spec!r} (auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {spec!r} asked for, but no CUDA GPU is available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"device {spec!r} asked for, but only {torch.cuda.device_count()} GPU(s) are present")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"unsupported device {spec!r} (auto, cpu, cuda or cuda:N)")
+    return device
+
+
+def autocast(cfg: RunConfig, device: torch.device, cache: bool = True):
+    """bf16 autocast on CUDA (or when asked for), fp32 on CPU by default."""
+    precision = cfg.train.precision
+    if precision not in ("auto", "bf16", "fp32"):
+        raise UserError(f"train.precision must be auto, bf16 or fp32, got {precision!r}")
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=cache)
