@@ -120,13 +120,14 @@ def attention_mask(pack: Pack, kind: str, block_size: int = 128, dense_limit: in
     """The mask the attention takes: a flex `BlockMask` ("flex"), or ("dense") a boolean [S, S]
     evaluated from the same `mask_mod`, for CPU training only: flex attention has no CPU
     backward in torch 2.13, so the dense form is refused beyond `dense_limit` tokens."""
-    from torch.nn.attention.flex_attention import create_block_mask, create_mask
+    from torch.nn.attention.flex_attention import create_block_mask
 
     s = pack.doc.numel()
     if kind == "dense":
         if s > dense_limit:
             raise ValueError(f"a dense attention mask of {s} tokens is refused (> {dense_limit}); use flex on a GPU")
-        return create_mask(mask_mod_of(pack), None, None, s, s, device=pack.doc.device)[0, 0]
+        idx = torch.arange(s, device=pack.doc.device)
+        return mask_mod_of(pack)(0, 0, idx[:, None], idx[None, :])  # the mask_mod broadcast, not vmapped
     # compiled on accelerators (BAGEL: _compile=True): never materialises [S, S]
     return create_block_mask(mask_mod_of(pack), None, None, s, s, device=pack.doc.device,
                              BLOCK_SIZE=block_size, _compile=pack.doc.device.type != "cpu")
