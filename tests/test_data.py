@@ -198,12 +198,12 @@ def test_broken_images_are_skipped_counted_and_named_once(tmp_path, caplog):
     root = write(photos(tmp_path, 3), bad)
     loader = build_loader(cfg(root), VIEWS)
     with caplog.at_level(logging.WARNING, logger="reca.engine.data"):
-        batches = take(loader, 8)  # 32 good samples need ~3.7 epochs of 11 files
+        batches = take(loader, 8)  # 32 good samples need ~10.7 epochs of 11 files
     assert all(len(b.keys) == 4 and b.und.shape[0] == 4 for b in batches)
     assert all(k.startswith("img") for b in batches for k in b.keys)
     consumed = loader.state_dict()["position"]
-    assert consumed > 3 * len(bad) + 32
-    assert loader.skipped == consumed - 32  # every position is a sample or a counted skip
+    assert consumed - 32 >= 10 * len(bad)  # every bad file passed over in each of 10 epochs ...
+    assert loader.skipped == len(bad)  # ... and counted once (tests/test_data_bad.py: more)
     for name in bad:
         assert sum(name in r.getMessage() for r in caplog.records) == 1, name
     assert all("\n" not in r.getMessage() for r in caplog.records)
@@ -298,7 +298,7 @@ def test_resume_is_exact(tmp_path):
     resumed = build_loader(cfg(root, batch_size=3), VIEWS)
     resumed.load_state_dict(state)
     assert_same(straight, part + take(resumed, 5))
-    assert resumed.skipped > state["skipped"] > 0
+    assert resumed.skipped == state["skipped"] == 2  # both found in the first epoch
 
 
 def test_workers_give_the_in_process_order(tmp_path):

@@ -73,7 +73,8 @@ def test_dali_cpu_bad_files_are_skipped_and_named_once(tmp_path, caplog):
         batches = [next(loader) for _ in range(8)]
     assert all(b.und.shape[0] == 5 == len(b.keys) for b in batches)
     assert not any(k in bad for b in batches for k in b.keys if k != "cut_late.jpg")
-    assert loader.skipped == loader.state_dict()["position"] - 40
+    assert loader.state_dict()["position"] - 40 >= 2 * (len(bad) - 1)  # passed over in >= 2 epochs
+    assert loader.skipped in (len(bad) - 1, len(bad))  # ... and counted once each
     for name in set(bad) - {"cut_late.jpg"}:  # libjpeg may decode a short tail as grey: allowed
         assert sum(name in r.getMessage() for r in caplog.records) == 1, name
     first = build_loader(cfg(root, decoder="dali", decode_device="cpu", batch_size=5), VIEWS)

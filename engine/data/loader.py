@@ -3,7 +3,7 @@
     loader = build_loader(cfg.data, model.views, rank=rank, world_size=world_size)
     batch = next(loader)          # ImageBatch: und [B, 3, Hu, Wu], gen [B, 3, Hg, Wg], keys,
                                   #             positions [B], captions (str | None each)
-    state = loader.state_dict()   # {"position", "skipped"}: save per rank, load to resume exactly
+    state = loader.state_dict()   # {"position", "skipped", "bad"}: save per rank, load to resume exactly
 
 Sources (`sources`): an image folder, WebDataset tar shards, Parquet files or the demo;
 `data.source = "a/:0.7,b.tar:0.3"` mixes several with weights (`order`).
@@ -11,8 +11,15 @@ Order (`order.Order`): stream position p reads a sample that is a pure function 
 (seed, p); rank r of w takes positions r, r + w, ...; augmentation for position p is seeded
 by (seed, p) alone. Nothing depends on what was read before, so resuming from a position
 reproduces the uninterrupted run bit for bit, with or without worker processes. Broken
-images are skipped (the next position takes their place), counted in `loader.skipped` and
-named once in a warning on the `reca.engine.data` logger.
+images are skipped (the next position takes their place) and remembered: a file found bad is
+named once in a warning on the `reca.engine.data` logger, never read again (positions that
+reach it later are skipped unread), and counted once in `loader.skipped` (distinct files).
+Badness is a property of the file, so skipping a known-bad one unread leaves the position ->
+sample mapping as it was; the known-bad (source, index) pairs are part of `state_dict()`, so a
+resumed run remembers what the interrupted one found (a file that failed to read for a passing
+reason stays skipped for the rest of the run, in both). Worker processes report a bad sample
+with its position; the main process remembers it and its sampler hands known-bad positions to
+no worker.
 
 Decoding (`data.decoder`): Pillow in the workers, or a batch backend (`backends/`: DALI, or
 nvJPEG via torchvision) that decodes a whole batch in the training process, on the GPU when
@@ -185,15 +192,17 @@ class _Samples(torch.utils.data.Dataset):
 
 
 class _Positions(torch.utils.data.Sampler):
-    """start, start + step, ... forever: this rank's stream positions from a resume point."""
+    """start, start + step, ... forever: this rank's stream positions from a resume point,
+    less those that read a known-bad sample (`bad`, the loader's set, read as it grows)."""
 
-    def __init__(self, start: int, step: int):
-        self.start, self.step = start, step
+    def __init__(self, start: int, step: int, bad: set[tuple[int, int]], order: Order):
+        self.start, self.step, self.bad, self.order = start, step, bad, order
 
     def __iter__(self) -> Iterator[int]:
         p = self.start
         while True:
-            yield p
+            if not (self.bad and self.order.locate(p) in self.bad):
+                yield p
             p += self.step
 
 
@@ -208,7 +217,7 @@ class Loader:
     `backend`: a batch decoder (`data_dali.make_backend`) or None for Pillow.
     `hold`: batches the consumer uses at once (a CUDA backend's buffer sets are reused after
     `hold` more batches); `prefetch`: decode ahead in a thread (see the module docstring).
-    Attributes the train loop reads: `skipped` (bad-sample skip events in the batches taken),
+    Attributes the train loop reads: `skipped` (distinct bad files met by the batches taken),
     `wait_seconds` (cumulative time spent inside `__next__`, i.e. the loop waiting for data).
     """
 
@@ -229,9 +238,11 @@ class Loader:
         self.wait_seconds = 0.0
         self.hold, self.prefetch = hold, prefetch
         self._next = rank  # next stream position of this rank not yet in a produced batch
-        self._skipped = 0  # skip events in the batches produced
-        self._taken = (rank, 0)  # (_next, _skipped) after the last batch handed out
-        self._bad: dict[tuple[int, int], str] = {}  # item -> reason: warn once, all-bad check
+        self._bad: set[tuple[int, int]] = set()  # known-bad (source, index): never read again
+        self._bad_order: list[tuple[int, int]] = []  # the same, in the order found (append-only
+        # while the producer runs: the first n are what the batches taken found, n in _taken)
+        self._warned: set[tuple[int, int]] = set()  # named in a warning by this process
+        self._taken = (rank, 0)  # (_next, len(_bad_order)) after the last batch handed out
         self._dataloader: torch.utils.data.DataLoader | None = None
         self._workers: Iterator[Sample] | None = None
         self._ring: list[tuple[torch.Tensor, torch.Tensor]] = []  # fixed buffer sets
@@ -253,7 +264,7 @@ class Loader:
             if self.prefetch:
                 return self._take()
             batch = self._batch(self._inline_buffers())
-            self._taken = (self._next, self._skipped)
+            self._taken = (self._next, len(self._bad_order))
             return batch
         finally:
             self.wait_seconds += time.perf_counter() - t0
@@ -316,8 +327,9 @@ class Loader:
 
     def _produce(self, ahead: "Prefetch", streams: "Streams") -> None:
         """Producer thread: fill free sets in order until told to stop; an error ends the thread
-        and is handed over in its place. Owns the reading state (`_next`, `_skipped`, `_bad`,
-        workers) while it runs: the consumer touches them only after `_stop_prefetch`."""
+        and is handed over in its place. Owns the reading state (`_next`, the known-bad samples,
+        workers) while it runs: the consumer touches them only after `_stop_prefetch`, but for
+        the prefix of `_bad_order` that `state_dict` copies (the list only grows meanwhile)."""
         try:
             with streams.producing():
                 while True:
@@ -326,7 +338,7 @@ class Loader:
                         return
                     streams.wait(free_after)  # the step that read this set is done with it
                     batch = self._batch(self._ring[j])
-                    ahead.ready.put((batch, j, (self._next, self._skipped), streams.mark()))
+                    ahead.ready.put((batch, j, (self._next, len(self._bad_order)), streams.mark()))
         except BaseException as e:  # noqa: BLE001: every error must reach the consumer
             ahead.ready.put(e)
 
@@ -339,17 +351,28 @@ class Loader:
         ahead.stop.set()
         ahead.free.put((None, None))
         ahead.thread.join()  # type: ignore[union-attr]
-        self._next, self._skipped = self._taken
+        self._next, found = self._taken
+        self._know(self._bad_order[:found])  # the dropped batches find theirs again, in order
         self._close_workers()  # their in-flight samples are those dropped
 
+    def _know(self, bad: list[tuple[int, int]]) -> None:
+        """The known-bad samples become exactly `bad` (same objects: the sampler reads the set)."""
+        self._bad_order[:] = bad
+        self._bad.clear()
+        self._bad.update(bad)
+
     def _good(self) -> Sample:
-        """The next usable sample of this rank's stream (bad ones are counted and skipped)."""
+        """The next usable sample of this rank's stream: known-bad positions are passed over
+        unread (here, or by the workers' sampler), newly found bad ones remembered."""
         while True:
+            if self.cfg.num_workers <= 0 and self._bad and self.samples.order.locate(self._next) in self._bad:
+                self._next += self.world_size
+                continue
             sample = self._sample()
             self._next = sample.position + self.world_size
-            if sample.item in self._bad:  # a backend found it bad; workers may not know yet
-                self._skip(sample.item, sample.key, self._bad[sample.item])
-            elif sample.reason:
+            if sample.item in self._bad:  # found bad while this one was in flight (workers)
+                continue
+            if sample.reason:
                 self._skip(sample.item, sample.key, sample.reason)
             else:
                 return sample
@@ -421,31 +444,43 @@ class Loader:
     def _start_workers(self) -> Iterator[Sample]:
         w = self.cfg.num_workers
         self._dataloader = torch.utils.data.DataLoader(
-            self.samples, batch_size=None, sampler=_Positions(self._next, self.world_size),
-            num_workers=w, collate_fn=_keep, persistent_workers=True,
+            self.samples, batch_size=None, num_workers=w, collate_fn=_keep, persistent_workers=True,
+            sampler=_Positions(self._next, self.world_size, self._bad, self.samples.order),
             prefetch_factor=max(2, -(-2 * self.cfg.batch_size // w)))  # ~2 batches in flight
         return iter(self._dataloader)
 
     def _skip(self, item: tuple[int, int], key: str, reason: str) -> None:
-        self._skipped += 1
-        if item not in self._bad:
-            self._bad[item] = reason
+        """Remember a newly found bad sample (warned once per process, counted once)."""
+        if item in self._bad:
+            return
+        self._bad.add(item)
+        self._bad_order.append(item)
+        if item not in self._warned:
+            self._warned.add(item)
             log.warning("skipping image %s: %s", key, reason)
-            if len(self._bad) >= self.samples.n:
-                self._close_workers()  # not close(): this may be the producer thread itself
-                raise UserError(f"no decodable images in {self.cfg.source}")
+        if len(self._bad) >= self.samples.n:
+            self._close_workers()  # not close(): this may be the producer thread itself
+            raise UserError(f"no decodable images in {self.cfg.source}")
 
-    def state_dict(self) -> dict[str, int]:
-        """Where the batches taken so far end (prefetched ones are not counted)."""
-        return {"position": self._taken[0], "skipped": self._taken[1]}
+    def state_dict(self) -> dict[str, Any]:
+        """Where the batches taken so far end (prefetched ones are not counted): the next
+        position, and the bad samples they found ([source, index] pairs; `skipped` = their count)."""
+        position, found = self._taken
+        return {"position": position, "skipped": found, "bad": [list(item) for item in self._bad_order[:found]]}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Continue from a saved state; a position of another rank moves up to this rank's next."""
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a saved state; a position of another rank moves up to this rank's next.
+        A state without "bad" (saved before bad samples were remembered) starts with none known:
+        they are found again as they are read, and counted from zero."""
         self._stop_prefetch()
         p = int(state["position"])
         self._next = p + (self.rank - p) % self.world_size
-        self._skipped = int(state.get("skipped", 0))
-        self._taken = (self._next, self._skipped)
+        bad = list(dict.fromkeys((int(s), int(i)) for s, i in state.get("bad", ())))
+        if len(bad) >= self.samples.n:
+            raise UserError(f"no decodable images in {self.cfg.source} (the saved data state marks all bad)")
+        self._know(bad)
+        self._warned.update(bad)  # named by the run that found them
+        self._taken = (self._next, len(bad))
         self._close_workers()  # in-flight worker results belong to the old position
 
     def close(self) -> None:
