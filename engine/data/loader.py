@@ -21,6 +21,10 @@ reason stays skipped for the rest of the run, in both). Worker processes report 
 with its position; the main process remembers it and its sampler hands known-bad positions to
 no worker.
 
+Stop signals: worker processes ignore SIGINT and SIGTERM. A Ctrl-C or a stop sent to the whole
+process group (a container stop, a batch scheduler) reaches the main process alone, which owns
+the stop (checkpoint, then `close()`); workers a run leaves open are ended at interpreter exit.
+
 Decoding (`data.decoder`): Pillow in the workers, or a batch backend (`backends/`: DALI, or
 nvJPEG via torchvision) that decodes a whole batch in the training process, on the GPU when
 there is one. With a CUDA backend `und`/`gen` are FIXED device buffers: a ring of sets reused
@@ -40,9 +44,12 @@ runs needs `capture_error_mode="thread_local"`: "global" forbids the thread's CU
 """
 from __future__ import annotations
 
+import atexit
 import logging
+import signal
 import threading
 import time
+import weakref
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator, NamedTuple
@@ -67,6 +74,7 @@ if TYPE_CHECKING:  # duck-typed at run time: any object with ViewSpec's fields w
 log = logging.getLogger(__name__)
 
 CACHE_BYTES = 256 << 20  # decoded-image LRU per process: holds a demo or small folder entirely
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # the main process's to handle, never a worker's
 
 
 def open_source(spec: str, cfg: Any = None) -> ImageSource:
@@ -208,6 +216,26 @@ class _Positions(torch.utils.data.Sampler):
 
 def _keep(sample: Sample) -> Sample:  # DataLoader's collate_fn: module-level so it pickles
     return sample
+
+
+def _worker_init(worker_id: int) -> None:
+    """DataLoader worker_init_fn: the stop signals are ignored here (they were blocked across
+    the start, so one sent meanwhile is dropped now, not fatal)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+_OPEN: "weakref.WeakSet[Loader]" = weakref.WeakSet()  # loaders whose workers may be running
+_AT_EXIT: list[bool] = []  # the exit hook is registered once, when the first workers start
+
+
+def _close_open_loaders() -> None:
+    """At interpreter exit, before multiprocessing's own hook: that one ends daemon children
+    with SIGTERM, which the workers ignore, then joins them, and would wait forever."""
+    for loader in list(_OPEN):
+        loader.close()
 
 
 class Loader:
@@ -446,8 +474,21 @@ class Loader:
         self._dataloader = torch.utils.data.DataLoader(
             self.samples, batch_size=None, num_workers=w, collate_fn=_keep, persistent_workers=True,
             sampler=_Positions(self._next, self.world_size, self._bad, self.samples.order),
+            worker_init_fn=_worker_init,
             prefetch_factor=max(2, -(-2 * self.cfg.batch_size // w)))  # ~2 batches in flight
-        return iter(self._dataloader)
+        if not _AT_EXIT:  # registered after multiprocessing's hook, so it runs before it
+            atexit.register(_close_open_loaders)
+            _AT_EXIT.append(True)
+        _OPEN.add(self)
+        # A stop signal that arrives while a worker starts, before its _worker_init, would end
+        # it: this thread blocks them across the start, and the workers inherit the mask.
+        masking = hasattr(signal, "pthread_sigmask")  # POSIX
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS) if masking else None
+        try:
+            return iter(self._dataloader)
+        finally:
+            if masking:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
     def _skip(self, item: tuple[int, int], key: str, reason: str) -> None:
         """Remember a newly found bad sample (warned once per process, counted once)."""
@@ -491,9 +532,16 @@ class Loader:
 
     def _close_workers(self) -> None:
         workers, self._workers, self._dataloader = self._workers, None, None
+        _OPEN.discard(self)
         shutdown = getattr(workers, "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()
+        if shutdown is None:
+            return
+        shutdown()  # asks each to stop, and falls back on SIGTERM, which they ignore:
+        if getattr(workers, "_shutdown", False):  # a worker stuck past its grace is killed
+            for w in getattr(workers, "_workers", ()):
+                if w.is_alive():
+                    w.kill()
+                    w.join()
 
     def __enter__(self) -> "Loader":
         return self
