@@ -2,6 +2,7 @@
 OpenUni's left-padded one, the loss against SANA's training table, frozen parts (no gradient, no
 optimizer state), sampling, checkpoint layouts (OpenUni's file, InternVL3's remote-code names,
 diffusers' SANA and DC-AE) round-tripped, and diffusers imported only when a model is built."""
+import dataclasses
 import subprocess
 import sys
 
@@ -12,11 +13,11 @@ pytest.importorskip("diffusers", reason="the openuni family needs diffusers (pip
 
 from reca.engine.config import OptimConfig  # noqa: E402
 from reca.engine.optim import build_optimizer  # noqa: E402
+from reca.engine.presets import preset  # noqa: E402
 from reca.engine.sample import SampleBuilder, load_instructions  # noqa: E402
 from reca.kernels import get_ops  # noqa: E402
 from reca.models.adapter import ReconBatch, SampleBatch  # noqa: E402
-from reca.models.layers import Qwen2Shape  # noqa: E402
-from reca.models.openuni import ConnectorShape, DCAEShape, InternViTShape, OpenUniConfig, OpenUniModel, SanaShape  # noqa: E402,E501
+from reca.models.openuni import OpenUniConfig, OpenUniModel  # noqa: E402
 from reca.models.openuni.weights import (export_openuni, internvl_from_reca, internvl_to_reca,  # noqa: E402
                                          load_openuni_checkpoint, load_pretrained)
 
@@ -25,16 +26,7 @@ FROZEN = ("lmm.", "vae.")
 
 
 def tiny_config(**kw) -> OpenUniConfig:
-    return OpenUniConfig(
-        llm=Qwen2Shape(vocab_size=1024, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                       num_kv_heads=2, max_position=1024),
-        vit=InternViTShape(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, image_size=32,
-                           patch_size=4),
-        connector=ConnectorShape(width=64, mlp=128, heads=4, layers=2),
-        sana=SanaShape(heads=2, head_dim=16, layers=2, cross_heads=2, cross_head_dim=16, caption_channels=32),
-        vae=DCAEShape(latent_channels=4, channels=(8, 16, 32), encoder_layers=(1, 1, 1), decoder_layers=(1, 1, 1),
-                      vit_stages=1, attention_head_dim=8, scaling_factor=1.0),
-        image_size=32, num_queries=16, **kw)
+    return dataclasses.replace(preset("openuni-tiny").model, **kw)
 
 
 def _model(seed=0, **kw) -> OpenUniModel:
@@ -238,3 +230,48 @@ def test_diffusers_imported_only_when_a_model_is_built():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_recon_loss_falls_on_a_fixed_batch(tiny):
+    """The trained parts learn: 30 AdamW steps on one batch with fixed draws lower the loss."""
+    _, builder, images = tiny
+    model = _model(seed=4)
+    prompt = builder.build(list(range(B)))
+    opt = build_optimizer(model, OptimConfig(lr=3e-3), torch.device("cpu"))
+    losses = []
+    for _ in range(30):
+        out = model(ReconBatch(images, images, prompt), "recon", generator=torch.Generator().manual_seed(0))
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        losses.append(out.loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+@pytest.mark.parametrize("name, sana, connector, projector, queries", [
+    ("openuni-b-512", 591.7, 52.4, 2.07, 0.23),  # FAMILY_FACTS.md C5, C8
+    ("openuni-l-512", 1604.5, 221.9, 3.54, 0.39),
+])
+def test_real_size_counts_match_family_facts(name, sana, connector, projector, queries):
+    """`reca info`'s numbers, built on the meta device (nothing allocated)."""
+    from reca.engine.bench.info import describe
+
+    info = describe(preset(name))
+    parts, modules = info["parts"], info["modules"]
+    assert round(parts["transformer (SANA)"] / 1e6, 1) == sana
+    assert round(parts["connector"] / 1e6, 1) == connector
+    assert round(parts["projector"] / 1e6, 2) == projector
+    assert round(parts["meta_queries"] / 1e6, 2) == queries
+    assert not modules["lmm"]["trainable"] and not modules["vae"]["trainable"]
+    assert modules["transformer"]["trainable"] and modules["connector"]["trainable"]
+    assert info["trainable"] == sum(parts[k] for k in ("meta_queries", "connector", "projector", "transformer (SANA)"))
+    assert info["shapes"]["understanding view"].endswith("256 visual tokens")
+
+
+def test_blocks_for_compile_and_checkpointing(tiny):
+    from reca.engine.compile import find_blocks
+
+    model = tiny[0]
+    names = {n.rsplit(".", 1)[0] for n, _ in find_blocks(model)}
+    assert names == {"lmm.vision_tower.encoder.layer", "lmm.language_model.layers", "connector.layers",
+                     "transformer.transformer_blocks"}

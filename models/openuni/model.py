@@ -289,6 +289,13 @@ class OpenUniModel(RecaModule):
         return patchify(out, 1)
 
     # --- optional members --------------------------------------------------------------------
+    def blocks(self) -> list[nn.Module]:
+        """The repeated blocks the engine compiles and checkpoints (`reca.engine.compile`): ViT,
+        LLM, connector and SANA layers. The DC-AE's stages are left out: they run once per
+        sample, frozen, under no_grad, and are not a stack of equal blocks."""
+        return [*self.lmm.vision_tower.encoder.layer, *self.lmm.language_model.layers, *self.connector.layers,
+                *self.transformer.transformer_blocks]
+
     def parameter_breakdown(self) -> dict[str, int]:
         count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
         return {"lmm.vision_tower (InternViT)": count(self.lmm.vision_tower),
