@@ -35,6 +35,7 @@ from reca.kernels import KernelOps, get_ops
 from reca.models.adapter import LossOutput, ReconBatch, SampleBatch, PromptTemplate, ViewSpec
 from reca.models.base import Conditioning, RecaModule
 from reca.models.bagel.mot import Qwen2MoTForCausalLM
+from reca.models.flops import Stage
 from reca.models.bagel.pack import attention_mask, build_pack
 from reca.models.bagel.siglip import SiglipNaViT, VitShape, grid_ids, patchify_hwpqc, unpatchify_hwpqc
 from reca.models.layers import MLPConnector, Qwen2Shape, TimestepEmbedder, sincos_2d
@@ -79,7 +80,7 @@ class BagelModel(RecaModule):
     """RecA adapter (`reca.models.adapter.RecaAdapter`) for BAGEL."""
 
     objectives = frozenset({"recon", "sample"})
-    capabilities = frozenset({"init_from", "export"})
+    capabilities = frozenset({"init_from", "export", "flop_plan"})
 
     def __init__(self, cfg: BagelConfig, ops: KernelOps | None = None):
         super().__init__()
@@ -218,6 +219,23 @@ class BagelModel(RecaModule):
         return t if s == 1.0 else s * t / (1 + (s - 1) * t)
 
     # --- weights and counts ---------------------------------------------------------------------
+    def flop_plan(self, prompt_len: float, useful: bool = False) -> list[Stage]:
+        """Tokens per sample of each module (`reca.engine.bench.flops`): the ViT and connector on
+        N tokens; in every layer the understanding expert's projections and MLP on the prompt
+        + 2 markers, the generation expert's on the T latents; one shared attention per layer
+        over the sample's tokens (flex skips the other samples' blocks); vae2llm/llm2vae on T.
+        The lm_head never runs. `useful` changes only the prompt length the caller passes."""
+        q, n, t = self.cfg.llm, self.num_visual_tokens, self.latent_grid**2
+        und, vit = prompt_len + 2, self.cfg.vit
+        plan = [Stage("vit_model", n, vit.num_layers - 1, n, vit.hidden_size), Stage("connector", n)]
+        for i in range(q.num_layers):
+            pre = f"language_model.model.layers.{i}."
+            for suffix, tokens in (("", und), ("_moe_gen", t)):
+                plan += [Stage(pre + f"self_attn.{x}_proj{suffix}", tokens) for x in "qkvo"]
+                plan.append(Stage(pre + "mlp" + suffix, tokens))
+        plan.append(Stage("language_model.model.layers", 0, q.num_layers, und + t, q.hidden_size))
+        return plan + [Stage("time_embedder", 1), Stage("vae2llm", t), Stage("llm2vae", t)]
+
     def load_pretrained(self, directory: str) -> dict[str, int]:
         from reca.models.bagel.weights import load_bagel
 
