@@ -21,6 +21,21 @@ class Qwen2Shape:
     rms_norm_eps: float = 1e-6
     max_position: int = 32768
 
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                     "max_position"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"num_heads {self.num_heads} must divide hidden_size {self.hidden_size}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_kv_heads {self.num_kv_heads} must divide num_heads {self.num_heads}")
+        if (self.hidden_size // self.num_heads) % 2:  # rotary embeddings rotate pairs of channels
+            raise ValueError(f"head width hidden_size / num_heads = {self.hidden_size // self.num_heads} must be even")
+        for name in ("rope_theta", "rms_norm_eps"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"{name} must be finite and > 0, got {getattr(self, name)}")
+
     def hf_config(self, **extra):
         """The transformers `Qwen2Config` of this shape (SDPA attention unless `extra` says otherwise)."""
         from transformers import Qwen2Config
@@ -87,16 +102,6 @@ def checkpoint_kwargs(module: nn.Module) -> dict:
     draws random numbers. Saving it reads the CUDA generator's seed, which CUDA-graph capture
     refuses in torch releases before 2.10: a block without dropout never needs it."""
     return {"use_reentrant": False, "preserve_rng_state": has_dropout(module)}
-
-
-def enable_hf_checkpointing(model: nn.Module) -> None:
-    """Activation checkpointing of a transformers model, non-reentrant (the method was renamed
-    in transformers 5.2x; the GPU image has 5.17)."""
-    kw = checkpoint_kwargs(model)
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
 
 
 def freeze_except(model: nn.Module, modules: tuple[str, ...], trainable: tuple[str, ...]) -> None:

@@ -13,8 +13,9 @@ switch their gradients off; nothing here enforces it, so a codec could still be 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 import torch
 import torch.nn as nn
@@ -92,6 +93,18 @@ class KLConfig:
     scale: float = 0.3611  # latents = scale * (z - shift)
     shift: float = 0.1159
     sample_posterior: bool = True  # True: z = mean + std * eps; False: z = mean (posterior mode)
+
+    def __post_init__(self) -> None:
+        for name in ("ch", "num_res_blocks", "z_channels", "embed_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.ch_mult or min(self.ch_mult) < 1:
+            raise ValueError(f"ch_mult must be one or more multipliers >= 1, got {self.ch_mult}")
+        for name in ("encoder_attn_levels", "decoder_attn_levels"):
+            if any(not 0 <= level < len(self.ch_mult) for level in getattr(self, name)):
+                raise ValueError(f"{name} must name levels 0..{len(self.ch_mult) - 1}, got {getattr(self, name)}")
+        if not (math.isfinite(self.scale) and self.scale != 0 and math.isfinite(self.shift)):
+            raise ValueError(f"scale must be finite and non-zero, shift finite; got {self.scale}, {self.shift}")
 
 
 def flux_vae_config() -> KLConfig:
@@ -310,9 +323,15 @@ class VAEConfig:
                      `--set model.vae.kind=kl` alone gives a loadable FLUX-shaped codec.
     """
 
-    kind: str = "patch"
+    kind: Literal["patch", "kl"] = "patch"
     patch: int = 2
     kl: KLConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("patch", "kl"):
+            raise ValueError(f"unknown vae kind {self.kind!r}; known: patch, kl")
+        if self.patch < 1:
+            raise ValueError(f"patch must be >= 1, got {self.patch}")
 
 
 def build_codec(cfg: VAEConfig) -> PatchVAE | AutoencoderKL:
