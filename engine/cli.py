@@ -20,7 +20,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="run RecA post-training", epilog=EPILOG)
-    t.add_argument("--preset", default="tiny", help="named preset (default: tiny)")
+    t.add_argument("--preset", help="named preset (default: tiny), or module:function returning a RunConfig")
+    t.add_argument("--config", metavar="FILE", help="start a new run from a saved config (RUN/config.json or RUN); "
+                                                     "--set and the other flags apply on top")
     t.add_argument("--data", help="image folder (searched recursively), or 'demo' for the bundled photographs")
     t.add_argument("--steps", type=int, help="optimizer steps")
     t.add_argument("--out", help="run directory (config, metrics, checkpoints, previews)")
@@ -34,15 +36,17 @@ def _parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="print a preset's resolved config and parameter counts (no weights allocated)",
                        epilog=EPILOG)
-    i.add_argument("--preset", default="tiny")
+    i.add_argument("--preset", default="tiny", help="named preset, or module:function returning a RunConfig")
     i.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     i.add_argument("--json", action="store_true", help="machine-readable output")
+    i.add_argument("--world-size", type=int, metavar="N",
+                   help="also project the memory per rank under FSDP at 1, 2, 4, 8 and N ranks")
 
     b = sub.add_parser("bench", help="benchmarks: `reca bench step` times whole training steps", epilog=EPILOG)
     bsub = b.add_subparsers(dest="bench", required=True)
     s = bsub.add_parser("step", help="images/s, tokens/s, TFLOP/s, MFU of the fast mode beside the reference mode",
                         epilog=EPILOG)
-    s.add_argument("--preset", default="tiny")
+    s.add_argument("--preset", default="tiny", help="named preset, or module:function returning a RunConfig")
     s.add_argument("--batch", type=int, help="images per micro-batch (default: the preset's)")
     s.add_argument("--steps", type=int, default=10, help="timed optimizer steps per mode")
     s.add_argument("--warmup", type=int, default=5, help="untimed steps first (compile, CUDA-graph capture)")
@@ -54,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="JSON file or directory (default: benchmarks/results on CUDA, a temp dir on CPU)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     m = bsub.add_parser("batch", help="the largest micro-batch of a preset that trains on this device", epilog=EPILOG)
-    m.add_argument("--preset", default="tiny")
+    m.add_argument("--preset", default="tiny", help="named preset, or module:function returning a RunConfig")
     m.add_argument("--max", type=int, help="largest batch tried (default: the preset's micro-batch)")
     m.add_argument("--start", type=int, default=1, help="first batch tried; doubled until one does not fit")
     m.add_argument("--device", default="auto")
@@ -64,20 +68,24 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args) -> None:
-    from reca.engine.config import RunConfig, apply_overrides
+    from reca.engine.config import apply_overrides, load_config
     from reca.engine.presets import preset
 
+    if args.config and (args.preset or args.resume):
+        raise UserError("--config starts a new run from a saved config; leave out --preset and --resume")
     overrides = []
     if args.resume:
         run = Path(args.resume)
         if not (run / "config.json").is_file():
             raise UserError(f"nothing to resume in {run}: no config.json")
-        cfg = RunConfig.from_dict(json.loads((run / "config.json").read_text()))
+        cfg = load_config(run / "config.json")
         overrides.append(f"output.dir={run}")
         if args.out and Path(args.out) != run:
             raise UserError("--resume continues in its own run directory; leave out --out")
+    elif args.config:
+        cfg = load_config(args.config)
     else:
-        cfg = preset(args.preset)
+        cfg = preset(args.preset or "tiny")
     for flag, key in (("data", "data.source"), ("steps", "train.steps"), ("out", "output.dir"),
                       ("prompts", "sample.prompts"), ("device", "train.device"), ("init_from", "train.init_from")):
         value = getattr(args, flag)
@@ -85,13 +93,18 @@ def _train(args) -> None:
             overrides.append(f"{key}={value}")
     if args.overwrite:
         overrides.append("output.overwrite=true")
-    cfg = apply_overrides(cfg, overrides + args.set)
-    if cfg.train.steps < 1:
-        raise UserError("train.steps must be at least 1")
+    cfg = apply_overrides(cfg, overrides + args.set)  # every field validated here (reca.engine.config)
+    if cfg.sample.prompts:
+        from reca.engine.sample import load_instructions
 
-    from reca.engine.train import train
+        load_instructions(cfg.sample.prompts)  # a bad file refused now, not after the model is built
 
-    train(cfg, resume=bool(args.resume), quiet=args.quiet)
+    from reca.engine.train import Stopped, train
+
+    try:
+        train(cfg, resume=bool(args.resume), quiet=args.quiet)
+    except Stopped as e:  # checkpoint written, message printed: exit as a shell expects (130, 143)
+        sys.exit(e.exit_status)
 
 
 def _info(args) -> None:
@@ -100,7 +113,12 @@ def _info(args) -> None:
     from reca.engine.presets import preset
 
     cfg = apply_overrides(preset(args.preset), args.set)
-    report = describe(cfg)
+    if args.world_size is not None and args.world_size < 1:
+        raise UserError("--world-size must be at least 1")
+    try:
+        report = describe(cfg, args.world_size)
+    except ValueError as e:  # a family's cross-field check (e.g. image size vs the VAE's factor)
+        raise UserError(f"model config: {e}") from None
     if args.json:
         print(json.dumps(report, indent=2))
         return
@@ -117,6 +135,10 @@ def _info(args) -> None:
             print(f"    {name}: {n:,}")
     for key, value in report["shapes"].items():
         print(f"  {key}: {value}")
+    if "memory" in report:
+        from reca.engine.bench.memory import format_table
+
+        print("\n".join(format_table(report["memory"], args.world_size)))
 
 
 def _bench(args) -> None:
