@@ -1,13 +1,16 @@
-"""`reca info`: a preset's parameter counts per module, computed on the meta device (no memory)."""
+"""`reca info`: a preset's parameter counts per module, and with `--world-size` its memory per rank
+under FSDP (`memory.memory_per_rank`), computed on the meta device (no memory)."""
 from __future__ import annotations
 
 import torch
 
+from reca.engine.bench.memory import WORLD_SIZES, memory_per_rank
 from reca.engine.config import RunConfig
 from reca.models import build_model
 
 
-def describe(cfg: RunConfig) -> dict:
+def describe(cfg: RunConfig, world_size: int | None = None) -> dict:
+    """Counts and shapes; with `world_size`, "memory": the projection at 1, 2, 4, 8 ranks and it."""
     with torch.device("meta"):
         model = build_model(cfg.model)
     modules = {}
@@ -20,7 +23,7 @@ def describe(cfg: RunConfig) -> dict:
     text = cfg.sample.max_text_tokens
     gen_tokens = getattr(model, "latent_grid", 0) ** 2
     parts = model.parameter_breakdown()
-    return {
+    report = {
         "preset": cfg.preset,
         "parts": parts,  # a family's finer split, when it gives one (e.g. Harmon's head apart from MAR)
         "family": cfg.model.family,
@@ -34,3 +37,6 @@ def describe(cfg: RunConfig) -> dict:
             "batch": cfg.data.batch_size,
         },
     }
+    if world_size is not None:
+        report["memory"] = memory_per_rank(model, cfg, sorted({*WORLD_SIZES, world_size}))
+    return report
