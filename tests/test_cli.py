@@ -70,9 +70,23 @@ def test_info_prints_counts_without_allocating():
 
 
 def test_info_tiny_is_a_few_million():
+    """The printed table: module rows sum to the total, which --json agrees with; the LLM row is
+    the Qwen2 body of the preset's shape counted by hand."""
     proc = reca("info", "--preset", "tiny")
     assert proc.returncode == 0, proc.stderr
-    assert "total" in proc.stdout
+    report = json.loads(reca("info", "--preset", "tiny", "--json").stdout)
+    rows = {}
+    for line in proc.stdout.splitlines():
+        cells = line.split()
+        if len(cells) >= 2 and cells[0] in {*report["modules"], "total", "trainable"}:
+            rows[cells[0]] = int(cells[1].replace(",", ""))
+    total, trainable = rows.pop("total"), rows.pop("trainable")
+    assert set(rows) == set(report["modules"]) and total == sum(rows.values()) == report["parameters"]
+    assert trainable == total  # tiny trains everything
+    assert 2_000_000 < total < 5_000_000
+    d, kv, mlp, vocab, layers = 192, 2 * 48, 512, 1024, 4  # 4 heads of 48, 2 KV heads
+    per_layer = (d * d + d) + 2 * (d * kv + kv) + d * d + 3 * d * mlp + 2 * d  # q, k, v (biased), o, MLP, 2 norms
+    assert rows["llm"] == vocab * d + layers * per_layer + d
 
 
 def test_overrides_are_typed():
