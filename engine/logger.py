@@ -31,6 +31,8 @@ class Readback:
         self.pending.append((step, lr, names, torch.stack([values[k].float() for k in names])))
 
     def submit(self, **extra) -> None:
+        if not self.pending:  # nothing since the last flush (a stop right after a log or checkpoint step)
+            return
         groups: dict[tuple[str, ...], list[int]] = {}
         for i, (_, _, names, _) in enumerate(self.pending):
             groups.setdefault(names, []).append(i)

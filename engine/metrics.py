@@ -1,5 +1,5 @@
-"""What a user looks at: RUN/metrics.jsonl (one line per step), TensorBoard when installed,
-RUN/loss.png and the reconstruction grids RUN/recon_step{N}.png."""
+"""What a user looks at: RUN/metrics.jsonl (one row per step), TensorBoard when installed,
+RUN/loss.png, RUN/alignment.png and the reconstruction grids RUN/recon_step{N}.png."""
 from __future__ import annotations
 
 import json
@@ -21,13 +21,14 @@ log = logging.getLogger(__name__)
 class MetricsWriter:
     """Appends rows to RUN/metrics.jsonl, one JSON object a line. On resume the lines past the
     checkpoint's step go (the resumed run writes them again), and so does a torn last line a
-    kill mid-write left: the next line written is always valid JSON on its own line."""
+    kill mid-write left: the next line written is always valid JSON on its own line.
+    `append=True` leaves the file as it is (the previewer's rows, written beside the loop's)."""
 
-    def __init__(self, run_dir: str | Path, tensorboard: bool = True, resume_step: int = 0):
+    def __init__(self, run_dir: str | Path, tensorboard: bool = True, resume_step: int = 0, *, append: bool = False):
         self.path = Path(run_dir) / "metrics.jsonl"
-        if resume_step == 0:
+        if not append and resume_step == 0:
             self.path.unlink(missing_ok=True)
-        else:
+        elif not append:
             self._truncate(resume_step)
         self.tb = None
         if tensorboard:
@@ -70,8 +71,10 @@ class MetricsWriter:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    """The rows of RUN/metrics.jsonl. A last line that does not parse (a kill mid-write tore
-    it) is skipped; a bad line anywhere else is a one-line `UserError` naming it."""
+    """The rows of RUN/metrics.jsonl, one per step in step order: lines of the same step are
+    merged (the loop's readback and a preview's alignment numbers are written apart, in either
+    order). A last line that does not parse (a kill mid-write tore it) is skipped; a bad line
+    anywhere else is a one-line `UserError` naming it."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
@@ -89,7 +92,10 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
                 break  # torn by a kill: the resumed run writes it again
             raise UserError(f"{path} line {i + 1} is not a metrics row (edited by hand?)") from None
         rows.append(row)
-    return rows
+    merged: dict[int, dict] = {}
+    for row in rows:
+        merged.setdefault(row["step"], {}).update(row)
+    return sorted(merged.values(), key=lambda r: r["step"])
 
 
 def plot_loss(run_dir: str | Path) -> Path | None:
@@ -122,6 +128,41 @@ def plot_loss(run_dir: str | Path) -> Path | None:
     ax.legend()
     fig.tight_layout()
     out = Path(run_dir) / "loss.png"
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def plot_alignment(run_dir: str | Path) -> Path | None:
+    """alignment.png from metrics.jsonl: reconstruction PSNR from each preview image's own visual
+    prompt and from another image's, by step (the gap between them is the alignment). None
+    where there is no preview row yet or matplotlib is missing."""
+    rows = [r for r in read_metrics(run_dir) if "align/psnr_own" in r]
+    if not rows:
+        return None
+    try:
+        import matplotlib
+    except ImportError:
+        log.warning("matplotlib is not installed: no alignment.png (the numbers are in metrics.jsonl)")
+        return None
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot(steps, [r["align/psnr_own"] for r in rows], "o-", label="own visual prompt")
+    shuffled = [r for r in rows if "align/psnr_shuffled" in r]
+    if shuffled:
+        ax.plot([r["step"] for r in shuffled], [r["align/psnr_shuffled"] for r in shuffled], "s--",
+                label="another image's visual prompt")
+    ax.set_xlabel("step")
+    ax.set_ylabel("reconstruction PSNR (dB)")
+    ax.set_title("alignment: generation from the model's own understanding")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = Path(run_dir) / "alignment.png"
     fig.savefig(out)
     plt.close(fig)
     return out

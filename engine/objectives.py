@@ -55,7 +55,7 @@ def _recon_builder(model, cfg: RunConfig) -> SampleBuilder:
 
 
 def _caption_builder(model, cfg: RunConfig) -> SampleBuilder:
-    template = getattr(model, "caption_template", model.template)
+    template = model.caption_template or model.template
     return SampleBuilder(model.tokenizer, template, model.num_visual_tokens, load_instructions(cfg.sample.prompts),
                          max_text_tokens=cfg.sample.max_text_tokens, seed=cfg.data.seed)
 
@@ -75,7 +75,7 @@ def _caption_batch(builder: SampleBuilder, cfg: RunConfig, images, device: torch
 
 OBJECTIVES: dict[str, Objective] = {
     "recon": Objective("recon", "images", _recon_data, lambda m: m.views, _recon_builder, _recon_batch),
-    "caption": Objective("caption", "captions", _caption_data, lambda m: getattr(m, "caption_views", m.views),
+    "caption": Objective("caption", "captions", _caption_data, lambda m: m.caption_views or m.views,
                          _caption_builder, _caption_batch),
 }
 

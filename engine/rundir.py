@@ -16,7 +16,7 @@ from reca.engine.errors import UserError, os_reason
 LOCK = ".lock"
 # What a run writes (config.json, tokenizer/ and metrics beside the checkpoint): moved together
 # by `replace_run`, so the moved folder is itself a run that `--resume` can continue.
-RUN_FILES = ("checkpoint.pt", "config.json", "metrics.jsonl", "loss.png", "tb", "tokenizer")
+RUN_FILES = ("checkpoint.pt", "config.json", "metrics.jsonl", "loss.png", "alignment.png", "tb", "tokenizer")
 RUN_GLOBS = ("recon_step*.png",)
 # Temporary files of atomic writes (integrity.atomic_save, MetricsWriter): ".NAME.<random>.tmp".
 ATOMIC = ("checkpoint.pt", "metrics.jsonl", "config.json")

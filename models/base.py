@@ -21,7 +21,8 @@ import torch
 import torch.nn as nn
 
 from reca.kernels import get_ops
-from reca.models.adapter import CaptionBatch, LossOutput, PromptBatch, ReconBatch, SampleBatch
+from reca.models.adapter import (CaptionBatch, LossOutput, PromptBatch, PromptTemplate, ReconBatch, SampleBatch,
+                                 ViewSpec)
 
 
 class Conditioning(nn.Module):
@@ -51,6 +52,8 @@ class RecaModule(nn.Module):
     objectives: frozenset[str] = frozenset({"recon", "sample"})
     capabilities: frozenset[str] = frozenset()  # "init_from", "export", "flop_plan"
     conditioning: Conditioning
+    caption_template: PromptTemplate | None = None  # the image-to-text prompt; None: `template`
+    caption_views: ViewSpec | None = None  # the image-to-text input view; None: `views`
 
     def forward(self, batch: Any, objective: str = "recon", generator: torch.Generator | None = None):
         if objective not in self.objectives:

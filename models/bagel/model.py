@@ -81,6 +81,7 @@ class BagelModel(RecaModule):
 
     objectives = frozenset({"recon", "sample"})
     capabilities = frozenset({"init_from", "export", "flop_plan"})
+    text_prompt_keeps_image = True  # generate() drops the vit split by position: text-only prompts keep its slots
 
     def __init__(self, cfg: BagelConfig, ops: KernelOps | None = None):
         super().__init__()
