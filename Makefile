@@ -34,8 +34,13 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/reca train --preset tiny --data demo --out runs/demo --overwrite
 
+# Two tiers, both always run: unit (in-process, seconds each) then integration (subprocesses: the
+# CLI, torchrun, wheels, signals; torch.compile; ptxas). --durations names the slowest of each.
+PYTEST := $(BIN)/python -m pytest tests -q -p no:cacheprovider --durations=10
+
 test: install
-	$(BIN)/python -m pytest tests -q -p no:cacheprovider
+	$(PYTEST) -m "not integration"
+	$(PYTEST) -m integration
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

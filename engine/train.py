@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,12 +15,15 @@ from typing import Any
 import torch
 
 from reca.engine.build import Components, autocast, build, resolve_device, resolve_mode  # noqa: F401
-from reca.engine.checkpoint import load_checkpoint, load_trainable, save_checkpoint, set_rng_state
+from reca.engine.checkpoint import (CHECKPOINT, checkpoint_bytes, fingerprint_conflict, frozen_fingerprint,
+                                    load_checkpoint, refuse_conflicts, restore, save_checkpoint)
 from reca.engine.config import RunConfig
 from reca.engine.errors import UserError
 from reca.engine.logger import Logger
+from reca.engine.metrics import plot_loss
 from reca.engine.optim import lr_factor
 from reca.engine.preview import Previewer
+from reca.engine.rundir import RunLock, check_free_space, check_run_dir, clean_orphans, read_run_config, replace_run
 
 
 @dataclass
@@ -74,67 +78,124 @@ def next_batches(c: Components) -> list[MicroBatch]:
     return out
 
 
+class Stopped(KeyboardInterrupt):
+    """What `train()` raises after a stop request (SIGINT or SIGTERM) once the checkpoint of the
+    last finished step is written and the run directory released: what Ctrl-C raises in Python,
+    so code after `reca.train(cfg)` never mistakes a stopped run for a finished one. `step` is
+    that step, `last` the last metrics row, `exit_status` what a shell expects (130 for SIGINT,
+    143 for SIGTERM; the CLI exits with it)."""
+
+    def __init__(self, signum: int, step: int, last: dict):
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}")
+        self.signal, self.step, self.last = signum, step, last
+        self.exit_status = 128 + signum
+
+
 def train(cfg: RunConfig, *, resume: bool = False, stop_after: int | None = None, quiet: bool = False) -> dict:
     """Run (or, with `resume`, continue) training into `cfg.output.dir`; returns the last metrics
-    row. `stop_after` ends the run early after that many optimizer steps (with a checkpoint)."""
+    row. `stop_after` ends the run early after that many optimizer steps (with a checkpoint).
+    SIGINT/SIGTERM finish the current step, write its checkpoint and raise `Stopped`.
+
+    The run directory is proven writable, then locked for the run's life (`rundir.RunLock`: a
+    second process fails at once); temp files of a killed write are removed. A resume refuses,
+    before anything is written, a damaged checkpoint, a changed seed or any field that decides
+    the model or the data order (`checkpoint.guard`), frozen weights that differ from the
+    run's, and `train.steps` below the run's step. A new run moves an earlier run's files
+    aside (`rundir.replace_run`) before it writes anything."""
     run = Path(cfg.output.dir)
-    if resume and not (run / "checkpoint.pt").exists():
-        raise UserError(f"nothing to resume: {run / 'checkpoint.pt'} does not exist")
-    if not resume and (run / "checkpoint.pt").exists() and not cfg.output.overwrite:
-        raise UserError(f"{run} already holds a run; continue it with --resume {run}, "
-                        "or replace it with --overwrite")
-    c = build(cfg)
-    # The run's own global RNG (dropout draws from it), restored to the caller's afterwards.
-    with torch.random.fork_rng(devices=[c.device] if c.device.type == "cuda" else []):
-        torch.manual_seed(c.cfg.train.seed + 2)
-        checkpoints = Checkpointer(c, run)
-        start = checkpoints.restore() if resume else 0
-        _prepare_run_dir(c, run, resume, start, quiet)
-        logger = Logger(c, run, start, resume=resume, quiet=quiet)
-        previews = Previewer(c, run)
+    if resume and not (run / CHECKPOINT).exists():
+        raise UserError(f"nothing to resume: {run / CHECKPOINT} does not exist")
+    check_run_dir(run)
+    with RunLock(run):
+        clean_orphans(run)
+        ckpt = None
+        if resume:
+            ckpt = load_checkpoint(run)  # checksum verified before the model is built
+            if cfg.train.steps < ckpt["step"]:
+                raise UserError(f"{run} is at step {ckpt['step']}, past train.steps={cfg.train.steps}; give "
+                                f"--steps {ckpt['step']} or more (the run is left as it was)")
+        elif (run / CHECKPOINT).exists() and not cfg.output.overwrite:
+            raise UserError(f"{run} already holds a run; continue it with --resume {run}, "
+                            "or replace it with --overwrite")
+        c = build(cfg)
         try:
-            last, final, stopped = _loop(c, start, stop_after, logger, previews, checkpoints)
+            last, final, stop = _run(c, run, ckpt, stop_after, quiet)
         finally:
-            logger.close()
             c.close()
-        if final > start or not previews.exists(final):
-            previews.draw(final)
-    logger.plot()
-    if stopped and not quiet:
-        print(f"reca: interrupted after step {final}; continue with: reca train --resume {run}", flush=True)
+        plot_loss(run)
+    if stop.signum is not None:
+        if final < c.cfg.train.steps:
+            _say(f"interrupted ({signal.Signals(stop.signum).name}) after step {final}, its checkpoint written; "
+                 f"continue with: reca train --resume {run}")
+        else:
+            _say(f"stop requested ({signal.Signals(stop.signum).name}) after the last step, {final}: the run is complete")
+        raise Stopped(stop.signum, final, last)
     return last
 
 
+def _run(c: Components, run: Path, ckpt: dict | None, stop_after: int | None,
+         quiet: bool) -> tuple[dict, int, "_StopFlag"]:
+    """Restore or start, train, preview -> (last metrics row, last step, the stop flag). A stop
+    request from here on ends in a checkpoint; one before the first step of a new run writes
+    step 0's, so `--resume` always has what the message promises."""
+    stop = _StopFlag()
+    with stop.installed(), torch.random.fork_rng(devices=[c.device] if c.device.type == "cuda" else []):
+        torch.manual_seed(c.cfg.train.seed + 2)  # the run's own global RNG (dropout draws from it)
+        checkpoints = Checkpointer(c, run, frozen_fingerprint(c.model))
+        check_free_space(run, checkpoint_bytes(c.params))
+        if ckpt is not None:
+            start = checkpoints.restore(ckpt)
+        else:
+            start, moved = 0, replace_run(run)  # before anything new: no old checkpoint beside a new config
+            if moved is not None:
+                _say(f"the earlier run in {run} was moved to {moved}")
+        _prepare_run_dir(c, run, ckpt is not None, start, quiet)
+        logger = Logger(c, run, start, resume=ckpt is not None, quiet=quiet)
+        previews = Previewer(c, run)
+        try:
+            last, final = _loop(c, start, stop_after, logger, previews, checkpoints, stop)
+        finally:
+            logger.close()
+        if stop.signum is None and (final > start or not previews.exists(final)):
+            previews.draw(final)
+    return last, final, stop
+
+
 def _loop(c: Components, start: int, stop_after: int | None, logger: Logger, previews: Previewer,
-          checkpoints: "Checkpointer") -> tuple[dict, int, bool]:
+          checkpoints: "Checkpointer", stop: "_StopFlag") -> tuple[dict, int]:
     """Optimizer steps from `start` to the end (or `stop_after` steps, or a stop request) ->
-    (last metrics row, last step, whether a stop request ended it)."""
+    (last metrics row, last step). The checkpoint of the last step is always written; a stop
+    request is checked after every step, checkpoint and preview, and no preview starts after it."""
     cfg = c.cfg
     end = cfg.train.steps if stop_after is None else min(cfg.train.steps, start + stop_after)
-    stop, last, done = _StopFlag(), {}, start
-    with stop.installed():
-        for step in range(start, end):
-            lr = cfg.optim.lr * lr_factor(step, cfg.optim, cfg.train.steps)  # a host float: no readback
-            logger.push(step + 1, lr, c.update(c, next_batches(c)))
-            c.scheduler.step()
-            done = step + 1
-            ckpt = done % cfg.output.ckpt_every == 0 or done == end or stop.requested
-            if done % cfg.output.log_every == 0 or ckpt:
-                last = logger.flush(wait=ckpt) or last
-            if cfg.output.preview_every and done % cfg.output.preview_every == 0 and done != end:
-                previews.draw(done)
-            if ckpt:
-                checkpoints.save(done)
-            if stop.requested:
-                break
-    return last, done, stop.requested
+    last, done = {}, start
+    for step in range(start, end):
+        if stop.signum is not None:  # arrived during the previous checkpoint or preview
+            break
+        lr = cfg.optim.lr * lr_factor(step, cfg.optim, cfg.train.steps)  # a host float: no readback
+        logger.push(step + 1, lr, c.update(c, next_batches(c)))
+        c.scheduler.step()
+        done = step + 1
+        if done == end or stop.signum is not None:
+            break
+        ckpt = done % cfg.output.ckpt_every == 0
+        if done % cfg.output.log_every == 0 or ckpt:
+            last = logger.flush(wait=ckpt) or last
+        if ckpt:
+            checkpoints.save(done)
+        if cfg.output.preview_every and done % cfg.output.preview_every == 0 and stop.signum is None:
+            previews.draw(done)
+    if checkpoints.step != done:
+        last = logger.flush(wait=True) or last
+        checkpoints.save(done)
+    return last, done
+
+
+def _say(message: str) -> None:
+    print(f"reca: {message}", file=sys.stderr, flush=True)
 
 
 def _prepare_run_dir(c: Components, run: Path, resume: bool, start: int, quiet: bool) -> None:
-    run.mkdir(parents=True, exist_ok=True)
-    if not resume:  # --overwrite: no picture of the replaced run may pass for this one's
-        for old in run.glob("recon_step*.png"):
-            old.unlink()
     (run / "config.json").write_text(c.cfg.to_json())  # resolved: train.mode applied
     c.model.tokenizer.save(str(run / "tokenizer"))
     if quiet:
@@ -150,38 +211,48 @@ def _prepare_run_dir(c: Components, run: Path, resume: bool, start: int, quiet: 
 
 
 class Checkpointer:
-    """RUN/checkpoint.pt: trainable weights, optimizer, schedule, data positions, RNG states
-    (`reca.engine.checkpoint`: written atomically)."""
+    """RUN/checkpoint.pt: trainable weights, optimizer, schedule, data positions, RNG states, the
+    resolved config and the frozen weights' fingerprint (`reca.engine.checkpoint`: atomic,
+    checksummed). `step` is the step the file on disk holds (None before a new run's first)."""
 
-    def __init__(self, c: Components, run: Path):
-        self.c, self.run = c, run
+    def __init__(self, c: Components, run: Path, frozen: dict[str, str]):
+        self.c, self.run, self.frozen, self.step = c, run, frozen, None
 
     def save(self, step: int) -> None:
         c = self.c
         save_checkpoint(self.run, step=step, model=c.model, optimizer=c.optimizer, scheduler=c.scheduler,
-                        data=c.data_state(), generator=c.generator)
+                        data=c.data_state(), generator=c.generator, config=c.cfg.to_dict(), frozen=self.frozen)
+        self.step = step
 
-    def restore(self) -> int:
-        """Load the run's checkpoint into the components -> the step it was written at."""
-        c, ckpt = self.c, load_checkpoint(self.run)
-        load_trainable(c.model, ckpt["model"])
-        c.optimizer.load_state_dict(ckpt["optimizer"])
-        c.scheduler.load_state_dict(ckpt["scheduler"])
+    def restore(self, ckpt: dict) -> int:
+        """Load a `load_checkpoint` dict into the components -> its step, after refusing (one
+        line, nothing written) a changed field that decides the model or the data order, or
+        frozen weights that differ from the run's. Both configs are resolved (`train.mode`
+        applied), so they compare like with like."""
+        c = self.c
+        refuse_conflicts(ckpt["config"] or read_run_config(self.run), c.cfg.to_dict(), self.run)
+        conflict = fingerprint_conflict(ckpt["frozen"], self.frozen)
+        if conflict:
+            raise UserError(f"cannot resume {self.run}: {conflict}")
+        self.step = restore(ckpt, model=c.model, optimizer=c.optimizer, scheduler=c.scheduler,
+                            generator=c.generator, source=str(self.run / CHECKPOINT))
         c.load_data_state(ckpt["data"])
-        set_rng_state(ckpt["rng"], c.generator)
-        return ckpt["step"]
+        return self.step
 
 
 class _StopFlag:
-    """SIGINT/SIGTERM finish the current step, write a checkpoint and stop; a second SIGINT aborts."""
+    """SIGINT/SIGTERM ask the loop to finish the current step, write its checkpoint and stop
+    (`signum`: the first signal); a second SIGINT aborts at once (KeyboardInterrupt: the
+    checkpoint write it cuts removes its temp file and keeps the previous checkpoint)."""
 
     def __init__(self):
-        self.requested = False
+        self.signum: int | None = None
 
     def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
+        if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.requested = True
+        if self.signum is None:
+            self.signum = signum
 
     @contextlib.contextmanager
     def installed(self):
@@ -196,5 +267,3 @@ class _StopFlag:
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
-
-

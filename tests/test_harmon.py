@@ -348,13 +348,13 @@ def test_backends_give_the_same_generation_loss(tiny):
     x0 = model.make_target(images[:2])
     answers = torch.randint(10, model.tokenizer.vocab_size, (2, 5), generator=torch.Generator().manual_seed(0))
     losses, captions = {}, {}
+    ones = torch.ones(2, 5, dtype=torch.bool)
     for backend in ("torch", "triton"):
-        model.ops = get_ops(backend)
+        model.ops = model.conditioning.ops = get_ops(backend)  # the loss's ops and the conditioning's
         with torch.no_grad():
             losses[backend] = model.generation_loss(embeds, prompt, x0, torch.Generator().manual_seed(0)).loss
-            ones = torch.ones(2, 5, dtype=torch.bool)
-            captions[backend] = model.caption_loss(embeds, prompt.mask, answers, ones).loss
-    model.ops = get_ops("torch")
+            captions[backend] = model(CaptionBatch(images[:2], prompt, answers, ones), "caption").loss
+    model.ops = model.conditioning.ops = get_ops("torch")
     torch.testing.assert_close(captions["triton"], captions["torch"], rtol=1e-5, atol=1e-6)  # fp32 LSE order
     # Same network output; the Triton loss sums per token in another order and takes the
     # posterior-mean difference in closed form (kernels/schedule.py: mean_eps_coef), so the

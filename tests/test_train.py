@@ -121,7 +121,7 @@ def test_weight_decay_groups():
             return ("head.",)
 
     m = M()
-    decay, plain = param_groups(m, 0.1)
+    decay, plain = param_groups(m, 0.1, exempt=tuple(m.no_weight_decay_modules()))
     assert decay["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
     assert {id(p) for p in decay["params"]} == {id(m.body.weight)}
     assert {id(p) for p in plain["params"]} == {id(m.body.bias), id(m.norm.weight), id(m.norm.bias),
