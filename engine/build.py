@@ -59,10 +59,11 @@ class Components:
             loader.close()
 
 
-def build(cfg: RunConfig) -> Components:
+def build(cfg: RunConfig, *, rank: int = 0, world_size: int = 1) -> Components:
     """Components of a run; `cfg.train.mode` is resolved here (`Components.cfg` is the result).
     The caller's global RNG is left as it was: the model is initialised from `train.seed` inside
-    `torch.random.fork_rng` (frozen weights are rebuilt from it on resume)."""
+    `torch.random.fork_rng` (frozen weights are rebuilt from it on resume). Under torchrun
+    (`reca.engine.distributed`) each objective's loader reads rank `rank`'s share of the stream."""
     device = resolve_device(cfg.train.device)
     cfg = resolve_mode(cfg, device)
     if cfg.train.threads:
@@ -94,7 +95,8 @@ def build(cfg: RunConfig) -> Components:
     model.train()
     objectives = objectives_of(cfg, model)
     # A step holds grad_accum batches at once: a CUDA decoder's fixed buffers rotate that many.
-    loaders = {o.name: build_loader(o.data(cfg), o.views(model), hold=cfg.optim.grad_accum) for o in objectives}
+    loaders = {o.name: build_loader(o.data(cfg), o.views(model), rank=rank, world_size=world_size,
+                                    hold=cfg.optim.grad_accum) for o in objectives}
     builders = {o.name: o.builder(model, cfg) for o in objectives}
     try:
         optimizer = build_optimizer(model, cfg.optim, device, capturable=cfg.train.cuda_graph,

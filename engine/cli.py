@@ -1,4 +1,5 @@
-"""`reca` command line: `reca train`, `reca info`, `reca bench step`, `reca bench batch`.
+"""`reca` command line: `reca train`, `reca sample`, `reca export`, `reca info`, `reca bench step`,
+`reca bench batch`.
 
 User errors (a missing folder, an unknown preset or config key, a GPU asked for and absent)
 print one line on stderr and exit with status 2; no traceback.
@@ -33,6 +34,25 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out instead of refusing")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     t.add_argument("--quiet", action="store_true", help="no config print-out and no progress bar")
+
+    g = sub.add_parser("sample", help="generate images from a trained run (or --preset with --init-from weights)",
+                       epilog=EPILOG)
+    g.add_argument("run", nargs="?", help="run directory (config.json + checkpoint.pt)")
+    g.add_argument("--preset", help="instead of a run: a named preset, with --init-from weights")
+    g.add_argument("--init-from", help="local directory of pretrained weights (with --preset)")
+    g.add_argument("--prompt", help="text prompt (text-to-image: RecA's inference), or the instruction with --image")
+    g.add_argument("--image", action="append", default=[], metavar="FILE",
+                   help="generate from this image's visual prompt (repeatable)")
+    g.add_argument("--out", required=True, help="folder for the PNGs")
+    g.add_argument("--num", type=int, default=1, help="images per text prompt")
+    g.add_argument("--steps", type=int, help="sampling steps (default: the run's output.preview_steps)")
+    g.add_argument("--seed", type=int, default=0, help="noise seed")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+
+    e = sub.add_parser("export", help="write a run's trained weights in the family's original layout")
+    e.add_argument("run", help="run directory (config.json + checkpoint.pt)")
+    e.add_argument("--to", required=True, metavar="DIR", help="folder that receives model.safetensors")
 
     i = sub.add_parser("info", help="print a preset's resolved config and parameter counts (no weights allocated)",
                        epilog=EPILOG)
@@ -99,12 +119,40 @@ def _train(args) -> None:
 
         load_instructions(cfg.sample.prompts)  # a bad file refused now, not after the model is built
 
+    from reca.engine.distributed import launched
+
+    if launched():  # one rank of a torchrun job (reca.engine.distributed)
+        from reca.engine.distributed import train_distributed
+
+        train_distributed(cfg, resume=bool(args.resume), quiet=args.quiet)
+        return
     from reca.engine.train import Stopped, train
 
     try:
         train(cfg, resume=bool(args.resume), quiet=args.quiet)
     except Stopped as e:  # checkpoint written, message printed: exit as a shell expects (130, 143)
         sys.exit(e.exit_status)
+
+
+def _sample(args) -> None:
+    from reca.engine.generate import load_model, sample
+
+    if args.preset is None and args.run is None:
+        raise UserError("give a run directory, or --preset with --init-from weights")
+    if args.init_from and args.preset is None:
+        raise UserError("--init-from goes with --preset (a run loads its own weights)")
+    cfg, model = load_model(run=args.run, preset=args.preset, init_from=args.init_from, sets=tuple(args.set),
+                            device=args.device)
+    for path in sample(model, cfg, out=args.out, prompt=args.prompt, images=tuple(args.image), num=args.num,
+                       steps=args.steps, seed=args.seed):
+        print(path)
+
+
+def _export(args) -> None:
+    from reca.engine.generate import export, load_model
+
+    cfg, model = load_model(run=args.run, device="cpu")
+    print(export(model, cfg, args.to))
 
 
 def _info(args) -> None:
@@ -161,7 +209,7 @@ def _bench(args) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     try:
-        {"train": _train, "info": _info, "bench": _bench}[args.command](args)
+        {"train": _train, "sample": _sample, "export": _export, "info": _info, "bench": _bench}[args.command](args)
     except UserError as e:
         print(f"reca: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -208,6 +208,23 @@ class OutputConfig:
 
 
 @dataclass(kw_only=True)
+class DistributedConfig:
+    """Several processes under `torchrun` (`reca.engine.distributed`); one process ignores it."""
+
+    SECTION: ClassVar[str] = "distributed"
+    # ddp: every rank holds the whole model and AdamW state, gradients all-reduced; fsdp: FSDP2's
+    # fully_shard per block then the root, parameters, gradients and AdamW state sharded
+    strategy: Literal["ddp", "fsdp"] = "fsdp"
+    replicate: int = 1  # fsdp across nodes (HSDP): shard within groups of world_size / replicate ranks
+    cpu_offload: bool = False  # fsdp: sharded parameters, gradients and AdamW state in host memory
+    keep_checkpoints: int = 2  # RUN/step-N/ folders kept (the newest)
+
+    def __post_init__(self) -> None:
+        _literals(self)
+        _at_least(self, 1, "replicate", "keep_checkpoints")
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     preset: str = ""
     model: ModelConfig = field(default_factory=lambda: FAMILIES["flow"].config())
@@ -218,6 +235,7 @@ class RunConfig:
     kernels: KernelConfig = field(default_factory=KernelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def __post_init__(self) -> None:
         # Each section checked itself when it was built; what spans two sections goes here. (Today

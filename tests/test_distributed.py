@@ -111,3 +111,75 @@ def test_info_world_size_prints_the_projection(name):
 def test_info_world_size_refuses_zero():
     proc = reca("info", "--world-size", "0")
     assert proc.returncode == 2 and proc.stderr.strip() == "reca: error: --world-size must be at least 1"
+
+
+# --- torchrun: 2 processes, gloo, CPU ------------------------------------------------------------
+
+SETS = ["data.batch_size=2", "output.log_every=1", "optim.schedule=constant", "train.device=cpu"]
+TOL = 1e-5  # relative: fp32 throughout; the ranks' gradients are summed in another order than here
+
+
+def torchrun(nproc: int, *args: str, timeout: int = 400) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", "0",
+           "-m", "reca.engine", "train", "--quiet", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def losses(run) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def simulated_ranks(sets: list[str], world: int, steps: int) -> list[float]:
+    """The same global batch in one process, rank by rank: each rank's loader share and its own
+    noise stream, gradients of the mean over the global batch, one clipped AdamW step."""
+    from reca.engine.build import build
+    from reca.engine.config import apply_overrides
+    from reca.engine.train import next_batches
+
+    cfg = apply_overrides(preset("tiny"), sets)
+    cs = [build(cfg, rank=r, world_size=world) for r in range(world)]
+    for r, c in enumerate(cs):
+        c.generator.manual_seed(cfg.train.seed + 1 + (r << 32))
+    out = []
+    for _ in range(steps):
+        total = 0.0
+        for c in cs:
+            batches = next_batches(c)
+            for b in batches:
+                loss = c.model(b.batch, b.objective, generator=c.generator).loss / (len(batches) * world)
+                loss.backward()
+                total += loss.item()
+        lead = cs[0]
+        for p, *others in zip(lead.params, *(c.params for c in cs[1:])):
+            p.grad += sum(o.grad for o in others)
+        torch.nn.utils.clip_grad_norm_(lead.params, cfg.optim.clip_grad)
+        lead.optimizer.step()
+        for c in cs:
+            c.optimizer.zero_grad()
+            c.scheduler.step()
+        with torch.no_grad():
+            for p, *others in zip(lead.params, *(c.params for c in cs[1:])):
+                for o in others:
+                    o.copy_(p)
+        out.append(total)
+    for c in cs:
+        c.close()
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference_2x2():
+    return simulated_ranks(SETS, 2, 4)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_ranks_match_one_process_at_the_global_batch(tmp_path, strategy, reference_2x2):
+    run = tmp_path / strategy
+    torchrun(2, "--preset", "tiny", "--steps", "4", "--out", str(run), *(f"--set={s}" for s in SETS),
+             f"--set=distributed.strategy={strategy}")
+    got = losses(run)
+    assert got == pytest.approx(reference_2x2, rel=TOL)
+    assert sorted(p.name for p in run.glob("step-*")) == ["step-4"]

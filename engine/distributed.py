@@ -1,0 +1,229 @@
+"""Several processes under `torchrun`: PyTorch's own runtime, nothing home-made.
+
+    torchrun --nproc-per-node 2 -m reca.engine train --preset tiny --set distributed.strategy=ddp
+
+`launched()` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); `train_distributed`
+joins the process group (NCCL on CUDA, gloo on CPU), takes the device from LOCAL_RANK, builds
+the run's components with this rank's share of the data (`build_loader(rank=, world_size=)`:
+rank r of w reads stream positions r, r + w, ..., so the w micro-batches of a step are exactly
+the positions one process reads at a w times larger batch), then applies the strategy from
+outside the model, after activation checkpointing and compile (torchtitan's order):
+
+    ddp   torch's DistributedDataParallel: every rank holds the model and AdamW state, the
+          gradients are all-reduced (averaged) in the backward of the last micro-batch only
+    fsdp  FSDP2's `fully_shard` on every block of `find_blocks`, then the root; parameters in
+          bf16 for compute, gradients reduced in fp32 (`MixedPrecisionPolicy`; fp32 on CPU);
+          optional `CPUOffloadPolicy`; `distributed.replicate` > 1 shards within groups and
+          replicates across them (HSDP, a 2-D mesh)
+
+The loss of a step is the mean over ranks of each rank's mean (equal micro-batches: the mean
+over the global batch). The non-finite skip needs no agreement of its own: it reads the
+gradient norm, computed from the all-reduced gradients, so every rank decides alike. The stop
+request (SIGINT/SIGTERM on any rank) is all-reduced once per step on the host. Only rank 0
+prints and writes metrics, config and previews; checkpoints are `reca.engine.checkpoint.dcp`
+(every rank writes its shard).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from reca.engine.config import RunConfig
+from reca.engine.errors import UserError
+
+
+@dataclass(frozen=True)
+class Rank:
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def launched() -> bool:
+    """Whether this process was started by torchrun (even as its only rank: a job of one
+    resumes a job of several from its RUN/step-N/ checkpoints)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
+
+
+def init_process_group() -> tuple[Rank, torch.device]:
+    """Join torchrun's group -> (this rank, its device: cuda:LOCAL_RANK when CUDA is present)."""
+    r = Rank(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", r.local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return r, device
+
+
+def apply_strategy(c, r: Rank):
+    """Shard or replicate `c.model` from outside (after checkpointing and compile) -> the
+    Components the step runs with. fsdp rebuilds the optimizer and schedule over the sharded
+    parameters (in place in `c`); ddp leaves `c.model` unwrapped (its names are the checkpoint's)
+    and hands the step a wrapper."""
+    cfg = c.cfg
+    accum = cfg.optim.grad_accum
+    if cfg.distributed.strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = DistributedDataParallel(c.model, device_ids=[c.device.index] if c.device.type == "cuda" else None,
+                                      find_unused_parameters=len(c.objectives) > 1)
+        return replace(c, model=_SyncOnLast(ddp, accum, lambda on: setattr(ddp, "require_backward_grad_sync", on)))
+    _fully_shard(c.model, cfg, r, c.device)
+    from reca.engine.optim import build_optimizer, build_scheduler
+
+    c.optimizer = build_optimizer(c.model, cfg.optim, c.device, capturable=False,
+                                  exempt=tuple(c.model.no_weight_decay_modules()))
+    c.scheduler = build_scheduler(c.optimizer, cfg.optim, cfg.train.steps)
+    c.params = [p for p in c.model.parameters() if p.requires_grad]
+    return replace(c, model=_SyncOnLast(c.model, accum, c.model.set_requires_gradient_sync))
+
+
+def _fully_shard(model: torch.nn.Module, cfg: RunConfig, r: Rank, device: torch.device) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    from reca.engine.compile import find_blocks
+
+    rep = cfg.distributed.replicate
+    if r.world_size % rep:
+        raise UserError(f"distributed.replicate={rep} does not divide the {r.world_size} ranks")
+    if rep > 1:
+        mesh = init_device_mesh(device.type, (rep, r.world_size // rep), mesh_dim_names=("replicate", "shard"))
+    else:
+        mesh = init_device_mesh(device.type, (r.world_size,), mesh_dim_names=("shard",))
+    bf16 = device.type == "cuda" and cfg.train.precision != "fp32"
+    kw = {"mesh": mesh, "mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
+                                                          reduce_dtype=torch.float32)}
+    if cfg.distributed.cpu_offload:
+        kw["offload_policy"] = CPUOffloadPolicy()
+    for _, block in find_blocks(model):
+        fully_shard(block, **kw)
+    fully_shard(model, **kw)
+
+
+class _SyncOnLast:
+    """The model as the step calls it; gradients are reduced across ranks in the backward of
+    the last of every `accum` micro-batches only (the others accumulate locally)."""
+
+    def __init__(self, module, accum: int, set_sync):
+        self.module, self.accum, self.set_sync, self.calls = module, accum, set_sync, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if torch.is_grad_enabled():
+            self.set_sync(self.calls % self.accum == 0)
+        return self.module(*args, **kwargs)
+
+
+def mean_over_ranks(values: dict[str, torch.Tensor], world_size: int) -> dict[str, torch.Tensor]:
+    """Each metric averaged over the ranks, in one all-reduce on the device (no host sync)."""
+    from torch.distributed.tensor import DTensor
+
+    names = sorted(values)  # under fsdp the gradient norm (and the skip flag from it) is a DTensor
+    full = [v.full_tensor() if isinstance(v, DTensor) else v for v in (values[k] for k in names)]
+    stacked = torch.stack([v.float() for v in full])
+    dist.all_reduce(stacked)
+    stacked /= world_size
+    return dict(zip(names, stacked.unbind()))
+
+
+def any_rank(flag: bool, group) -> bool:
+    """Whether `flag` holds on some rank (a host all-reduce over the gloo group `group`)."""
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return bool(t.item())
+
+
+def train_distributed(cfg: RunConfig, *, resume: bool = False, stop_after: int | None = None,
+                      quiet: bool = False) -> dict:
+    """`reca train` on one rank of a torchrun job; returns the last metrics row (rank 0's)."""
+    from reca.engine.build import build
+    from reca.engine.checkpoint import dcp
+    from reca.engine.logger import Logger
+    from reca.engine.optim import lr_factor
+    from reca.engine.train import next_batches
+
+    r, device = init_process_group()
+    cfg = replace(cfg, train=replace(cfg.train, device=str(device)))
+    run = Path(cfg.output.dir)
+    ckpt = dcp.latest(run) if resume else None
+    if resume and ckpt is None:
+        raise UserError(f"nothing to resume: {run} holds no step-N/ checkpoint")
+    if not resume and dcp.latest(run) is not None and not cfg.output.overwrite:
+        raise UserError(f"{run} already holds a run; continue it with --resume {run}, or replace it with --overwrite")
+    c = build(cfg, rank=r.rank, world_size=r.world_size)
+    cfg = c.cfg
+    # Each rank draws its own training noise; rank 0's stream is the one-process run's.
+    c.generator.manual_seed(cfg.train.seed + 1 + (r.rank << 32))
+    step_c = apply_strategy(c, r)
+    host = dist.new_group(backend="gloo")  # the stop request is agreed on the host
+    stop, last = _Stop(), {}
+    with stop.installed(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(cfg.train.seed + 2 + r.rank)  # dropout: another mask on each rank
+        start = dcp.load(ckpt, c, r) if ckpt is not None else 0
+        logger = None
+        if r.main:
+            run.mkdir(parents=True, exist_ok=True)
+            (run / "config.json").write_text(cfg.to_json())
+            logger = Logger(c, run, start, resume=resume, quiet=quiet)
+            if not quiet:
+                print(f"reca: {cfg.preset or cfg.model.family}: {r.world_size} ranks, "
+                      f"distributed.strategy={cfg.distributed.strategy}, {cfg.data.batch_size} images per rank "
+                      f"and micro-batch; {'resuming at step ' + str(start) if resume else 'starting'} into {run}",
+                      flush=True)
+        end = cfg.train.steps if stop_after is None else min(cfg.train.steps, start + stop_after)
+        done = start
+        try:
+            for step in range(start, end):
+                lr = cfg.optim.lr * lr_factor(step, cfg.optim, cfg.train.steps)
+                values = mean_over_ranks(c.update(step_c, next_batches(c)), r.world_size)
+                c.scheduler.step()
+                done = step + 1
+                if logger is not None:
+                    logger.push(done, lr, values)
+                stopping = any_rank(stop.requested, host)
+                ckpt_now = done % cfg.output.ckpt_every == 0 or done == end or stopping
+                if logger is not None and (done % cfg.output.log_every == 0 or ckpt_now):
+                    last = logger.flush(wait=ckpt_now) or last
+                if ckpt_now:
+                    dcp.save(run, done, c, r, keep=cfg.distributed.keep_checkpoints)
+                if stopping:
+                    break
+        finally:
+            if logger is not None:
+                logger.close()
+            c.close()
+    dist.barrier()
+    return last
+
+
+class _Stop:
+    """SIGINT/SIGTERM on this rank: finish the step, checkpoint, stop (agreed across ranks)."""
+
+    def __init__(self):
+        self.requested = False
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    @contextlib.contextmanager
+    def installed(self):
+        old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)

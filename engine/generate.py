@@ -1,0 +1,185 @@
+"""`reca sample` and `reca export`: use a trained run (or pretrained weights) outside training.
+
+    reca sample RUN --prompt "a red bus" --out DIR        text prompt (RecA's inference)
+    reca sample RUN --image photo.jpg --out DIR           the image's visual prompt
+    reca sample --preset P --init-from WEIGHTS ...         pretrained weights, no run
+    reca export RUN --to DIR                              trained weights in the family's layout
+
+A run's model is rebuilt as training built it (`train.seed` decides the frozen weights of
+randomly initialised presets; `train.init_from` is loaded again), then the checkpoint's trained
+tensors are loaded and the frozen weights are checked against the run's fingerprint.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from reca.engine.build import resolve_device
+from reca.engine.config import RunConfig
+from reca.engine.errors import UserError
+from reca.engine.sample import SampleBuilder
+from reca.kernels import get_ops
+from reca.models import build_model
+from reca.models.adapter import PromptBatch, SampleBatch
+
+# Markers that only wrap the image in a family's RecA template: a text-only prompt drops them
+# with the image (Harmon, flow, OpenUni and Show-o have no image in their text-to-image prompts).
+_WRAPPERS = ("<|vision_start|><|vision_end|>", "<img></img>\n", "<img></img>", "<|soi|><|eoi|>")
+
+
+def load_model(*, run: str | None = None, preset: str | None = None, init_from: str | None = None,
+               sets: tuple[str, ...] = (), device: str = "auto") -> tuple[RunConfig, torch.nn.Module]:
+    """The model of a run (RUN/config.json + RUN/checkpoint.pt), or of a preset with `init_from`
+    weights -> (config, model in eval mode on the device)."""
+    from reca.engine.config import apply_overrides, load_config
+    from reca.engine.presets import preset as named
+
+    if (run is None) == (preset is None):
+        raise UserError("give a run directory, or --preset (with --init-from weights), not both")
+    if run is not None:
+        if not (Path(run) / "config.json").is_file():
+            raise UserError(f"{run} is not a reca run: no config.json")
+        cfg = load_config(Path(run))
+    else:
+        cfg = named(preset)
+    overrides = list(sets) + ([f"train.init_from={init_from}"] if init_from else [])
+    cfg = apply_overrides(cfg, overrides)
+    dev = resolve_device(device)
+    ckpt = None
+    if run is not None:
+        from reca.engine.checkpoint import load_checkpoint
+
+        ckpt = load_checkpoint(run)  # checksum verified; a missing file is one line
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(cfg.train.seed)  # as `build` does: the frozen weights of a fresh preset
+        with torch.device(dev):
+            try:
+                model = build_model(cfg.model, get_ops("torch"))
+            except ValueError as e:
+                raise UserError(f"model config: {e}") from None
+    if cfg.train.init_from:
+        if "init_from" not in model.capabilities:
+            raise UserError(f"the {cfg.model.family} family cannot load --init-from weights")
+        try:
+            model.load_pretrained(cfg.train.init_from)
+        except (ValueError, OSError) as e:
+            raise UserError(str(e)) from None
+    if ckpt is not None:
+        from reca.engine.checkpoint import fingerprint_conflict, frozen_fingerprint, load_trainable
+
+        source = str(Path(run) / "checkpoint.pt")
+        load_trainable(model, ckpt["model"], source=source)
+        conflict = fingerprint_conflict(ckpt["frozen"], frozen_fingerprint(model)) if ckpt["frozen"] else None
+        if conflict:
+            raise UserError(f"cannot rebuild the model of {run}: {conflict}")
+    return cfg, model.eval()
+
+
+def text_prompt(model, cfg: RunConfig, texts: list[str]) -> PromptBatch:
+    """Text-only prompts [B, P] in the family's template: the image and its markers dropped, the
+    text as the instruction. A family whose `generate` leaves the visual positions out itself
+    (`text_prompt_keeps_image`: BAGEL drops its vit split by position) gets the full template."""
+    if getattr(model, "text_prompt_keeps_image", False):
+        return image_prompt(model, cfg, texts)
+    tok, template = model.tokenizer, model.template
+    layout = template.text.replace("{image}", "")
+    for wrapper in _WRAPPERS:
+        layout = layout.replace(wrapper, "")
+    head, tail = layout.split("{instruction}")
+    rows = [tok.encode(head) + tok.encode(t)[: cfg.sample.max_text_tokens] + tok.encode(tail) for t in texts]
+    return _padded(rows, tok.token_id(template.pad_token))
+
+
+def image_prompt(model, cfg: RunConfig, texts: list[str]) -> PromptBatch:
+    """The family's RecA template with the visual-prompt placeholders, one instruction a row."""
+    rows = []
+    for text in texts:
+        builder = SampleBuilder(model.tokenizer, model.template, model.num_visual_tokens, [text],
+                                fixed_instruction=text, max_text_tokens=cfg.sample.max_text_tokens)
+        rows.append(builder.ids(-1))
+    return _padded(rows, model.tokenizer.token_id(model.template.pad_token))
+
+
+def _padded(rows: list[list[int]], pad_id: int) -> PromptBatch:
+    p = max(len(r) for r in rows)
+    ids = torch.full((len(rows), p), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), p, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = True
+    return PromptBatch(ids, mask)
+
+
+def understanding_view(model, cfg: RunConfig, path: str) -> torch.Tensor:
+    """An image file -> its understanding view [3, Hu, Wu], whole and unflipped, as the
+    previews see their images."""
+    from reca.engine.data.decode import BadImage, PillowDecoder, make_views
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read image {path}: {e.strerror or e}") from None
+    try:
+        img = PillowDecoder().decode(data, path)
+    except BadImage as e:
+        raise UserError(f"{path}: {e}") from None
+    views = dataclasses.replace(cfg.data, crop_scale=1.0, hflip=False)
+    und, _ = make_views(img, model.views, views, np.random.default_rng(0))
+    return torch.from_numpy(np.array(und))
+
+
+def sample(model, cfg: RunConfig, *, out: str, prompt: str | None = None, images: tuple[str, ...] = (),
+           num: int = 1, steps: int | None = None, seed: int = 0) -> list[Path]:
+    """Generate into `out`: `num` images from the text `prompt` alone (text_NN.png), or one per
+    image from its visual prompt, with `prompt` (default: the run's fixed instruction) as the
+    instruction (NAME.png). -> the files written."""
+    steps = steps or cfg.output.preview_steps
+    if steps < 1 or num < 1:
+        raise UserError("--steps and --num must be at least 1")
+    if not images and prompt is None:
+        raise UserError("give --prompt TEXT (text-to-image) or --image FILE (the image's visual prompt)")
+    dev = next(model.parameters()).device
+    if images:
+        und = torch.stack([understanding_view(model, cfg, f) for f in images]).to(dev)
+        request = SampleBatch(und, _to(image_prompt(model, cfg, [prompt or cfg.sample.fixed_instruction] * len(images)),
+                                       dev), steps)
+        names = [Path(f).stem for f in images]
+    else:
+        request = SampleBatch(None, _to(text_prompt(model, cfg, [prompt] * num), dev), steps)
+        names = [f"text_{i:02d}" for i in range(num)]
+    with torch.no_grad():
+        pixels = model(request, "sample", generator=torch.Generator(dev).manual_seed(seed))
+    folder = Path(out)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot write to {folder}: {e.strerror or e}") from None
+    written = []
+    for name, img in zip(names, pixels.float().cpu()):
+        array = ((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        path = folder / f"{name}.png"
+        Image.fromarray(array).save(path)
+        written.append(path)
+    return written
+
+
+def export(model, cfg: RunConfig, to: str) -> Path:
+    """The trained weights in the family's original layout: TO/model.safetensors."""
+    if "export" not in model.capabilities:
+        raise UserError(f"the {cfg.model.family} family has no export to another code base's layout "
+                        "(its weights are RUN/checkpoint.pt's 'model' entry)")
+    path = Path(to) / "model.safetensors"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        model.export(str(path))
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+    return path
+
+
+def _to(p: PromptBatch, device: torch.device) -> PromptBatch:
+    return PromptBatch(p.input_ids.to(device), p.mask.to(device))
