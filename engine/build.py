@@ -11,6 +11,7 @@ import torch
 from reca.engine.compile import apply_checkpointing, apply_compile, compile_ops, set_attention
 from reca.engine.config import RunConfig
 from reca.engine.data import build_loader
+from reca.engine.ema import EMA
 from reca.engine.errors import UserError
 from reca.engine.objectives import Objective, objectives_of
 from reca.engine.optim import build_optimizer, build_scheduler
@@ -37,6 +38,7 @@ class Components:
     generator: torch.Generator  # the training noise (timesteps, masks, posterior samples)
     params: list[torch.nn.Parameter]
     update: Callable  # (Components, batches) -> dict of device scalars: train_step or a GraphStep
+    ema: EMA | None = None  # `train.ema` > 0: the trained weights' moving average, updated in the step
 
     @property
     def loader(self):
@@ -113,8 +115,9 @@ def build(cfg: RunConfig, *, rank: int = 0, world_size: int = 1) -> Components:
 
         update = GraphStep(train_step)
     params = [p for p in model.parameters() if p.requires_grad]
+    ema = EMA(model, cfg.train.ema) if cfg.train.ema else None  # after init_from: it starts from those weights
     return Components(cfg, device, model, ops, objectives, loaders, builders, optimizer, scheduler, generator,
-                      params, update)
+                      params, update, ema)
 
 
 def resolve_mode(cfg: RunConfig, device: torch.device) -> RunConfig:

@@ -179,12 +179,14 @@ class TrainConfig:
     cuda_graph: bool = False  # capture forward, backward, clip, accumulation and AdamW in one CUDA graph
     attention: Attention = "sdpa"  # flash (flash-attn): causal only, refused for RecA masks
     checkpoint_every: int = 0  # activation checkpointing: recompute every k-th block (engine/compile.py find_blocks) in the backward; 1 = all, 0 = none
+    ema: float = 0.0  # decay of an exponential moving average of the trained weights, updated every step (BAGEL: 0.9999); 0 = none
 
     def __post_init__(self) -> None:
         _literals(self)
         _at_least(self, 1, "steps")
         _at_least(self, 0, "seed", "threads", "checkpoint_every")
         _require(self, "device", _DEVICE.fullmatch(self.device) is not None, "auto, cpu, cuda or cuda:N")
+        _require(self, "ema", _finite(self.ema) and 0.0 <= self.ema < 1.0, "in [0, 1) (0: no EMA)")
         if self.mode == "custom" and self.cuda_graph and self.device == "cpu":
             raise UserError("train.cuda_graph needs CUDA, and train.device is cpu")
 

@@ -60,6 +60,8 @@ def train_step(c: Components, batches: list[MicroBatch]) -> dict[str, torch.Tens
     skip = (~(out["loss"].isfinite() & grad_norm.isfinite())).float()
     c.optimizer.found_inf = skip
     c.optimizer.step()
+    if c.ema is not None:  # one foreach lerp on the device; a skipped step leaves the weights, so lerps toward them
+        c.ema.update()
     c.optimizer.zero_grad(set_to_none=not c.cfg.train.cuda_graph)  # a graph keeps its gradients, zeroed in place
     return {**out, "grad_norm": grad_norm.float(), "skip": skip}
 
@@ -221,7 +223,8 @@ class Checkpointer:
     def save(self, step: int) -> None:
         c = self.c
         save_checkpoint(self.run, step=step, model=c.model, optimizer=c.optimizer, scheduler=c.scheduler,
-                        data=c.data_state(), generator=c.generator, config=c.cfg.to_dict(), frozen=self.frozen)
+                        data=c.data_state(), generator=c.generator, config=c.cfg.to_dict(), frozen=self.frozen,
+                        extra={"ema": c.ema.state_dict()} if c.ema is not None else None)
         self.step = step
 
     def restore(self, ckpt: dict) -> int:
@@ -237,6 +240,11 @@ class Checkpointer:
         self.step = restore(ckpt, model=c.model, optimizer=c.optimizer, scheduler=c.scheduler,
                             generator=c.generator, source=str(self.run / CHECKPOINT))
         c.load_data_state(ckpt["data"])
+        if c.ema is not None and "ema" in ckpt["extra"]:  # a run that turns EMA on at resume starts it there
+            try:
+                c.ema.load_state_dict(ckpt["extra"]["ema"])
+            except ValueError as e:
+                raise UserError(f"cannot resume {self.run}: {e}") from None
         return self.step
 
 

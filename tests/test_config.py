@@ -139,6 +139,7 @@ RANGES = [
     ("train.steps", ["0", "-10"], ["1"]),
     ("train.threads", ["-1"], ["0"]),
     ("train.checkpoint_every", ["-1"], ["0", "1"]),
+    ("train.ema", ["-0.1", "1", "1.5", "nan"], ["0", "0.9999"]),
 ]
 
 

@@ -39,8 +39,9 @@ def test_overfits_one_fixed_batch(tmp_path):
 
 
 def test_resume_is_exact(tmp_path):
-    """20 steps straight == 10 steps, stop, resume, 10 steps: identical parameters and optimizer state."""
-    sets = {"train.steps": 20, "output.ckpt_every": 5, "output.log_every": 5}
+    """20 steps straight == 10 steps, stop, resume, 10 steps: identical parameters, optimizer
+    state and EMA."""
+    sets = {"train.steps": 20, "output.ckpt_every": 5, "output.log_every": 5, "train.ema": 0.9}
     straight = _cfg(tmp_path, "straight", **sets)
     train(straight, quiet=True)
     split = _cfg(tmp_path, "split", **sets)
@@ -54,9 +55,29 @@ def test_resume_is_exact(tmp_path):
     for (ka, sa), (kb, sb) in zip(a["optimizer"]["state"].items(), b["optimizer"]["state"].items()):
         assert torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
     assert a["data"] == b["data"]
+    assert a["extra"]["ema"]["shadows"].keys() == a["model"].keys()
+    for name, shadow in a["extra"]["ema"]["shadows"].items():
+        assert torch.equal(shadow, b["extra"]["ema"]["shadows"][name]), name
     la = [r["loss"] for r in read_metrics(straight.output.dir)]
     lb = [r["loss"] for r in read_metrics(split.output.dir)]
     assert la == lb and len(la) == 20
+
+
+def test_ema_is_updated_in_the_step(tmp_path):
+    """train.ema=d: after a step the shadow is d * before + (1 - d) * after, for every trained
+    parameter and no frozen one; without it no EMA exists."""
+    from reca.engine.train import next_batches
+
+    assert build(_cfg(tmp_path, "none")).ema is None
+    c = build(_cfg(tmp_path, **{"train.ema": 0.75}))
+    before = [p.detach().clone() for p in c.params]
+    c.update(c, next_batches(c))
+    assert len(c.ema.shadows) == len(c.params) > 0
+    moved = 0
+    for b, p, s in zip(before, c.params, c.ema.shadows):
+        torch.testing.assert_close(s, 0.75 * b + 0.25 * p.detach(), rtol=0, atol=1e-6)
+        moved += not torch.equal(b, p)
+    assert moved > 0  # the step changed weights, so the check above could fail
 
 
 def test_run_writes_what_a_user_looks_at(tmp_path):

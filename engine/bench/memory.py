@@ -7,7 +7,8 @@ their own dtype and gathered in bf16, gradients reduced and kept in fp32):
 
     parameters   every parameter (frozen ones too: they sit in the sharded blocks) / N
     gradients    trainable parameters in fp32 / N
-    optimizer    AdamW's two fp32 moments of the trainable parameters / N (frozen ones hold none)
+    optimizer    AdamW's two fp32 moments of the trainable parameters / N (frozen ones hold none),
+                 and with `train.ema` the EMA's shadow of them in their own dtype / N
     gathered     bf16 working copies alive at once: the root's own parameters (kept gathered
                  between forward and backward, as FSDP2 does for the root) and two blocks (the
                  one running and the one prefetched)
@@ -43,6 +44,7 @@ def memory_per_rank(model: nn.Module, cfg, world_sizes=WORLD_SIZES) -> dict:
     trainable = [p for p in params if p.requires_grad]
     param_bytes = sum(p.numel() * p.element_size() for p in params)
     train_numel = sum(p.numel() for p in trainable)
+    ema_bytes = sum(p.numel() * p.element_size() for p in trainable) if cfg.train.ema else 0
     blocks = find_blocks(model)
     in_blocks = {id(p) for _, b in blocks for p in b.parameters()}
     root_numel = sum(p.numel() for p in params if id(p) not in in_blocks)
@@ -53,7 +55,7 @@ def memory_per_rank(model: nn.Module, cfg, world_sizes=WORLD_SIZES) -> dict:
     rows = []
     for n in world_sizes:
         row = {"world_size": n, "parameters": param_bytes / n, "gradients": _FP32 * train_numel / n,
-               "optimizer": 2 * _FP32 * train_numel / n, "gathered": float(gathered),
+               "optimizer": (2 * _FP32 * train_numel + ema_bytes) / n, "gathered": float(gathered),
                "activations": float(activations)}
         row["total"] = sum(row[k] for k in ("parameters", "gradients", "optimizer", "gathered", "activations"))
         row["fits"] = row["total"] <= USABLE * card
