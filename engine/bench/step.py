@@ -28,7 +28,8 @@ from reca.engine.build import build, resolve_device
 from reca.engine.train import next_batches
 
 # Published RecA budgets: the images a recipe trains on come from the preset (steps x accum x batch).
-PAPER_GPU_HOURS = {"flow-7b": (27.0, "BAGEL RecA: 6 x A100-80GB x 4.5 h")}
+PAPER_GPU_HOURS = {"flow-7b": (27.0, "BAGEL RecA: 6 x A100-80GB x 4.5 h"),
+                   "bagel-7b-mot": (27.0, "BAGEL RecA: 6 x A100-80GB x 4.5 h")}
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
 
