@@ -10,8 +10,10 @@ p 0.1), latent split (noise), several samples per pack, fixed length.
 Loss [R: FAMILY_FACTS A8]: t = sigmoid(randn) per image (shift 1.0 in training, 3.0 when
 sampling), x_t = (1 - t) x0 + t eps, target eps - x0, MSE averaged over channels and normalised
 by the number of latent tokens: `ops.flow_matching_loss` (the mean over all elements) is exactly
-that for one process; `latent_token_fraction` is the one place where, under torchrun, the
-local count is divided by the all-reduced global count (not wired: no multi-process yet).
+that for one process, and under torchrun too: every image is resized to `gen_size`, so every
+rank's micro-batch holds the same number of latent tokens and the engine's mean over ranks of
+the per-rank means is BAGEL's division by the all-reduced global count. `latent_token_fraction`
+is where a pack of variable-resolution images would put local / global x world size.
 
 Frozen (BAGEL's RecA run, A9): VAE, ViT, connector and, with `freeze_und`, the understanding
 expert, `embed_tokens` and `lm_head` (requires_grad False: no gradient, no optimizer state,
@@ -152,8 +154,8 @@ class BagelModel(RecaModule):
                                               "text_kept": keep_text.float().mean().detach()})
 
     def latent_token_fraction(self) -> float:
-        """local / global latent tokens x world size: 1 in one process. Under torchrun this is
-        where the all-reduced count goes (BAGEL: `mse.mean(-1).sum() * world / total_tokens`)."""
+        """local / global latent tokens x world size (BAGEL: `mse.mean(-1).sum() * world /
+        total_tokens`): 1 while every rank's images share one size (the module docstring)."""
         return 1.0
 
     def encode_visual_prompt(self, und: torch.Tensor) -> torch.Tensor:
