@@ -220,6 +220,30 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch, error
     assert load_checkpoint(tmp_path)["step"] == 3
 
 
+def test_ctrl_c_between_writes_is_still_an_interrupt(tmp_path, monkeypatch):
+    """A second Ctrl-C that lands in torch.save's own code, after a buffer was written, leaves
+    torch's zip writer a wrong position, whose RuntimeError would mask the interrupt: it is
+    re-raised as the KeyboardInterrupt, the previous file kept and no temp file left."""
+    atomic_save({"step": 1}, tmp_path / CHECKPOINT)
+    before = (tmp_path / CHECKPOINT).read_bytes()
+    real = integrity._HashingWriter.write
+    calls = []
+
+    def write_then_interrupt(self, data):
+        n = real(self, data)
+        calls.append(n)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # as the signal handler would, after the write returned
+        return n
+
+    monkeypatch.setattr(integrity._HashingWriter, "write", write_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_save({"step": 2, "w": torch.randn(1000)}, tmp_path / CHECKPOINT)
+    assert len(calls) == 3
+    assert _tmp_files(tmp_path) == []
+    assert (tmp_path / CHECKPOINT).read_bytes() == before
+
+
 def test_permission_denied_names_it(tmp_path, monkeypatch):
     def denied(*a, **k):
         raise PermissionError(errno.EACCES, "Permission denied")

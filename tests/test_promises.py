@@ -213,8 +213,9 @@ def test_a_torn_metrics_line_is_skipped_on_resume(done_run, tmp_path):
         f.write('{"step": 3, "lo')  # a kill mid-write
     rc, _, err = reca("--resume", str(run), "--steps", "3")
     assert rc == 0, err
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]  # every line parses
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]  # (the preview's alignment row is its own line)
+    assert {r["step"] for r in rows} == {1, 2, 3}
 
 
 def test_overwrite_killed_before_its_first_checkpoint_never_continues_the_old_weights(done_run, tmp_path):

@@ -51,10 +51,10 @@ class _HashingWriter:
             raise self.error
         try:
             n = self.f.write(data)
+            self.digest.update(data)
         except BaseException as e:
             self.error = e
             raise
-        self.digest.update(data)
         return n
 
     def flush(self) -> None:
@@ -105,9 +105,11 @@ def atomic_save(obj: Any, path: str | Path) -> str:
             writer = _HashingWriter(f)
             try:
                 torch.save(obj, writer)
-            except BaseException:
+            except BaseException as e:
                 if writer.error is not None:  # what torch's writer turned into "unexpected pos"
                     raise writer.error from None
+                if _interrupted(e):  # a Ctrl-C anywhere in torch.save, masked by the zip writer's exit
+                    raise KeyboardInterrupt from None
                 raise
             hexdigest = writer.digest.hexdigest()
             f.write(MAGIC + hexdigest.encode() + b"\n")
@@ -123,6 +125,17 @@ def atomic_save(obj: Any, path: str | Path) -> str:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
     return hexdigest
+
+
+def _interrupted(e: BaseException | None) -> bool:
+    """Whether a KeyboardInterrupt is `e` or lies in the chain of exceptions it was raised during."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__context__
+    return False
 
 
 def _fsync_dir(directory: Path) -> None:
