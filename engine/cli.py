@@ -119,9 +119,11 @@ def _train(args) -> None:
 
         load_instructions(cfg.sample.prompts)  # a bad file refused now, not after the model is built
 
+    from reca.engine.checkpoint.dcp import latest
     from reca.engine.distributed import launched
 
-    if launched():  # one rank of a torchrun job (reca.engine.distributed)
+    # one rank of a torchrun job, or one process continuing a torchrun job's step-N/ folders
+    if launched() or (args.resume and latest(cfg.output.dir) is not None):
         from reca.engine.distributed import train_distributed
 
         train_distributed(cfg, resume=bool(args.resume), quiet=args.quiet)

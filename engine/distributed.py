@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -55,17 +56,45 @@ def launched() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
 
 
+def elastic_restart() -> bool:
+    """Whether torchrun started this rank again after a failure (`--max-restarts`)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+
+
 def init_process_group() -> tuple[Rank, torch.device]:
-    """Join torchrun's group -> (this rank, its device: cuda:LOCAL_RANK when CUDA is present)."""
-    r = Rank(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")))
+    """Join torchrun's group -> (this rank, its device: cuda:LOCAL_RANK when CUDA is present).
+    Outside torchrun, a group of one in memory: `reca train --resume` of a run with step-N/
+    folders continues it in one process through the same code."""
+    if launched():
+        r = Rank(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        r = Rank(0, 1, 0)
     if torch.cuda.is_available():
         device = torch.device("cuda", r.local_rank)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if "TORCHELASTIC_RESTART_COUNT" in os.environ:
+            dist.init_process_group(backend, store=_attempt_store(r), rank=r.rank, world_size=r.world_size)
+        elif launched():
+            dist.init_process_group(backend)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return r, device
+
+
+def _attempt_store(r: Rank):
+    """torchrun's store under a prefix of its own for each attempt. After an elastic restart
+    torchrun (2.13, --standalone) hands the new workers the same store, still holding the dead
+    workers' gloo addresses under the same keys: the new group would connect to them (refused)."""
+    from datetime import timedelta
+
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # else rank 0 hosts the store
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), r.world_size,
+                          is_master=not agent and r.rank == 0, timeout=timedelta(minutes=10))
+    return dist.PrefixStore(f"reca/attempt-{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
 
 
 def apply_strategy(c, r: Rank):
@@ -78,8 +107,10 @@ def apply_strategy(c, r: Rank):
     if cfg.distributed.strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
+        # A family may hold trainable parameters a step never reaches (Harmon's MAR class
+        # embedding), and a mix of objectives reaches another set on each micro-batch.
         ddp = DistributedDataParallel(c.model, device_ids=[c.device.index] if c.device.type == "cuda" else None,
-                                      find_unused_parameters=len(c.objectives) > 1)
+                                      find_unused_parameters=True)
         return replace(c, model=_SyncOnLast(ddp, accum, lambda on: setattr(ddp, "require_backward_grad_sync", on)))
     _fully_shard(c.model, cfg, r, c.device)
     from reca.engine.optim import build_optimizer, build_scheduler
@@ -149,36 +180,64 @@ def any_rank(flag: bool, group) -> bool:
 
 def train_distributed(cfg: RunConfig, *, resume: bool = False, stop_after: int | None = None,
                       quiet: bool = False) -> dict:
-    """`reca train` on one rank of a torchrun job; returns the last metrics row (rank 0's)."""
+    """`reca train` on one rank of a torchrun job (or a group of one); returns the last metrics
+    row (rank 0's). A resume continues from the newest RUN/step-N/ folder, else from a one-process
+    run's RUN/checkpoint.pt, at any world size. After an elastic restart (torchrun
+    `--max-restarts`) the job resumes from its own newest step-N/ on its own, `--resume` or not."""
     from reca.engine.build import build
     from reca.engine.checkpoint import dcp
+    from reca.engine.checkpoint.guard import refuse_conflicts
     from reca.engine.logger import Logger
     from reca.engine.optim import lr_factor
+    from reca.engine.rundir import read_run_config, replace_run
     from reca.engine.train import next_batches
 
     r, device = init_process_group()
     cfg = replace(cfg, train=replace(cfg.train, device=str(device)))
     run = Path(cfg.output.dir)
-    ckpt = dcp.latest(run) if resume else None
-    if resume and ckpt is None:
-        raise UserError(f"nothing to resume: {run} holds no step-N/ checkpoint")
-    if not resume and dcp.latest(run) is not None and not cfg.output.overwrite:
+    folder, single = dcp.latest(run), (run / "checkpoint.pt").is_file()
+    if elastic_restart() and folder is not None:
+        resume = True  # our own first attempt's checkpoint: the steps after it are taken again
+    if resume and folder is None and not single:
+        raise UserError(f"nothing to resume: {run} holds no step-N/ folder and no checkpoint.pt")
+    if resume and folder is not None and dcp.step_of(folder) > cfg.train.steps:
+        raise UserError(f"{run} is at step {dcp.step_of(folder)}, past train.steps={cfg.train.steps}; give "
+                        f"--steps {dcp.step_of(folder)} or more (the run is left as it was)")
+    fresh = not resume and not elastic_restart()
+    if fresh and (folder is not None or single) and not cfg.output.overwrite:
         raise UserError(f"{run} already holds a run; continue it with --resume {run}, or replace it with --overwrite")
     c = build(cfg, rank=r.rank, world_size=r.world_size)
     cfg = c.cfg
-    # Each rank draws its own training noise; rank 0's stream is the one-process run's.
-    c.generator.manual_seed(cfg.train.seed + 1 + (r.rank << 32))
+    if resume:
+        refuse_conflicts(read_run_config(run), cfg.to_dict(), run)
+    # One-process checkpoint: loaded into the whole model before it is sharded
+    full = dcp.load_single(run, c) if resume and folder is None else None
+    if r.main and fresh and cfg.output.overwrite:
+        moved = replace_run(run)  # old step-N/ folders too: never `latest` beside a new run
+        if moved is not None and not quiet:
+            print(f"reca: the earlier run in {run} was moved to {moved}", flush=True)
+    dist.barrier()
     step_c = apply_strategy(c, r)
     host = dist.new_group(backend="gloo")  # the stop request is agreed on the host
     stop, last = _Stop(), {}
     with stop.installed(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(cfg.train.seed + 2 + r.rank)  # dropout: another mask on each rank
-        start = dcp.load(ckpt, c, r) if ckpt is not None else 0
+        # Each rank draws its own training noise and dropout; rank 0's streams are the one-process run's.
+        c.generator.manual_seed(cfg.train.seed + 1 + (r.rank << 32))
+        torch.manual_seed(cfg.train.seed + 2 + r.rank)
+        if folder is not None and resume:
+            start = dcp.load(folder, c, r)
+        elif full is not None:
+            start = dcp.finish_single(full, c, r)
+        else:
+            start = 0
         logger = None
+        if r.main and elastic_restart():  # even with --quiet: the job lost steps and takes them again
+            print(f"reca: torchrun restart {os.environ['TORCHELASTIC_RESTART_COUNT']} after a failed rank: "
+                  f"{f'resuming at step {start}' if start else 'starting again'} in {run}", file=sys.stderr, flush=True)
         if r.main:
             run.mkdir(parents=True, exist_ok=True)
             (run / "config.json").write_text(cfg.to_json())
-            logger = Logger(c, run, start, resume=resume, quiet=quiet)
+            logger = Logger(c, run, start, resume=start > 0, quiet=quiet)
             if not quiet:
                 print(f"reca: {cfg.preset or cfg.model.family}: {r.world_size} ranks, "
                       f"distributed.strategy={cfg.distributed.strategy}, {cfg.data.batch_size} images per rank "
@@ -207,6 +266,8 @@ def train_distributed(cfg: RunConfig, *, resume: bool = False, stop_after: int |
                 logger.close()
             c.close()
     dist.barrier()
+    if not launched():
+        dist.destroy_process_group()  # the group of one: a later run in this process makes its own
     return last
 
 

@@ -17,7 +17,7 @@ LOCK = ".lock"
 # What a run writes (config.json, tokenizer/ and metrics beside the checkpoint): moved together
 # by `replace_run`, so the moved folder is itself a run that `--resume` can continue.
 RUN_FILES = ("checkpoint.pt", "config.json", "metrics.jsonl", "loss.png", "alignment.png", "tb", "tokenizer")
-RUN_GLOBS = ("recon_step*.png",)
+RUN_GLOBS = ("recon_step*.png", "step-*")  # step-*: a torchrun job's checkpoint folders
 # Temporary files of atomic writes (integrity.atomic_save, MetricsWriter): ".NAME.<random>.tmp".
 ATOMIC = ("checkpoint.pt", "metrics.jsonl", "config.json")
 

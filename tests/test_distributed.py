@@ -1,13 +1,20 @@
-"""Scale-out: the memory projection of `reca info --world-size`, and (CPU, gloo, 2 processes)
-DDP and FSDP2 runs under torchrun against one process at the same global batch, distributed
-checkpoints resumed at another world size."""
+"""Scale-out: the memory projection of `reca info --world-size`, and (CPU, gloo) 2-process DDP
+and FSDP2 runs under torchrun against one process at the same global batch, checkpoints resumed
+at another world size (2 -> 1, 1 -> 2), and a rank killed under `torchrun --max-restarts 1`.
+
+Run by torchrun (`__main__` below), this file is also the worker of the parity test: one launch
+trains every (preset, strategy) pair, so the interpreter and torch are imported once."""
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,11 +25,6 @@ from reca.engine.bench.memory import USABLE, memory_per_rank
 from reca.engine.presets import preset
 
 GIB = 2**30
-
-
-def reca(*args, env=None, timeout=600):
-    return subprocess.run([sys.executable, "-m", "reca.engine", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
 
 
 # --- memory projection ----------------------------------------------------------------------------
@@ -97,54 +99,95 @@ def memory_per_rank_of(name: str, **train):
 
 
 @pytest.mark.parametrize("name", ["flow-7b", "bagel-7b-mot"])
-def test_info_world_size_prints_the_projection(name):
-    proc = reca("info", "--preset", name, "--world-size", "8")
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.splitlines()
+def test_info_world_size_prints_the_projection(name, capsys):
+    """`reca info --preset NAME --world-size 8` (`cli.main`, in this process: importing torch
+    again in a subprocess costs more than the projection): the 8-rank row fits an 80 GiB card."""
+    from reca.engine.cli import main
+
+    main(["info", "--preset", name, "--world-size", "8"])
+    lines = capsys.readouterr().out.splitlines()
     row8 = next(line for line in lines if line.strip().startswith("8 ") and "<- --world-size" in line)
     assert row8.split()[7] == "yes"
     assert any(line.strip().startswith("fits an 80 GiB card from") for line in lines)
-    report = json.loads(reca("info", "--preset", name, "--world-size", "8", "--json").stdout)
+    main(["info", "--preset", name, "--world-size", "8", "--json"])
+    report = json.loads(capsys.readouterr().out)
     assert [r["world_size"] for r in report["memory"]["rows"]] == [1, 2, 4, 8]
 
 
-def test_info_world_size_refuses_zero():
-    proc = reca("info", "--world-size", "0")
-    assert proc.returncode == 2 and proc.stderr.strip() == "reca: error: --world-size must be at least 1"
+def test_info_world_size_refuses_zero(capsys):
+    from reca.engine.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["info", "--world-size", "0"])
+    assert stop.value.code == 2 and capsys.readouterr().err.strip() == "reca: error: --world-size must be at least 1"
 
 
 # --- torchrun: 2 processes, gloo, CPU ------------------------------------------------------------
 
-SETS = ["data.batch_size=2", "output.log_every=1", "optim.schedule=constant", "train.device=cpu"]
-TOL = 1e-5  # relative: fp32 throughout; the ranks' gradients are summed in another order than here
+STEPS, HALF = 20, 10
+SETS = ["data.batch_size=2", "output.log_every=1", "optim.schedule=constant", "train.device=cpu",
+        f"train.steps={STEPS}", f"output.ckpt_every={HALF}", "output.tensorboard=false", "output.preview_images=0"]
+PAIRS = [(name, strategy) for name in ("tiny", "harmon-tiny") for strategy in ("ddp", "fsdp")]
+# Relative, per step's loss. fp32 throughout; what differs from the reference is only the order
+# of floating-point sums (gloo's all-reduce of the two ranks' gradients and losses, FSDP's
+# reduce-scatter, the gradient norm over shards), about 1e-7 relative per step. AdamW divides by
+# sqrt(v) and so carries such differences forward rather than damping them; over 20 steps they
+# stay below 1e-5, while any real slip (a micro-batch read twice, a lost AdamW moment, another
+# noise draw, a wrong position after resume) moves the loss by 1e-3 or more.
+TOL = 1e-5
 
 
-def torchrun(nproc: int, *args: str, timeout: int = 400) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", "0",
-           "-m", "reca.engine", "train", "--quiet", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def torchrun(*args: str, restarts: int = 0) -> list[str]:
+    """`torchrun --standalone` (a free port of its own: `--master-port 0` hangs the workers)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+            "--max-restarts", str(restarts), *args]
+
+
+def run_ok(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 
-def losses(run) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+def rows(run: Path) -> list[dict]:
+    """metrics.jsonl's loop rows as written (not merged: a step written twice would show)."""
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [row for row in map(json.loads, lines) if "loss" in row]
 
 
-def simulated_ranks(sets: list[str], world: int, steps: int) -> list[float]:
-    """The same global batch in one process, rank by rank: each rank's loader share and its own
-    noise stream, gradients of the mean over the global batch, one clipped AdamW step."""
+def losses(run: Path) -> list[float]:
+    return [row["loss"] for row in rows(run)]
+
+
+def simulated(name: str, worlds: list[int]) -> list[float]:
+    """The losses of `len(worlds)` steps in one process, step s at world size worlds[s], rank by
+    rank: each rank's loader share and noise stream, gradients of the mean over the global
+    batch, one clipped AdamW step. At a change of world size the state moves as a checkpoint
+    moves it (`checkpoint.dcp`): weights, AdamW, schedule, rank 0's data position, and every
+    rank's noise reseeded from (seed, rank, step)."""
     from reca.engine.build import build
     from reca.engine.config import apply_overrides
     from reca.engine.train import next_batches
 
-    cfg = apply_overrides(preset("tiny"), sets)
-    cs = [build(cfg, rank=r, world_size=world) for r in range(world)]
-    for r, c in enumerate(cs):
-        c.generator.manual_seed(cfg.train.seed + 1 + (r << 32))
-    out = []
-    for _ in range(steps):
+    cfg = apply_overrides(preset(name), SETS)
+    cs, out = [], []
+    for step, world in enumerate(worlds):
+        if len(cs) != world:
+            new = [build(cfg, rank=r, world_size=world) for r in range(world)]
+            for r, c in enumerate(new):
+                c.generator.manual_seed(cfg.train.seed + 1 + (r << 32) + (step << 16 if cs else 0))
+                if cs:
+                    c.model.load_state_dict(cs[0].model.state_dict())
+                    c.optimizer.load_state_dict(cs[0].optimizer.state_dict())
+                    c.scheduler.load_state_dict(cs[0].scheduler.state_dict())
+                    c.load_data_state(cs[0].data_state())
+            for c in cs:
+                c.close()
+            cs = new
         total = 0.0
         for c in cs:
             batches = next_batches(c)
@@ -154,7 +197,8 @@ def simulated_ranks(sets: list[str], world: int, steps: int) -> list[float]:
                 total += loss.item()
         lead = cs[0]
         for p, *others in zip(lead.params, *(c.params for c in cs[1:])):
-            p.grad += sum(o.grad for o in others)
+            if p.grad is not None:  # None: a parameter no step reaches (Harmon's MAR class embedding)
+                p.grad += sum(o.grad for o in others)
         torch.nn.utils.clip_grad_norm_(lead.params, cfg.optim.clip_grad)
         lead.optimizer.step()
         for c in cs:
@@ -171,15 +215,116 @@ def simulated_ranks(sets: list[str], world: int, steps: int) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def reference_2x2():
-    return simulated_ranks(SETS, 2, 4)
+def parity_runs(tmp_path_factory) -> Path:
+    """One torchrun launch of this file: 20 steps of every (preset, strategy) in PAIRS."""
+    root = tmp_path_factory.mktemp("parity")
+    run_ok(torchrun(__file__, str(root)))
+    return root
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_ranks_match_one_process_at_the_global_batch(tmp_path, strategy, reference_2x2):
-    run = tmp_path / strategy
-    torchrun(2, "--preset", "tiny", "--steps", "4", "--out", str(run), *(f"--set={s}" for s in SETS),
-             f"--set=distributed.strategy={strategy}")
-    got = losses(run)
-    assert got == pytest.approx(reference_2x2, rel=TOL)
-    assert sorted(p.name for p in run.glob("step-*")) == ["step-4"]
+@pytest.fixture(scope="module")
+def reference():
+    return {name: simulated(name, [2] * STEPS) for name in ("tiny", "harmon-tiny")}
+
+
+@pytest.mark.parametrize("name,strategy", PAIRS)
+def test_two_ranks_match_one_process_at_the_global_batch(parity_runs, reference, name, strategy):
+    """The first 20 losses of 2 ranks at 2 images each equal one process at 4 (the simulated
+    ranks: each rank's noise stream is its own, so one plain process would draw other noise)
+    within TOL, 1e-5 relative: fp32, only the order of the cross-rank sums differs (see TOL)."""
+    run = parity_runs / f"{name}-{strategy}"
+    assert [row["step"] for row in rows(run)] == list(range(1, STEPS + 1))
+    assert losses(run) == pytest.approx(reference[name], rel=TOL)
+    assert sorted(p.name for p in run.glob("step-*")) == [f"step-{HALF}", f"step-{STEPS}"]
+    assert not list(run.glob(".step-*"))
+
+
+def test_resume_two_ranks_in_one_process(parity_runs, tmp_path):
+    """2 -> 1: the FSDP run's step-10/ continued by a plain `reca train --resume` (a process
+    group of one, FSDP on one rank), against one process that switches world size at step 10."""
+    run = tmp_path / "run"
+    shutil.copytree(parity_runs / "tiny-fsdp", run)
+    shutil.rmtree(run / f"step-{STEPS}")
+    proc = run_ok([sys.executable, "-m", "reca.engine", "train", "--quiet", "--resume", str(run)])
+    assert not (run / "checkpoint.pt").exists()  # the run stays a torchrun run: step-N/ folders
+    assert [row["step"] for row in rows(run)] == list(range(1, STEPS + 1)), proc.stderr
+    assert losses(run)[HALF:] == pytest.approx(simulated("tiny", [2] * HALF + [1] * HALF)[HALF:], rel=TOL)
+    assert (run / f"step-{STEPS}").is_dir()
+
+
+def test_resume_one_process_in_two_ranks(tmp_path):
+    """1 -> 2: a one-process run's checkpoint.pt continued by `torchrun ... --resume`, its AdamW
+    state spread over FSDP's shards, against one process that switches world size at step 10."""
+    from reca.engine.cli import main
+
+    run = tmp_path / "run"
+    main(["train", "--quiet", "--preset", "tiny", "--out", str(run), *(f"--set={s}" for s in SETS),
+          f"--set=train.steps={HALF}"])
+    run_ok(torchrun("-m", "reca.engine", "train", "--quiet", "--resume", str(run), "--steps", str(STEPS)))
+    assert [row["step"] for row in rows(run)] == list(range(1, STEPS + 1))
+    want = simulated("tiny", [1] * HALF + [2] * HALF)
+    assert losses(run) == pytest.approx(want, rel=TOL)
+    assert sorted(p.name for p in run.glob("step-*")) == [f"step-{STEPS}"]
+
+
+def _workers(agent: int) -> dict[int, int]:
+    """rank -> pid of the processes torchrun's agent `agent` started."""
+    out = {}
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if int(proc.joinpath("stat").read_text().rsplit(")", 1)[1].split()[1]) != agent:
+                continue
+            env = proc.joinpath("environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):  # gone meanwhile
+            continue
+        rank = next((int(e[5:]) for e in env if e.startswith(b"RANK=")), None)
+        if rank is not None:
+            out[rank] = int(proc.name)
+    return out
+
+
+def test_a_killed_rank_restarts_from_the_last_checkpoint(reference, tmp_path):
+    """SIGKILL to rank 1 after step 11 under `torchrun --max-restarts 1`: torchrun starts both
+    ranks again, they resume from step-10/ on their own, and the job finishes with every step
+    once in metrics.jsonl and the losses of the uninterrupted run (step 11 is taken again)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from reca.engine.checkpoint import verified_load
+
+    run = tmp_path / "run"
+    cmd = torchrun("-m", "reca.engine", "train", "--quiet", "--preset", "tiny", "--out", str(run),
+                   *(f"--set={s}" for s in SETS), "--set=distributed.strategy=fsdp", restarts=1)
+    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+    try:
+        deadline = time.monotonic() + 240
+        while not ((run / "metrics.jsonl").exists() and len(rows(run)) > HALF):
+            assert job.poll() is None and time.monotonic() < deadline, "the job ended before the kill"
+            time.sleep(0.05)
+        os.kill(_workers(job.pid)[1], signal.SIGKILL)
+        out, _ = job.communicate(timeout=240)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 0, out[-3000:]
+    assert "exitcode: -9" in out  # torchrun saw the kill ...
+    assert f"reca: torchrun restart 1 after a failed rank: resuming at step {HALF} in {run}" in out  # ... and rank 0 resumed
+    assert [row["step"] for row in rows(run)] == list(range(1, STEPS + 1))
+    assert losses(run) == pytest.approx(reference["tiny"], rel=TOL)
+    assert not list(run.glob(".step-*"))
+    for folder in sorted(run.glob("step-*")):  # every kept checkpoint whole and loadable
+        extra = verified_load(folder / "extra.pt")
+        assert extra["step"] == int(folder.name[5:]) and extra["world_size"] == 2
+        dcp_to_torch_save(folder, tmp_path / "whole.pt")
+        state = torch.load(tmp_path / "whole.pt", weights_only=False)
+        assert state["model"] and all(t.isfinite().all() for t in state["model"].values())
+    assert sorted(p.name for p in run.glob("step-*")) == [f"step-{HALF}", f"step-{STEPS}"]
+
+
+if __name__ == "__main__":  # under torchrun: the parity runs (see parity_runs)
+    from reca.engine.config import apply_overrides
+    from reca.engine.distributed import train_distributed
+
+    for name, strategy in PAIRS:
+        cfg = apply_overrides(preset(name), [*SETS, f"distributed.strategy={strategy}",
+                                             f"output.dir={Path(sys.argv[1]) / f'{name}-{strategy}'}"])
+        train_distributed(cfg, quiet=True)

@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from reca.engine.checkpoint.integrity import atomic_save, verified_load
 from reca.engine.checkpoint.single import rng_state, set_rng_state
+from reca.engine.errors import UserError
 
 _STEP = re.compile(r"step-(\d+)")
 
@@ -42,6 +43,10 @@ def folders(run: str | Path) -> list[Path]:
 def latest(run: str | Path) -> Path | None:
     found = folders(run)
     return found[-1] if found else None
+
+
+def step_of(folder: Path) -> int:
+    return int(_STEP.fullmatch(folder.name).group(1))
 
 
 def _options():
@@ -103,9 +108,50 @@ def load(folder: str | Path, c, r) -> int:
     if same:
         set_rng_state(mine["rng"], c.generator)
     else:
-        torch.manual_seed(c.cfg.train.seed + 2 + r.rank + (extra["step"] << 16))
-        c.generator.manual_seed(c.cfg.train.seed + 1 + (r.rank << 32) + (extra["step"] << 16))
+        reseed(c, r, extra["step"])
     return extra["step"]
+
+
+def reseed(c, r, step: int) -> None:
+    """At another world size no saved stream is this rank's: its training noise and dropout
+    start again from (seed, rank, step), so a resharded resume is as reproducible as any run."""
+    torch.manual_seed(c.cfg.train.seed + 2 + r.rank + (step << 16))
+    c.generator.manual_seed(c.cfg.train.seed + 1 + (r.rank << 32) + (step << 16))
+
+
+def load_single(run: Path, c) -> dict:
+    """Every rank, before the model is sharded: a one-process run's RUN/checkpoint.pt into the
+    whole model (`train.Checkpointer.restore`: verified, the same refusals) -> what
+    `finish_single` needs once it is: the step, AdamW's state by parameter name, the schedule
+    and the RNG states."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    from reca.engine.checkpoint import frozen_fingerprint, load_checkpoint
+    from reca.engine.train import Checkpointer
+
+    ckpt = load_checkpoint(run)
+    if ckpt["step"] > c.cfg.train.steps:
+        raise UserError(f"{run} is at step {ckpt['step']}, past train.steps={c.cfg.train.steps}; give "
+                        f"--steps {ckpt['step']} or more (the run is left as it was)")
+    with torch.random.fork_rng(devices=[c.device] if c.device.type == "cuda" else []):  # RNGs are set later
+        step = Checkpointer(c, run, frozen_fingerprint(c.model)).restore(ckpt)
+    optim = get_optimizer_state_dict(c.model, c.optimizer, options=StateDictOptions(full_state_dict=True))
+    return {"step": step, "optim": optim, "scheduler": ckpt["scheduler"], "rng": ckpt["rng"]}
+
+
+def finish_single(full: dict, c, r) -> int:
+    """Every rank, after sharding: AdamW's state and the schedule into the optimizer FSDP rebuilt
+    (each rank keeps its shard), the RNG states (one rank: the saved ones) -> the step."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    if c.cfg.distributed.strategy == "fsdp":
+        set_optimizer_state_dict(c.model, c.optimizer, full["optim"], options=StateDictOptions(full_state_dict=True))
+        c.scheduler.load_state_dict(full["scheduler"])
+    if r.world_size == 1:
+        set_rng_state(full["rng"], c.generator)
+    else:
+        reseed(c, r, full["step"])
+    return full["step"]
 
 
 def _fsync_dir(directory: Path) -> None:
