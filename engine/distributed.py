@@ -22,6 +22,10 @@ gradient norm, computed from the all-reduced gradients, so every rank decides al
 request (SIGINT/SIGTERM on any rank) is all-reduced once per step on the host. Only rank 0
 prints and writes metrics, config and previews; checkpoints are `reca.engine.checkpoint.dcp`
 (every rank writes its shard).
+
+A resume (`--resume RUN`, or by itself after torchrun's elastic restart) continues from the
+newest RUN/step-N/ at any world size, else from a one-process run's RUN/checkpoint.pt. Outside
+torchrun, `reca train --resume` of a run with step-N/ folders comes here, as a group of one.
 """
 from __future__ import annotations
 
