@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -203,7 +204,9 @@ def simulated(name: str, worlds: list[int]) -> list[float]:
         lead.optimizer.step()
         for c in cs:
             c.optimizer.zero_grad()
-            c.scheduler.step()
+            with warnings.catch_warnings():  # the other ranks' optimizers never step: their schedules only count
+                warnings.simplefilter("ignore", UserWarning)
+                c.scheduler.step()
         with torch.no_grad():
             for p, *others in zip(lead.params, *(c.params for c in cs[1:])):
                 for o in others:
