@@ -31,8 +31,10 @@ endif
 
 install: $(VENV)/.installed
 
+# The `demo` preset: the tiny model regenerating the bundled photographs whole; its last line is
+# the final reconstruction PSNR from each photo's own visual prompt and from another photo's.
 demo: install
-	$(BIN)/reca train --preset tiny --data demo --out runs/demo --overwrite
+	$(BIN)/reca train --preset demo --data demo --out runs/demo --overwrite
 
 # Two tiers, both always run: unit (in-process, seconds each) then integration (subprocesses: the
 # CLI, torchrun, wheels, signals; torch.compile; ptxas). --durations names the slowest of each.

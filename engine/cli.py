@@ -137,12 +137,17 @@ def _train(args) -> None:
 
 
 def _sample(args) -> None:
-    from reca.engine.generate import load_model, sample
-
     if args.preset is None and args.run is None:
         raise UserError("give a run directory, or --preset with --init-from weights")
     if args.init_from and args.preset is None:
         raise UserError("--init-from goes with --preset (a run loads its own weights)")
+    weights = args.init_from or any(s.startswith("train.init_from=") for s in args.set)
+    if args.preset is not None and not weights:  # a preset alone holds random weights
+        raise UserError("--preset needs --init-from WEIGHTS (or give a run directory)")
+    if args.prompt is None and not args.image:  # before the model is built: it takes seconds
+        raise UserError("give --prompt TEXT (text-to-image) or --image FILE (the image's visual prompt)")
+    from reca.engine.generate import load_model, sample  # after the checks: it imports torch (seconds)
+
     cfg, model = load_model(run=args.run, preset=args.preset, init_from=args.init_from, sets=tuple(args.set),
                             device=args.device)
     for path in sample(model, cfg, out=args.out, prompt=args.prompt, images=tuple(args.image), num=args.num,

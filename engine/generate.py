@@ -167,12 +167,18 @@ def sample(model, cfg: RunConfig, *, out: str, prompt: str | None = None, images
     return written
 
 
+# The file each family's own loader looks for (and `--init-from DIR` reads back): Harmon's and
+# OpenUni's read `harmon.safetensors` / `openuni.safetensors` beside their part folders; BAGEL's
+# release, Show-o's and the flow family's read `model.safetensors`.
+EXPORT_FILES = {"harmon": "harmon.safetensors", "openuni": "openuni.safetensors"}
+
+
 def export(model, cfg: RunConfig, to: str) -> Path:
-    """The trained weights in the family's original layout: TO/model.safetensors."""
+    """The trained weights in the family's original layout: TO/<file the family loads>."""
     if "export" not in model.capabilities:
         raise UserError(f"the {cfg.model.family} family has no export to another code base's layout "
                         "(its weights are RUN/checkpoint.pt's 'model' entry)")
-    path = Path(to) / "model.safetensors"
+    path = Path(to) / EXPORT_FILES.get(cfg.model.family, "model.safetensors")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         model.export(str(path))

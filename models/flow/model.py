@@ -71,7 +71,7 @@ class FlowModel(RecaModule):
     """RecA adapter (see `reca.models.adapter.RecaAdapter`) for the flow-matching family."""
 
     objectives = frozenset({"recon", "sample"})
-    capabilities = frozenset({"init_from", "flop_plan"})
+    capabilities = frozenset({"init_from", "export", "flop_plan"})
 
     def __init__(self, cfg: FlowConfig, ops: KernelOps | None = None):
         super().__init__()
@@ -182,6 +182,15 @@ class FlowModel(RecaModule):
         from reca.models.loading import load_pretrained
 
         return load_pretrained(self, directory)
+
+    def export(self, path: str) -> None:
+        """Every tensor but the frozen VAE's, by its reca name, in one `.safetensors` file: the
+        family has no other code base, and `--init-from DIR` reads DIR/model.safetensors back."""
+        from safetensors.torch import save_file
+
+        state = {k: v.detach().cpu().contiguous().clone() for k, v in self.state_dict().items()
+                 if not k.startswith("codec.")}
+        save_file(state, path, metadata={"format": "pt"})
 
     # --- internals ---------------------------------------------------------------------------
     @staticmethod
