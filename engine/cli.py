@@ -124,11 +124,10 @@ def _train(args) -> None:
 
     # one rank of a torchrun job, or one process continuing a torchrun job's step-N/ folders
     if launched() or (args.resume and latest(cfg.output.dir) is not None):
-        from reca.engine.distributed import train_distributed
-
-        train_distributed(cfg, resume=bool(args.resume), quiet=args.quiet)
-        return
-    from reca.engine.train import Stopped, train
+        from reca.engine.distributed import train_distributed as train
+    else:
+        from reca.engine.train import train
+    from reca.engine.train import Stopped
 
     try:
         train(cfg, resume=bool(args.resume), quiet=args.quiet)

@@ -123,7 +123,28 @@ def apply_strategy(c, r: Rank):
                                   exempt=tuple(c.model.no_weight_decay_modules()))
     c.scheduler = build_scheduler(c.optimizer, cfg.optim, cfg.train.steps)
     c.params = [p for p in c.model.parameters() if p.requires_grad]
+    if c.ema is not None:
+        c.ema = _sharded_ema(c.ema, c.model)
     return replace(c, model=_SyncOnLast(c.model, accum, c.model.set_requires_gradient_sync))
+
+
+def _sharded_ema(whole, model: torch.nn.Module):
+    """The EMA over the sharded parameters: each rank keeps its shard of every shadow (a DTensor
+    placed as its parameter), taken from the whole shadows (a resumed checkpoint.pt's, or the
+    weights themselves), so the update never gathers anything."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    from reca.engine.ema import EMA
+
+    ema = EMA(model, whole.decay)
+    old = dict(zip(whole.names, whole.shadows))
+    with torch.no_grad():
+        for name, p, shadow in zip(ema.names, ema.params, ema.shadows):
+            src = old[name]
+            if isinstance(p, DTensor):
+                src = distribute_tensor(src.to(p.device), p.device_mesh, p.placements)
+            shadow.copy_(src)
+    return ema
 
 
 def _fully_shard(model: torch.nn.Module, cfg: RunConfig, r: Rank, device: torch.device) -> None:
@@ -248,7 +269,7 @@ def train_distributed(cfg: RunConfig, *, resume: bool = False, stop_after: int |
                       f"and micro-batch; {'resuming at step ' + str(start) if resume else 'starting'} into {run}",
                       flush=True)
         end = cfg.train.steps if stop_after is None else min(cfg.train.steps, start + stop_after)
-        done = start
+        done, stopping = start, False
         try:
             for step in range(start, end):
                 lr = cfg.optim.lr * lr_factor(step, cfg.optim, cfg.train.steps)
@@ -272,6 +293,15 @@ def train_distributed(cfg: RunConfig, *, resume: bool = False, stop_after: int |
     dist.barrier()
     if not launched():
         dist.destroy_process_group()  # the group of one: a later run in this process makes its own
+    if stopping:
+        from reca.engine.train import Stopped
+
+        signum = stop.signum or signal.SIGTERM  # another rank's request: as a scheduler stops a job
+        if r.main:
+            print(f"reca: interrupted ({signal.Signals(signum).name}) after step {done}, its checkpoint written; "
+                  f"continue with: reca train --resume {run}" if done < cfg.train.steps else
+                  f"reca: stop requested after the last step, {done}: the run is complete", file=sys.stderr, flush=True)
+        raise Stopped(signum, done, last)
     return last
 
 
@@ -279,10 +309,11 @@ class _Stop:
     """SIGINT/SIGTERM on this rank: finish the step, checkpoint, stop (agreed across ranks)."""
 
     def __init__(self):
-        self.requested = False
+        self.requested, self.signum = False, None
 
     def _handle(self, signum, frame):
         self.requested = True
+        self.signum = self.signum or signum
 
     @contextlib.contextmanager
     def installed(self):

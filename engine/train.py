@@ -116,7 +116,7 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: int | None = None
             if cfg.train.steps < ckpt["step"]:
                 raise UserError(f"{run} is at step {ckpt['step']}, past train.steps={cfg.train.steps}; give "
                                 f"--steps {ckpt['step']} or more (the run is left as it was)")
-        elif (run / CHECKPOINT).exists() and not cfg.output.overwrite:
+        elif ((run / CHECKPOINT).exists() or _has_step_folders(run)) and not cfg.output.overwrite:
             raise UserError(f"{run} already holds a run; continue it with --resume {run}, "
                             "or replace it with --overwrite")
         c = build(cfg)
@@ -191,6 +191,13 @@ def _loop(c: Components, start: int, stop_after: int | None, logger: Logger, pre
         last = logger.flush(wait=True) or last
         checkpoints.save(done)
     return last, done
+
+
+def _has_step_folders(run: Path) -> bool:
+    """Whether a torchrun job's checkpoints (RUN/step-N/, `checkpoint.dcp`) are in `run`."""
+    from reca.engine.checkpoint.dcp import latest
+
+    return latest(run) is not None
 
 
 def _say(message: str) -> None:

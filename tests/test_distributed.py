@@ -128,7 +128,7 @@ def test_info_world_size_refuses_zero(capsys):
 STEPS, HALF = 20, 10
 SETS = ["data.batch_size=2", "output.log_every=1", "optim.schedule=constant", "train.device=cpu",
         f"train.steps={STEPS}", f"output.ckpt_every={HALF}", "output.tensorboard=false", "output.preview_images=0"]
-PAIRS = [(name, strategy) for name in ("tiny", "harmon-tiny") for strategy in ("ddp", "fsdp")]
+PAIRS = [(name, strategy) for name in ("tiny", "harmon-tiny") for strategy in ("ddp", "fsdp")] + [("bagel-tiny", "fsdp")]
 # Relative, per step's loss. fp32 throughout; what differs from the reference is only the order
 # of floating-point sums (gloo's all-reduce of the two ranks' gradients and losses, FSDP's
 # reduce-scatter, the gradient norm over shards), about 1e-7 relative per step. AdamW divides by
@@ -165,11 +165,16 @@ def losses(run: Path) -> list[float]:
 
 
 def simulated(name: str, worlds: list[int]) -> list[float]:
+    return simulate(name, worlds)[0]
+
+
+def simulate(name: str, worlds: list[int]) -> tuple[list[float], dict[str, torch.Tensor]]:
     """The losses of `len(worlds)` steps in one process, step s at world size worlds[s], rank by
     rank: each rank's loader share and noise stream, gradients of the mean over the global
     batch, one clipped AdamW step. At a change of world size the state moves as a checkpoint
     moves it (`checkpoint.dcp`): weights, AdamW, schedule, rank 0's data position, and every
-    rank's noise reseeded from (seed, rank, step)."""
+    rank's noise reseeded from (seed, rank, step). -> (losses, the EMA's shadows at the end:
+    empty without `train.ema`)."""
     from reca.engine.build import build
     from reca.engine.config import apply_overrides
     from reca.engine.train import next_batches
@@ -202,6 +207,8 @@ def simulated(name: str, worlds: list[int]) -> list[float]:
                 p.grad += sum(o.grad for o in others)
         torch.nn.utils.clip_grad_norm_(lead.params, cfg.optim.clip_grad)
         lead.optimizer.step()
+        if lead.ema is not None:
+            lead.ema.update()
         for c in cs:
             c.optimizer.zero_grad()
             with warnings.catch_warnings():  # the other ranks' optimizers never step: their schedules only count
@@ -212,9 +219,10 @@ def simulated(name: str, worlds: list[int]) -> list[float]:
                 for o in others:
                     o.copy_(p)
         out.append(total)
+    ema = dict(zip(cs[0].ema.names, cs[0].ema.shadows)) if cs[0].ema is not None else {}
     for c in cs:
         c.close()
-    return out
+    return out, ema
 
 
 @pytest.fixture(scope="module")
@@ -226,8 +234,13 @@ def parity_runs(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference():
-    return {name: simulated(name, [2] * STEPS) for name in ("tiny", "harmon-tiny")}
+def simulations():
+    return {name: simulate(name, [2] * STEPS) for name in ("tiny", "harmon-tiny", "bagel-tiny")}
+
+
+@pytest.fixture(scope="module")
+def reference(simulations):
+    return {name: losses for name, (losses, _) in simulations.items()}
 
 
 @pytest.mark.parametrize("name,strategy", PAIRS)
@@ -240,6 +253,64 @@ def test_two_ranks_match_one_process_at_the_global_batch(parity_runs, reference,
     assert losses(run) == pytest.approx(reference[name], rel=TOL)
     assert sorted(p.name for p in run.glob("step-*")) == [f"step-{HALF}", f"step-{STEPS}"]
     assert not list(run.glob(".step-*"))
+
+
+def test_bagel_ema_is_sharded_and_checkpointed(parity_runs, simulations, tmp_path):
+    """bagel-tiny (EMA 0.999) under FSDP: each rank's shards of the shadows, saved in step-20/,
+    gather to the one-process EMA of the same steps (TOL: the weights it averages carry it)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    want = simulations["bagel-tiny"][1]
+    dcp_to_torch_save(parity_runs / "bagel-tiny-fsdp" / f"step-{STEPS}", tmp_path / "whole.pt")
+    whole = torch.load(tmp_path / "whole.pt", weights_only=False)
+    got = whole["ema"]
+    assert want and sorted(got) == sorted(want)
+    for name, shadow in want.items():
+        torch.testing.assert_close(got[name], shadow, rtol=TOL, atol=1e-7)
+    assert any(not torch.allclose(got[n], whole["model"][n]) for n in got)  # an average, not the weights
+
+
+def test_a_stop_request_ends_a_torchrun_job_like_a_one_process_run(parity_runs, tmp_path, monkeypatch):
+    """SIGTERM during a step (here in a group of one): that step finishes, its step-N/ is
+    written, and `Stopped` (exit status 143 from the CLI) is raised, as `train()` does."""
+    import reca.engine.train as train_module
+    from reca.engine.config import load_config
+    from reca.engine.distributed import train_distributed
+
+    run = tmp_path / "run"
+    shutil.copytree(parity_runs / "tiny-fsdp", run)
+    shutil.rmtree(run / f"step-{STEPS}")
+    real, calls = train_module.next_batches, []
+
+    def batches_then_stop(c):
+        calls.append(1)
+        if len(calls) == 3:
+            signal.raise_signal(signal.SIGTERM)  # the handler only flags it: this step still runs
+        return real(c)
+
+    monkeypatch.setattr(train_module, "next_batches", batches_then_stop)
+    saved = load_config(run / "config.json")
+    cfg = replace(saved, output=replace(saved.output, dir=str(run)))
+    with pytest.raises(train_module.Stopped) as stop:
+        train_distributed(cfg, resume=True, quiet=True)
+    assert stop.value.exit_status == 143 and stop.value.step == HALF + 3
+    assert sorted(p.name for p in run.glob("step-*")) == [f"step-{HALF}", f"step-{HALF + 3}"]
+    assert [row["step"] for row in rows(run)] == list(range(1, HALF + 4))
+
+
+def test_a_torchrun_run_is_never_silently_replaced(parity_runs, tmp_path, capsys):
+    """A plain `reca train --out RUN` into a torchrun job's run (step-N/ folders, no
+    checkpoint.pt) is refused in one line, as for a one-process run; nothing is touched."""
+    from reca.engine.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(parity_runs / "tiny-fsdp", run)
+    before = sorted(p.name for p in run.iterdir())
+    with pytest.raises(SystemExit) as e:  # (the run-directory lock, .lock, is taken first)
+        main(["train", "--quiet", "--preset", "tiny", "--out", str(run), "--set=train.device=cpu"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "--resume" in err and "--overwrite" in err, err
+    assert sorted(p.name for p in run.iterdir() if p.name != ".lock") == before
 
 
 def test_resume_two_ranks_in_one_process(parity_runs, tmp_path):

@@ -67,12 +67,15 @@ def save(run: str | Path, step: int, c, r, *, keep: int) -> Path:
         tmp.mkdir(parents=True)
     dist.barrier()
     model, optim = get_state_dict(c.model, c.optimizer, options=_options())
-    dcp.save({"model": model, "optim": optim}, checkpoint_id=str(tmp))
+    state = {"model": model, "optim": optim}
+    if c.ema is not None:  # each rank's shards of the shadows, as the weights
+        state["ema"] = dict(zip(c.ema.names, c.ema.shadows))
+    dcp.save(state, checkpoint_id=str(tmp))
     ranks: list = [None] * r.world_size
     dist.all_gather_object(ranks, {"data": c.data_state(), "rng": rng_state(c.generator)})
     if r.main:
         atomic_save({"step": step, "scheduler": c.scheduler.state_dict(), "world_size": r.world_size,
-                     "ranks": ranks}, tmp / "extra.pt")
+                     "ranks": ranks, "ema": c.ema.decay if c.ema is not None else None}, tmp / "extra.pt")
         shutil.rmtree(final, ignore_errors=True)  # a stop right after the same step's save
         os.replace(tmp, final)
         _fsync_dir(run)
@@ -93,6 +96,8 @@ def load(folder: str | Path, c, r) -> int:
     extra = verified_load(folder / "extra.pt")
     model, optim = get_state_dict(c.model, c.optimizer, options=_options())
     state = {"model": model, "optim": optim}
+    if c.ema is not None and extra.get("ema") is not None:  # loaded in place into this rank's shards
+        state["ema"] = dict(zip(c.ema.names, c.ema.shadows))
     dcp.load(state, checkpoint_id=str(folder))
     set_state_dict(c.model, c.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=_options())
