@@ -76,6 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--profile", type=int, default=0, metavar="N",
                    help="profile N more steps of the last mode and print its top costs (kernels by device time)")
     s.add_argument("--out", help="JSON file or directory (default: benchmarks/results on CUDA, a temp dir on CPU)")
+    s.add_argument("--no-baseline", action="store_true",
+                   help="under torchrun: skip rank 0's one-device baseline (a model that does not fit one device)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     m = bsub.add_parser("batch", help="the largest micro-batch of a preset that trains on this device", epilog=EPILOG)
     m.add_argument("--preset", default="tiny", help="named preset, or module:function returning a RunConfig")
@@ -204,9 +206,19 @@ def _bench(args) -> None:
         bench_batch(args.preset, limit=args.max, start=args.start, device=args.device, sets=args.set, out=args.out)
         return
     from reca.engine.bench.step import bench_step
+    from reca.engine.distributed import launched
 
     if args.steps < 1 or args.warmup < 0:
         raise UserError("--steps must be at least 1 and --warmup at least 0")
+    modes = [m for m in args.modes.split(",") if m]
+    if not modes:
+        raise UserError("--modes names no mode")
+    if launched():  # per-GPU and aggregate throughput at N ranks beside one rank's (engine/bench/scaling.py)
+        from reca.engine.bench.scaling import bench_scaling
+
+        bench_scaling(args.preset, batch=args.batch, steps=args.steps, warmup=args.warmup, mode=modes[-1],
+                      data=args.data, sets=args.set, out=args.out, baseline=not args.no_baseline)
+        return
     bench_step(args.preset, batch=args.batch, steps=args.steps, warmup=args.warmup,
                modes=[m for m in args.modes.split(",") if m], device=args.device, data=args.data, profile=args.profile,
                sets=args.set, out=args.out)

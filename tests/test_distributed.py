@@ -341,6 +341,24 @@ def test_resume_one_process_in_two_ranks(tmp_path):
     assert sorted(p.name for p in run.glob("step-*")) == [f"step-{STEPS}"]
 
 
+def test_bench_step_under_torchrun_reports_scaling(tmp_path):
+    """`reca bench step` under torchrun: rank 0's one-device baseline, then both ranks; the
+    report's aggregate is N x per GPU and the efficiency per GPU / one rank (CPU: the figures
+    only have to be consistent; absolute ones come from GPUs, benchmarks/results/PENDING.md)."""
+    out = tmp_path / "scaling.json"
+    proc = run_ok(torchrun("-m", "reca.engine", "bench", "step", "--preset", "tiny", "--steps", "2", "--warmup", "1",
+                           "--data", "synthetic", "--modes", "reference", "--out", str(out),
+                           "--set", "data.batch_size=2", "--set", "train.device=cpu", "--set", "distributed.strategy=ddp"))
+    report = json.loads(out.read_text())
+    row, one = report["ranks"], report["one_rank"]
+    assert report["benchmark"] == "step_scaling" and row["world_size"] == 2 and row["strategy"] == "ddp"
+    assert row["images_per_s"] == pytest.approx(2 * row["images_per_s_per_gpu"])
+    assert row["scaling_efficiency"] == pytest.approx(row["images_per_s_per_gpu"] / one["images_per_s"])
+    assert row["mfu"] == pytest.approx(row["tflops_per_gpu"] / report["peak_tflops"])
+    assert report["device"] and report["date"] and report["versions"]["torch"]
+    assert "scaling efficiency" in proc.stdout and proc.stdout.count("2 ranks:") == 1  # rank 0 alone prints
+
+
 def _workers(agent: int) -> dict[int, int]:
     """rank -> pid of the processes torchrun's agent `agent` started."""
     out = {}

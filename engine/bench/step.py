@@ -70,9 +70,56 @@ def peak_tflops(device: torch.device) -> tuple[float, str]:
 
 def measure(cfg: RunConfig, steps: int, warmup: int, data: str, profile: int = 0) -> dict:
     c = build(cfg)
+    use_synthetic(c, data)
+    batch, accum = cfg.data.batch_size, cfg.optim.grad_accum
+    micro_flops, micro_executed, llm_tokens, how = micro_batch_flops(c)
+    dt, losses, wait = timed_steps(c, c, steps, warmup)
+    top = profile_steps(c, profile) if profile > 0 else None
+    c.close()
+    images = steps * accum * batch
+    return {"profile_top": top, **{
+        "mode": cfg.train.mode, "compile": c.cfg.train.compile, "cuda_graph": c.cfg.train.cuda_graph,
+        "kernels": c.ops.backend, "step_ms": 1e3 * dt / steps, "images_per_s": images / dt,
+        "tokens_per_s": images * llm_tokens / dt, "tflops": micro_flops * accum * steps / dt / 1e12,
+        "tflops_executed": micro_executed * accum * steps / dt / 1e12,
+        "flops_per_image": micro_flops / batch, "flop_count": how,
+        "peak_memory_gb": torch.cuda.max_memory_allocated(c.device) / 2**30 if c.device.type == "cuda" else None,
+        "data_wait": wait / dt, "final_loss": float(losses[-1]),
+    }}
+
+
+def use_synthetic(c, data: str) -> None:
+    """`--data synthetic`: the RecA loader replaced by fixed random views (no decoding)."""
     if data == "synthetic":
         c.loader.close()
-        c.loaders[c.objectives[0].name] = SyntheticLoader(cfg.data.batch_size, c.model.views, cfg.data.seed)
+        c.loaders[c.objectives[0].name] = SyntheticLoader(c.cfg.data.batch_size, c.model.views, c.cfg.data.seed)
+
+
+def timed_steps(c, step_c, steps: int, warmup: int) -> tuple[float, list, float]:
+    """`warmup` untimed optimizer steps, then `steps` timed ones -> (seconds, losses, seconds
+    of them spent waiting for data). `step_c`: the Components the step runs with (`c` itself,
+    or under torchrun the strategy's)."""
+    for _ in range(warmup):
+        c.update(step_c, next_batches(c))
+        c.scheduler.step()
+    if c.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(c.device)
+    _sync(c.device)
+    wait0, t0 = c.loader.wait_seconds, time.perf_counter()
+    losses = []
+    for _ in range(steps):
+        out = c.update(step_c, next_batches(c))
+        c.scheduler.step()
+        losses.append(out["loss"].detach().clone())
+    _sync(c.device)
+    dt = time.perf_counter() - t0
+    return dt, losses, c.loader.wait_seconds - wait0
+
+
+def micro_batch_flops(c) -> tuple[float, float, float, str]:
+    """-> (model FLOPs of one micro-batch, FLOPs its fixed shapes execute, LLM tokens a sample,
+    how they were counted)."""
+    cfg = c.cfg
     batch, accum = cfg.data.batch_size, cfg.optim.grad_accum
     prompts = c.builder.build(torch.arange(64))  # the padded length, and the mean valid one
     prompt_len, prompt_mean = prompts.input_ids.shape[1], float(prompts.mask.sum(1).float().mean())
@@ -89,32 +136,7 @@ def measure(cfg: RunConfig, steps: int, warmup: int, data: str, profile: int = 0
     else:
         micro_flops = micro_executed = counted_flops(lambda: c.update(c, next_batches(c))) / accum
         llm_tokens, how = prompt_len, "FlopCounterMode (executed, padding included)"
-    for _ in range(warmup):
-        c.update(c, next_batches(c))
-        c.scheduler.step()
-    if c.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(c.device)
-    _sync(c.device)
-    wait0, t0 = c.loader.wait_seconds, time.perf_counter()
-    losses = []
-    for _ in range(steps):
-        out = c.update(c, next_batches(c))
-        c.scheduler.step()
-        losses.append(out["loss"].detach().clone())
-    _sync(c.device)
-    dt = time.perf_counter() - t0
-    top = profile_steps(c, profile) if profile > 0 else None
-    c.close()
-    images = steps * accum * batch
-    return {"profile_top": top, **{
-        "mode": cfg.train.mode, "compile": c.cfg.train.compile, "cuda_graph": c.cfg.train.cuda_graph,
-        "kernels": c.ops.backend, "step_ms": 1e3 * dt / steps, "images_per_s": images / dt,
-        "tokens_per_s": images * llm_tokens / dt, "tflops": micro_flops * accum * steps / dt / 1e12,
-        "tflops_executed": micro_executed * accum * steps / dt / 1e12,
-        "flops_per_image": micro_flops / batch, "flop_count": how,
-        "peak_memory_gb": torch.cuda.max_memory_allocated(c.device) / 2**30 if c.device.type == "cuda" else None,
-        "data_wait": (c.loader.wait_seconds - wait0) / dt, "final_loss": float(losses[-1]),
-    }}
+    return micro_flops, micro_executed, llm_tokens, how
 
 
 def profile_steps(c, steps: int, rows: int = 15) -> list[dict]:
@@ -155,15 +177,8 @@ def bench_step(preset: str, *, batch: int | None, steps: int, warmup: int, modes
               "--set mix.caption_source=DIR measures the mix.")
     rows = []
     for mode in modes:
-        overrides = [f"train.mode={mode}", f"train.device={device}", f"train.steps={warmup + steps + 1}",
-                     "output.tensorboard=false", "optim.warmup_steps=1"]
-        if batch:
-            overrides.append(f"data.batch_size={batch}")
-        if data != "synthetic":
-            overrides.append(f"data.source={data}")
-        if reca_alone(base, sets):
-            overrides.append("mix.cycle=recon")  # RecA alone unless the run names its captioned images
-        row = measure(apply_overrides(base, overrides + sets), steps, warmup, data,
+        row = measure(mode_config(base, mode, batch=batch, steps=steps, warmup=warmup, device=device, data=data,
+                                  sets=sets), steps, warmup, data,
                       profile if mode == modes[-1] else 0)  # the last mode (fast) is the one to explain
         row["mfu"] = row["tflops"] / peak  # model FLOPs: padding and masked-out slots excluded
         row["hfu"] = row["tflops_executed"] / peak  # what the fixed shapes execute (no recomputation)
@@ -194,6 +209,20 @@ def bench_step(preset: str, *, batch: int | None, steps: int, warmup: int, modes
     write_report(report, out, RESULTS if dev.type == "cuda" else Path(tempfile.mkdtemp(prefix="reca-bench-")),
                  f"step_{preset}")
     return report
+
+
+def mode_config(base: RunConfig, mode: str, *, batch: int | None, steps: int, warmup: int, device: str, data: str,
+                sets: list[str]) -> RunConfig:
+    """The preset as one timed mode runs it: the mode, device, enough steps, the data."""
+    overrides = [f"train.mode={mode}", f"train.device={device}", f"train.steps={warmup + steps + 1}",
+                 "output.tensorboard=false", "optim.warmup_steps=1"]
+    if batch:
+        overrides.append(f"data.batch_size={batch}")
+    if data != "synthetic":
+        overrides.append(f"data.source={data}")
+    if reca_alone(base, sets):
+        overrides.append("mix.cycle=recon")  # RecA alone unless the run names its captioned images
+    return apply_overrides(base, overrides + sets)
 
 
 def write_report(report: dict, out: str | None, default: Path | None, stem: str) -> None:
