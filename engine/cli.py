@@ -157,10 +157,11 @@ def _sample(args) -> None:
 
 
 def _export(args) -> None:
-    from reca.engine.generate import export, load_model
+    from reca.engine.generate import export, load_model, run_weights
 
     cfg, model = load_model(run=args.run, device="cpu")
-    print(export(model, cfg, args.to))
+    for path in export(model, cfg, args.to, ema=run_weights(args.run)["ema"]):
+        print(path)
 
 
 def _info(args) -> None:

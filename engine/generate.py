@@ -7,7 +7,9 @@
 
 A run's model is rebuilt as training built it (`train.seed` decides the frozen weights of
 randomly initialised presets; `train.init_from` is loaded again), then the checkpoint's trained
-tensors are loaded and the frozen weights are checked against the run's fingerprint.
+tensors are loaded (RUN/checkpoint.pt, or a torchrun run's newest RUN/step-N/, gathered from
+its shards in this one process) and the frozen weights are checked against the run's
+fingerprint. A run trained with `train.ema` exports its EMA beside the weights.
 """
 from __future__ import annotations
 
@@ -49,11 +51,7 @@ def load_model(*, run: str | None = None, preset: str | None = None, init_from: 
     overrides = list(sets) + ([f"train.init_from={init_from}"] if init_from else [])
     cfg = apply_overrides(cfg, overrides)
     dev = resolve_device(device)
-    ckpt = None
-    if run is not None:
-        from reca.engine.checkpoint import load_checkpoint
-
-        ckpt = load_checkpoint(run)  # checksum verified; a missing file is one line
+    ckpt = run_weights(run) if run is not None else None
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(cfg.train.seed)  # as `build` does: the frozen weights of a fresh preset
         with torch.device(dev):
@@ -71,12 +69,38 @@ def load_model(*, run: str | None = None, preset: str | None = None, init_from: 
     if ckpt is not None:
         from reca.engine.checkpoint import fingerprint_conflict, frozen_fingerprint, load_trainable
 
-        source = str(Path(run) / "checkpoint.pt")
-        load_trainable(model, ckpt["model"], source=source)
+        load_trainable(model, ckpt["model"], source=ckpt["source"])
         conflict = fingerprint_conflict(ckpt["frozen"], frozen_fingerprint(model)) if ckpt["frozen"] else None
         if conflict:
             raise UserError(f"cannot rebuild the model of {run}: {conflict}")
     return cfg, model.eval()
+
+
+def run_weights(run: str | Path) -> dict:
+    """A run's trained tensors -> {"model", "ema" (None without train.ema), "frozen" (the
+    fingerprint; {} where not stored), "source"}: from RUN/checkpoint.pt (checksum verified), else
+    from a torchrun run's newest RUN/step-N/ (DCP, read whole by this one process)."""
+    from reca.engine.checkpoint import load_checkpoint
+    from reca.engine.checkpoint.dcp import latest
+
+    run = Path(run)
+    folder = latest(run)
+    if (run / "checkpoint.pt").is_file() or folder is None:
+        ckpt = load_checkpoint(run)  # a missing file is one line
+        ema = ckpt.get("extra", {}).get("ema")
+        return {"model": ckpt["model"], "ema": ema["shadows"] if ema else None, "frozen": ckpt["frozen"],
+                "source": str(run / "checkpoint.pt")}
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from reca.engine.checkpoint import verified_load
+
+    verified_load(folder / "extra.pt")  # the folder is whole (written through a temp folder and renamed)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(folder, Path(tmp) / "whole.pt")
+        whole = torch.load(Path(tmp) / "whole.pt", map_location="cpu", weights_only=True)
+    return {"model": whole["model"], "ema": whole.get("ema"), "frozen": {}, "source": str(folder)}
 
 
 def text_prompt(model, cfg: RunConfig, texts: list[str]) -> PromptBatch:
@@ -173,18 +197,34 @@ def sample(model, cfg: RunConfig, *, out: str, prompt: str | None = None, images
 EXPORT_FILES = {"harmon": "harmon.safetensors", "openuni": "openuni.safetensors"}
 
 
-def export(model, cfg: RunConfig, to: str) -> Path:
-    """The trained weights in the family's original layout: TO/<file the family loads>."""
+def export(model, cfg: RunConfig, to: str, *, ema: dict[str, torch.Tensor] | None = None) -> list[Path]:
+    """The trained weights in the family's original layout: TO/<file the family loads>; with
+    `ema` (the run's EMA shadows by parameter name) also the EMA weights in the same layout:
+    TO/ema.safetensors for BAGEL (its release's name), TO/ema/<file> for the others. -> paths."""
     if "export" not in model.capabilities:
         raise UserError(f"the {cfg.model.family} family has no export to another code base's layout "
                         "(its weights are RUN/checkpoint.pt's 'model' entry)")
-    path = Path(to) / EXPORT_FILES.get(cfg.model.family, "model.safetensors")
+    name = EXPORT_FILES.get(cfg.model.family, "model.safetensors")
+    paths = [Path(to) / name]
+    if ema is not None:
+        paths.append(Path(to) / ("ema.safetensors" if cfg.model.family == "bagel" else f"ema/{name}"))
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        model.export(str(path))
+        paths[0].parent.mkdir(parents=True, exist_ok=True)
+        model.export(str(paths[0]))
+        if ema is not None:
+            from reca.engine.checkpoint import load_trainable
+            from reca.engine.checkpoint.single import trainable_state
+
+            live = {n: t.clone() for n, t in trainable_state(model).items()}
+            load_trainable(model, ema, source="the run's EMA")
+            try:
+                paths[1].parent.mkdir(parents=True, exist_ok=True)
+                model.export(str(paths[1]))
+            finally:
+                load_trainable(model, live)
     except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
-    return path
+        raise UserError(f"cannot write {e.filename or paths[0]}: {e.strerror or e}") from None
+    return paths
 
 
 def _to(p: PromptBatch, device: torch.device) -> PromptBatch:

@@ -298,6 +298,26 @@ def test_a_stop_request_ends_a_torchrun_job_like_a_one_process_run(parity_runs, 
     assert [row["step"] for row in rows(run)] == list(range(1, HALF + 4))
 
 
+def test_export_gathers_a_torchrun_run(parity_runs, tmp_path, capsys):
+    """`reca export RUN` of a torchrun run (no checkpoint.pt): the newest step-N/ gathered whole
+    in one process, in the family's layout; bagel-tiny's EMA beside it as ema.safetensors."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from reca.engine.cli import main
+
+    for name, files in (("tiny", ["model.safetensors"]), ("bagel-tiny", ["ema.safetensors", "model.safetensors"])):
+        run, out = parity_runs / f"{name}-fsdp", tmp_path / name
+        main(["export", str(run), "--to", str(out)])
+        assert sorted(p.name for p in out.iterdir()) == files
+        dcp_to_torch_save(run / f"step-{STEPS}", tmp_path / f"{name}.pt")
+        whole = torch.load(tmp_path / f"{name}.pt", weights_only=False)
+        if name == "tiny":  # the flow family exports by reca name
+            exported = load_file(str(out / "model.safetensors"))
+            assert whole["model"] and all(torch.equal(exported[n], t) for n, t in whole["model"].items())
+    assert capsys.readouterr().out.count("safetensors") == 3
+
+
 def test_a_torchrun_run_is_never_silently_replaced(parity_runs, tmp_path, capsys):
     """A plain `reca train --out RUN` into a torchrun job's run (step-N/ folders, no
     checkpoint.pt) is refused in one line, as for a one-process run; nothing is touched."""

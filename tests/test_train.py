@@ -166,3 +166,28 @@ def test_loss_plot_is_skipped_without_matplotlib(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     assert plot_loss(tmp_path) is None and not (tmp_path / "loss.png").exists()
     assert "matplotlib is not installed" in caplog.text
+
+
+def test_export_writes_the_ema_beside_the_weights(tmp_path):
+    """A run with train.ema exports its EMA in the family's layout too (flow: TO/ema/
+    model.safetensors), holding the checkpoint's shadows, and the model keeps its own weights."""
+    from safetensors.torch import load_file
+
+    from reca.engine.generate import export, load_model, run_weights
+
+    cfg = _cfg(tmp_path, **{"train.steps": 3, "train.ema": 0.5})
+    train(cfg, quiet=True)
+    ema = run_weights(cfg.output.dir)["ema"]
+    saved = load_checkpoint(cfg.output.dir)["extra"]["ema"]["shadows"]
+    assert ema.keys() == saved.keys() and all(torch.equal(ema[n], t) for n, t in saved.items())
+    run_cfg, model = load_model(run=cfg.output.dir, device="cpu")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    paths = export(model, run_cfg, str(tmp_path / "out"), ema=ema)
+    assert [p.relative_to(tmp_path / "out").as_posix() for p in paths] == ["model.safetensors", "ema/model.safetensors"]
+    weights, averaged = load_file(str(paths[0])), load_file(str(paths[1]))
+    differs = 0
+    for name, shadow in ema.items():
+        assert torch.equal(averaged[name], shadow) and torch.equal(weights[name], before[name]), name
+        differs += not torch.equal(shadow, before[name])
+    assert differs  # the EMA is not the weights: the check above could fail
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
