@@ -76,20 +76,7 @@ def build(cfg: RunConfig, *, rank: int = 0, world_size: int = 1) -> Components:
         raise UserError(str(e)) from None
     if cfg.train.compile:
         ops = compile_ops(ops)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(cfg.train.seed)
-        with torch.device(device):
-            try:
-                model = build_model(cfg.model, ops)
-            except ValueError as e:  # inconsistent model settings from the CLI
-                raise UserError(f"model config: {e}") from None
-    if cfg.train.init_from:
-        if "init_from" not in model.capabilities:
-            raise UserError(f"the {cfg.model.family} family cannot load --init-from weights")
-        try:
-            model.load_pretrained(cfg.train.init_from)
-        except (ValueError, OSError) as e:
-            raise UserError(str(e)) from None
+    model = seeded_model(cfg, ops, device)
     set_attention(model, cfg.train.attention)
     apply_checkpointing(model, cfg.train.checkpoint_every)  # torchtitan's order: checkpointing, compile, shard
     if cfg.train.compile:
@@ -118,6 +105,27 @@ def build(cfg: RunConfig, *, rank: int = 0, world_size: int = 1) -> Components:
     ema = EMA(model, cfg.train.ema) if cfg.train.ema else None  # after init_from: it starts from those weights
     return Components(cfg, device, model, ops, objectives, loaders, builders, optimizer, scheduler, generator,
                       params, update, ema)
+
+
+def seeded_model(cfg: RunConfig, ops: KernelOps, device: torch.device) -> torch.nn.Module:
+    """The run's model as every run and every reader of a run rebuilds it: initialised from
+    `train.seed` inside `fork_rng` (the caller's RNG untouched; frozen weights that come from the
+    seed are the same each time), then `train.init_from` loaded. Faults are one-line errors."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(cfg.train.seed)
+        with torch.device(device):
+            try:
+                model = build_model(cfg.model, ops)
+            except ValueError as e:  # inconsistent model settings from the CLI
+                raise UserError(f"model config: {e}") from None
+    if cfg.train.init_from:
+        if "init_from" not in model.capabilities:
+            raise UserError(f"the {cfg.model.family} family cannot load --init-from weights")
+        try:
+            model.load_pretrained(cfg.train.init_from)
+        except (ValueError, OSError) as e:
+            raise UserError(str(e)) from None
+    return model
 
 
 def resolve_mode(cfg: RunConfig, device: torch.device) -> RunConfig:

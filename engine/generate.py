@@ -20,12 +20,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from reca.engine.build import resolve_device
+from reca.engine.build import resolve_device, seeded_model
 from reca.engine.config import RunConfig
 from reca.engine.errors import UserError
 from reca.engine.sample import SampleBuilder
 from reca.kernels import get_ops
-from reca.models import build_model
 from reca.models.adapter import PromptBatch, SampleBatch
 
 # Markers that only wrap the image in a family's RecA template: a text-only prompt drops them
@@ -52,20 +51,7 @@ def load_model(*, run: str | None = None, preset: str | None = None, init_from: 
     cfg = apply_overrides(cfg, overrides)
     dev = resolve_device(device)
     ckpt = run_weights(run) if run is not None else None
-    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-        torch.manual_seed(cfg.train.seed)  # as `build` does: the frozen weights of a fresh preset
-        with torch.device(dev):
-            try:
-                model = build_model(cfg.model, get_ops("torch"))
-            except ValueError as e:
-                raise UserError(f"model config: {e}") from None
-    if cfg.train.init_from:
-        if "init_from" not in model.capabilities:
-            raise UserError(f"the {cfg.model.family} family cannot load --init-from weights")
-        try:
-            model.load_pretrained(cfg.train.init_from)
-        except (ValueError, OSError) as e:
-            raise UserError(str(e)) from None
+    model = seeded_model(cfg, get_ops("torch"), dev)  # as training built it
     if ckpt is not None:
         from reca.engine.checkpoint import fingerprint_conflict, frozen_fingerprint, load_trainable
 
