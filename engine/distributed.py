@@ -208,7 +208,26 @@ def train_distributed(cfg: RunConfig, *, resume: bool = False, stop_after: int |
     """`reca train` on one rank of a torchrun job (or a group of one); returns the last metrics
     row (rank 0's). A resume continues from the newest RUN/step-N/ folder, else from a one-process
     run's RUN/checkpoint.pt, at any world size. After an elastic restart (torchrun
-    `--max-restarts`) the job resumes from its own newest step-N/ on its own, `--resume` or not."""
+    `--max-restarts`) the job resumes from its own newest step-N/ on its own, `--resume` or not.
+    Rank 0 proves the run directory writable and locks it for the job's life (`rundir.RunLock`:
+    a second job or process on it fails at once, in one line; torchrun then stops the others)."""
+    from reca.engine.rundir import RunLock, check_run_dir
+
+    r, device = init_process_group()
+    run = Path(cfg.output.dir)
+    lock = None
+    if r.main:
+        check_run_dir(run)
+        lock = RunLock(run)
+    try:
+        return _train_ranks(cfg, r, device, run, resume, stop_after, quiet)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _train_ranks(cfg: RunConfig, r: Rank, device: torch.device, run: Path, resume: bool, stop_after: int | None,
+                 quiet: bool) -> dict:
     from reca.engine.build import build
     from reca.engine.checkpoint import dcp
     from reca.engine.checkpoint.guard import refuse_conflicts
@@ -217,9 +236,7 @@ def train_distributed(cfg: RunConfig, *, resume: bool = False, stop_after: int |
     from reca.engine.rundir import read_run_config, replace_run
     from reca.engine.train import next_batches
 
-    r, device = init_process_group()
     cfg = replace(cfg, train=replace(cfg.train, device=str(device)))
-    run = Path(cfg.output.dir)
     folder, single = dcp.latest(run), (run / "checkpoint.pt").is_file()
     if elastic_restart() and folder is not None:
         resume = True  # our own first attempt's checkpoint: the steps after it are taken again

@@ -325,12 +325,29 @@ def test_a_torchrun_run_is_never_silently_replaced(parity_runs, tmp_path, capsys
 
     run = tmp_path / "run"
     shutil.copytree(parity_runs / "tiny-fsdp", run)
-    before = sorted(p.name for p in run.iterdir())
+    before = sorted(p.name for p in run.iterdir() if p.name != ".lock")
     with pytest.raises(SystemExit) as e:  # (the run-directory lock, .lock, is taken first)
         main(["train", "--quiet", "--preset", "tiny", "--out", str(run), "--set=train.device=cpu"])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and "--resume" in err and "--overwrite" in err, err
     assert sorted(p.name for p in run.iterdir() if p.name != ".lock") == before
+
+
+def test_a_locked_run_is_refused_by_a_torchrun_job(parity_runs, tmp_path, capsys):
+    """Rank 0 locks the run directory as `train()` does: while another process holds it, a
+    resume (here in a group of one) is one line naming the holder, and nothing is written."""
+    from reca.engine.cli import main
+    from reca.engine.rundir import RunLock
+
+    run = tmp_path / "run"
+    shutil.copytree(parity_runs / "tiny-fsdp", run)
+    shutil.rmtree(run / f"step-{STEPS}")
+    before = (run / "metrics.jsonl").read_bytes()
+    with RunLock(run), pytest.raises(SystemExit) as e:
+        main(["train", "--quiet", "--resume", str(run)])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and f"pid {os.getpid()}" in err, err
+    assert (run / "metrics.jsonl").read_bytes() == before and not (run / f"step-{STEPS}").exists()
 
 
 def test_resume_two_ranks_in_one_process(parity_runs, tmp_path):
