@@ -29,7 +29,6 @@ torchrun, `reca train --resume` of a run with step-N/ folders comes here, as a g
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import sys
@@ -234,7 +233,7 @@ def _train_ranks(cfg: RunConfig, r: Rank, device: torch.device, run: Path, resum
     from reca.engine.logger import Logger
     from reca.engine.optim import lr_factor
     from reca.engine.rundir import read_run_config, replace_run
-    from reca.engine.train import next_batches
+    from reca.engine.train import StopFlag, next_batches
 
     cfg = replace(cfg, train=replace(cfg.train, device=str(device)))
     folder, single = dcp.latest(run), (run / "checkpoint.pt").is_file()
@@ -261,7 +260,7 @@ def _train_ranks(cfg: RunConfig, r: Rank, device: torch.device, run: Path, resum
     dist.barrier()
     step_c = apply_strategy(c, r)
     host = dist.new_group(backend="gloo")  # the stop request is agreed on the host
-    stop, last = _Stop(), {}
+    stop, last = StopFlag(), {}  # a second Ctrl-C aborts at once, as in one process
     with stop.installed(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         # Each rank draws its own training noise and dropout; rank 0's streams are the one-process run's.
         c.generator.manual_seed(cfg.train.seed + 1 + (r.rank << 32))
@@ -295,7 +294,7 @@ def _train_ranks(cfg: RunConfig, r: Rank, device: torch.device, run: Path, resum
                 done = step + 1
                 if logger is not None:
                     logger.push(done, lr, values)
-                stopping = any_rank(stop.requested, host)
+                stopping = any_rank(stop.signum is not None, host)
                 ckpt_now = done % cfg.output.ckpt_every == 0 or done == end or stopping
                 if logger is not None and (done % cfg.output.log_every == 0 or ckpt_now):
                     last = logger.flush(wait=ckpt_now) or last
@@ -311,32 +310,8 @@ def _train_ranks(cfg: RunConfig, r: Rank, device: torch.device, run: Path, resum
     if not launched():
         dist.destroy_process_group()  # the group of one: a later run in this process makes its own
     if stopping:
-        from reca.engine.train import Stopped
+        from reca.engine.train import stopped
 
         signum = stop.signum or signal.SIGTERM  # another rank's request: as a scheduler stops a job
-        if r.main:
-            print(f"reca: interrupted ({signal.Signals(signum).name}) after step {done}, its checkpoint written; "
-                  f"continue with: reca train --resume {run}" if done < cfg.train.steps else
-                  f"reca: stop requested after the last step, {done}: the run is complete", file=sys.stderr, flush=True)
-        raise Stopped(signum, done, last)
+        raise stopped(signum, run, done, cfg.train.steps, last, say=r.main)
     return last
-
-
-class _Stop:
-    """SIGINT/SIGTERM on this rank: finish the step, checkpoint, stop (agreed across ranks)."""
-
-    def __init__(self):
-        self.requested, self.signum = False, None
-
-    def _handle(self, signum, frame):
-        self.requested = True
-        self.signum = self.signum or signum
-
-    @contextlib.contextmanager
-    def installed(self):
-        old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)

@@ -68,7 +68,7 @@ class EMA:
     def export(self, path: str | Path) -> Path:
         """The model's `export` (its family's released layout) written with the EMA weights: a
         directory receives `ema.safetensors` (BAGEL's name), a file path is used as given."""
-        if not hasattr(self.model, "export"):
+        if "export" not in self.model.capabilities:
             raise ValueError(f"{type(self.model).__name__} has no export (capability 'export')")
         path = Path(path)
         if path.suffix != ".safetensors":

@@ -93,7 +93,7 @@ def text_prompt(model, cfg: RunConfig, texts: list[str]) -> PromptBatch:
     """Text-only prompts [B, P] in the family's template: the image and its markers dropped, the
     text as the instruction. A family whose `generate` leaves the visual positions out itself
     (`text_prompt_keeps_image`: BAGEL drops its vit split by position) gets the full template."""
-    if getattr(model, "text_prompt_keeps_image", False):
+    if model.text_prompt_keeps_image:
         return image_prompt(model, cfg, texts)
     tok, template = model.tokenizer, model.template
     layout = template.text.replace("{image}", "")
@@ -197,17 +197,16 @@ def export(model, cfg: RunConfig, to: str, *, ema: dict[str, torch.Tensor] | Non
     try:
         paths[0].parent.mkdir(parents=True, exist_ok=True)
         model.export(str(paths[0]))
-        if ema is not None:
-            from reca.engine.checkpoint import load_trainable
-            from reca.engine.checkpoint.single import trainable_state
+        if ema is not None:  # the model's export with the EMA weights swapped in (reca.engine.ema)
+            from reca.engine.ema import EMA
 
-            live = {n: t.clone() for n, t in trainable_state(model).items()}
-            load_trainable(model, ema, source="the run's EMA")
+            averaged = EMA(model)
             try:
-                paths[1].parent.mkdir(parents=True, exist_ok=True)
-                model.export(str(paths[1]))
-            finally:
-                load_trainable(model, live)
+                averaged.load_state_dict({"decay": averaged.decay, "shadows": ema})
+            except ValueError as e:
+                raise UserError(f"the run's {e}") from None
+            paths[1].parent.mkdir(parents=True, exist_ok=True)
+            averaged.export(paths[1])
     except OSError as e:
         raise UserError(f"cannot write {e.filename or paths[0]}: {e.strerror or e}") from None
     return paths

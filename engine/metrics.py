@@ -104,15 +104,9 @@ def plot_loss(run_dir: str | Path) -> Path | None:
     rows = [r for r in read_metrics(run_dir) if "loss" in r and math.isfinite(r["loss"])]
     if not rows:
         return None
-    try:
-        import matplotlib
-    except ImportError:
-        log.warning("matplotlib is not installed: no loss.png (the losses are in metrics.jsonl)")
+    plt = _pyplot("loss.png")
+    if plt is None:
         return None
-
-    matplotlib.use("Agg")  # files only; no display on training machines
-    import matplotlib.pyplot as plt
-
     steps = np.array([r["step"] for r in rows])
     loss = np.array([r["loss"] for r in rows])
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
@@ -121,16 +115,9 @@ def plot_loss(run_dir: str | Path) -> Path | None:
     if k > 1:
         smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
         ax.plot(steps[k - 1 :], smooth, lw=1.6, label=f"mean of {k}")
-    ax.set_xlabel("step")
     ax.set_ylabel("generation loss")
     ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    out = Path(run_dir) / "loss.png"
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, ax, Path(run_dir) / "loss.png")
 
 
 def plot_alignment(run_dir: str | Path) -> Path | None:
@@ -140,15 +127,9 @@ def plot_alignment(run_dir: str | Path) -> Path | None:
     rows = [r for r in read_metrics(run_dir) if "align/psnr_own" in r]
     if not rows:
         return None
-    try:
-        import matplotlib
-    except ImportError:
-        log.warning("matplotlib is not installed: no alignment.png (the numbers are in metrics.jsonl)")
+    plt = _pyplot("alignment.png")
+    if plt is None:
         return None
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     steps = [r["step"] for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     ax.plot(steps, [r["align/psnr_own"] for r in rows], "o-", label="own visual prompt")
@@ -156,13 +137,32 @@ def plot_alignment(run_dir: str | Path) -> Path | None:
     if shuffled:
         ax.plot([r["step"] for r in shuffled], [r["align/psnr_shuffled"] for r in shuffled], "s--",
                 label="another image's visual prompt")
-    ax.set_xlabel("step")
     ax.set_ylabel("reconstruction PSNR (dB)")
     ax.set_title("alignment: generation from the model's own understanding")
+    return _save(plt, fig, ax, Path(run_dir) / "alignment.png")
+
+
+def _pyplot(name: str):
+    """matplotlib.pyplot drawing to files only (no display on training machines), or None and a
+    log line where matplotlib is not installed (a GPU image running the checkout uninstalled:
+    the numbers in metrics.jsonl are what count)."""
+    try:
+        import matplotlib
+    except ImportError:
+        log.warning(f"matplotlib is not installed: no {name} (the numbers are in metrics.jsonl)")
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(plt, fig, ax, out: Path) -> Path:
+    """The plots' common frame (steps on x, a grid, the legend), written to `out`."""
+    ax.set_xlabel("step")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    out = Path(run_dir) / "alignment.png"
     fig.savefig(out)
     plt.close(fig)
     return out

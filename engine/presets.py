@@ -50,7 +50,7 @@ def demo() -> RunConfig:
     flips), so the previews, which are those photographs, show what the model learned: the image
     generated from a photo's own visual prompt against the one generated, with the same noise,
     from another photo's. Sampled with BAGEL's inference time shift (3.0). A step costs what a
-    `tiny` step does: about 2 minutes on two idle CPU cores. Measured (alignment line at the end):
+    `tiny` step does: 3 min 40 s with its previews on two CPU cores. Measured (alignment line at the end):
     24.8 dB from the photo's own visual prompt against 8.4 dB from another's; with crops and
     flips (`tiny`) 14.1 against 8.3 dB by step 800 of 1200."""
     cfg = tiny()
@@ -282,7 +282,8 @@ def bagel_7b_mot() -> RunConfig:
     patches, 64-token tables), 8 samples a pack (~36k tokens, BAGEL's max_num_tokens 36864).
     AdamW lr 4e-5, betas (0.9, 0.95), eps 1e-15, no weight decay, 1000 warm-up steps then
     constant, clip 1.0; text dropped with p 0.1 (no fixed instruction); activation checkpointing
-    on every block; EMA 0.9999 of the trained weights, updated every step. The public script sets no step count (A9): 5,000 is our choice."""
+    on every block; EMA 0.9999 of the trained weights, updated every step. The public script
+    sets no step count (A9): 5,000 is our choice."""
     return RunConfig(
         preset="bagel-7b-mot",
         model=BagelConfig(

@@ -126,21 +126,27 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: int | None = None
             c.close()
         plot_loss(run)
     if stop.signum is not None:
-        if final < c.cfg.train.steps:
-            _say(f"interrupted ({signal.Signals(stop.signum).name}) after step {final}, its checkpoint written; "
-                 f"continue with: reca train --resume {run}")
-        else:
-            _say(f"stop requested ({signal.Signals(stop.signum).name}) after the last step, {final}: the run is complete")
-        raise Stopped(stop.signum, final, last)
+        raise stopped(stop.signum, run, final, c.cfg.train.steps, last)
     return last
 
 
+def stopped(signum: int, run: Path, step: int, steps: int, last: dict, *, say: bool = True) -> Stopped:
+    """After a stop request's checkpoint: the line that says where the run stands (`say`: this
+    process prints; under torchrun rank 0 alone) and the `Stopped` to raise."""
+    if say and step < steps:
+        _say(f"interrupted ({signal.Signals(signum).name}) after step {step}, its checkpoint written; "
+             f"continue with: reca train --resume {run}")
+    elif say:
+        _say(f"stop requested ({signal.Signals(signum).name}) after the last step, {step}: the run is complete")
+    return Stopped(signum, step, last)
+
+
 def _run(c: Components, run: Path, ckpt: dict | None, stop_after: int | None,
-         quiet: bool) -> tuple[dict, int, "_StopFlag"]:
+         quiet: bool) -> tuple[dict, int, "StopFlag"]:
     """Restore or start, train, preview -> (last metrics row, last step, the stop flag). A stop
     request from here on ends in a checkpoint; one before the first step of a new run writes
     step 0's, so `--resume` always has what the message promises."""
-    stop = _StopFlag()
+    stop = StopFlag()
     with stop.installed(), torch.random.fork_rng(devices=[c.device] if c.device.type == "cuda" else []):
         torch.manual_seed(c.cfg.train.seed + 2)  # the run's own global RNG (dropout draws from it)
         checkpoints = Checkpointer(c, run, frozen_fingerprint(c.model))
@@ -164,7 +170,7 @@ def _run(c: Components, run: Path, ckpt: dict | None, stop_after: int | None,
 
 
 def _loop(c: Components, start: int, stop_after: int | None, logger: Logger, previews: Previewer,
-          checkpoints: "Checkpointer", stop: "_StopFlag") -> tuple[dict, int]:
+          checkpoints: "Checkpointer", stop: "StopFlag") -> tuple[dict, int]:
     """Optimizer steps from `start` to the end (or `stop_after` steps, or a stop request) ->
     (last metrics row, last step). The checkpoint of the last step is always written; a stop
     request is checked after every step, checkpoint and preview, and no preview starts after it."""
@@ -255,8 +261,8 @@ class Checkpointer:
         return self.step
 
 
-class _StopFlag:
-    """SIGINT/SIGTERM ask the loop to finish the current step, write its checkpoint and stop
+class StopFlag:
+    """SIGINT/SIGTERM ask the loop (this one, and each rank's of `reca.engine.distributed`) to finish the current step, write its checkpoint and stop
     (`signum`: the first signal); a second SIGINT aborts at once (KeyboardInterrupt: the
     checkpoint write it cuts removes its temp file and keeps the previous checkpoint)."""
 

@@ -54,6 +54,9 @@ class RecaModule(nn.Module):
     conditioning: Conditioning
     caption_template: PromptTemplate | None = None  # the image-to-text prompt; None: `template`
     caption_views: ViewSpec | None = None  # the image-to-text input view; None: `views`
+    # `reca sample --prompt`: True where the family's text-to-image prompt keeps the RecA
+    # template's visual slots (BAGEL drops its vit split by position), False: they are removed
+    text_prompt_keeps_image: bool = False
 
     def forward(self, batch: Any, objective: str = "recon", generator: torch.Generator | None = None):
         if objective not in self.objectives:

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from reca.engine.checkpoint.integrity import atomic_save, verified_load
+from reca.engine.checkpoint.integrity import atomic_save, fsync_dir, verified_load
 from reca.engine.checkpoint.single import rng_state, set_rng_state
 from reca.engine.errors import UserError
 
@@ -78,7 +78,7 @@ def save(run: str | Path, step: int, c, r, *, keep: int) -> Path:
                      "ranks": ranks, "ema": c.ema.decay if c.ema is not None else None}, tmp / "extra.pt")
         shutil.rmtree(final, ignore_errors=True)  # a stop right after the same step's save
         os.replace(tmp, final)
-        _fsync_dir(run)
+        fsync_dir(run)
         for old in folders(run)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
         for stale in run.glob(".step-*.tmp"):  # a killed job's half-written save
@@ -157,11 +157,3 @@ def finish_single(full: dict, c, r) -> int:
     else:
         reseed(c, r, full["step"])
     return full["step"]
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

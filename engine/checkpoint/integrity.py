@@ -117,7 +117,7 @@ def atomic_save(obj: Any, path: str | Path) -> str:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         tmp = None
-        _fsync_dir(path.parent)  # make the rename itself durable
+        fsync_dir(path.parent)  # make the rename itself durable
     except OSError as e:
         kept = "the previous one is kept unchanged" if path.is_file() else "no earlier one exists"
         raise UserError(f"cannot write {path}: {os_reason(e)}; {kept}") from None
@@ -138,7 +138,8 @@ def _interrupted(e: BaseException | None) -> bool:
     return False
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Make a rename inside `directory` durable (the entry itself, not only the file)."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
