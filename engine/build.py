@@ -61,11 +61,15 @@ class Components:
             loader.close()
 
 
-def build(cfg: RunConfig, *, rank: int = 0, world_size: int = 1) -> Components:
+def build(cfg: RunConfig, *, rank: int = 0, world_size: int = 1,
+          place: Callable[[RunConfig, KernelOps, torch.device], torch.nn.Module] | None = None) -> Components:
     """Components of a run; `cfg.train.mode` is resolved here (`Components.cfg` is the result).
     The caller's global RNG is left as it was: the model is initialised from `train.seed` inside
     `torch.random.fork_rng` (frozen weights are rebuilt from it on resume). Under torchrun
-    (`reca.engine.distributed`) each objective's loader reads rank `rank`'s share of the stream."""
+    (`reca.engine.distributed`) each objective's loader reads rank `rank`'s share of the stream,
+    and `place` makes the model instead of `seeded_model` + `speed_up` (FSDP: built on the meta
+    device, sharded, then filled from rank 0), so the optimizer and the EMA are built over the
+    model as it trains."""
     device = resolve_device(cfg.train.device)
     cfg = resolve_mode(cfg, device)
     if cfg.train.threads:
@@ -76,11 +80,7 @@ def build(cfg: RunConfig, *, rank: int = 0, world_size: int = 1) -> Components:
         raise UserError(str(e)) from None
     if cfg.train.compile:
         ops = compile_ops(ops)
-    model = seeded_model(cfg, ops, device)
-    set_attention(model, cfg.train.attention)
-    apply_checkpointing(model, cfg.train.checkpoint_every)  # torchtitan's order: checkpointing, compile, shard
-    if cfg.train.compile:
-        apply_compile(model)
+    model = place(cfg, ops, device) if place is not None else speed_up(seeded_model(cfg, ops, device), cfg)
     model.train()
     objectives = objectives_of(cfg, model)
     # A step holds grad_accum batches at once: a CUDA decoder's fixed buffers rotate that many.
@@ -88,7 +88,7 @@ def build(cfg: RunConfig, *, rank: int = 0, world_size: int = 1) -> Components:
                                     hold=cfg.optim.grad_accum) for o in objectives}
     builders = {o.name: o.builder(model, cfg) for o in objectives}
     try:
-        optimizer = build_optimizer(model, cfg.optim, device, capturable=cfg.train.cuda_graph,
+        optimizer = build_optimizer(model, cfg.optim, device, capturable=cfg.train.cuda_graph and place is None,
                                     exempt=tuple(model.no_weight_decay_modules()))
     except ValueError as e:
         raise UserError(str(e)) from None
@@ -107,13 +107,27 @@ def build(cfg: RunConfig, *, rank: int = 0, world_size: int = 1) -> Components:
                       params, update, ema)
 
 
+def speed_up(model: torch.nn.Module, cfg: RunConfig) -> torch.nn.Module:
+    """Attention backend, activation checkpointing and per-block compile, applied from outside
+    in torchtitan's order (checkpointing, compile, then any sharding) -> the same module."""
+    set_attention(model, cfg.train.attention)
+    apply_checkpointing(model, cfg.train.checkpoint_every)
+    if cfg.train.compile:
+        apply_compile(model)
+    return model
+
+
 def seeded_model(cfg: RunConfig, ops: KernelOps, device: torch.device) -> torch.nn.Module:
     """The run's model as every run and every reader of a run rebuilds it: initialised from
     `train.seed` inside `fork_rng` (the caller's RNG untouched; frozen weights that come from the
-    seed are the same each time), then `train.init_from` loaded. Faults are one-line errors."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    seed are the same each time), then `train.init_from` loaded, then moved to `device`. The
+    weights are born on the CPU whatever the device: its random numbers are the same for a
+    one-GPU run, a CPU run and rank 0 of a sharded job (which fills every other rank from its
+    copy), so a run resumes at any world size and on any device with the same frozen weights.
+    Faults are one-line errors."""
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
-        with torch.device(device):
+        with torch.device("cpu"):
             try:
                 model = build_model(cfg.model, ops)
             except ValueError as e:  # inconsistent model settings from the CLI
@@ -125,7 +139,7 @@ def seeded_model(cfg: RunConfig, ops: KernelOps, device: torch.device) -> torch.
             model.load_pretrained(cfg.train.init_from)
         except (ValueError, OSError) as e:
             raise UserError(str(e)) from None
-    return model
+    return model.to(device)
 
 
 def resolve_mode(cfg: RunConfig, device: torch.device) -> RunConfig:

@@ -6,15 +6,16 @@
 joins the process group (NCCL on CUDA, gloo on CPU), takes the device from LOCAL_RANK, builds
 the run's components with this rank's share of the data (`build_loader(rank=, world_size=)`:
 rank r of w reads stream positions r, r + w, ..., so the w micro-batches of a step are exactly
-the positions one process reads at a w times larger batch), then applies the strategy from
+the positions one process reads at a w times larger batch), and applies the strategy from
 outside the model, after activation checkpointing and compile (torchtitan's order):
 
     ddp   torch's DistributedDataParallel: every rank holds the model and AdamW state, the
           gradients are all-reduced (averaged) in the backward of the last micro-batch only
-    fsdp  FSDP2's `fully_shard` on every block of `find_blocks`, then the root; parameters in
-          bf16 for compute, gradients reduced in fp32 (`MixedPrecisionPolicy`; fp32 on CPU);
-          optional `CPUOffloadPolicy`; `distributed.replicate` > 1 shards within groups and
-          replicates across them (HSDP, a 2-D mesh)
+    fsdp  FSDP2's `fully_shard` on every block of `find_blocks`, then the root, with the model
+          built on the meta device and filled from rank 0's CPU copy, so it never exists whole
+          on any rank's device (`reca.engine.fsdp`): parameters, gradients, AdamW state and the
+          EMA sharded; bf16 compute, fp32 reduce; optional CPU offload; HSDP with
+          `distributed.replicate` > 1
 
 The loss of a step is the mean over ranks of each rank's mean (equal micro-batches: the mean
 over the global batch). The non-finite skip needs no agreement of its own: it reads the
@@ -29,6 +30,7 @@ torchrun, `reca train --resume` of a run with step-N/ folders comes here, as a g
 """
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import sys
@@ -100,14 +102,37 @@ def _attempt_store(r: Rank):
     return dist.PrefixStore(f"reca/attempt-{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
 
 
+def build_on_ranks(cfg: RunConfig, r: Rank, whole: torch.nn.Module | None):
+    """Every rank: the run's components, with this rank's share of the data. Under fsdp the
+    model is built on the meta device, sharded and filled from `whole`, rank 0's copy on the CPU
+    (`reca.engine.fsdp`; None on the other ranks, and under ddp, where every rank builds it)."""
+    from reca.engine.build import build
+
+    place = None
+    if cfg.distributed.strategy == "fsdp":
+        from reca.engine.fsdp import sharded_model
+
+        place = functools.partial(sharded_model, r=r, whole=whole)
+    return build(cfg, rank=r.rank, world_size=r.world_size, place=place)
+
+
+def whole_on_rank0(cfg: RunConfig, r: Rank) -> torch.nn.Module | None:
+    """Under fsdp, rank 0's whole model on the CPU (`fsdp.whole_copy`), else None; every rank
+    calls it (a model-config error on rank 0 ends every rank with it)."""
+    if cfg.distributed.strategy != "fsdp":
+        return None
+    from reca.engine.fsdp import on_rank0, whole_copy
+
+    return on_rank0(lambda: whole_copy(cfg), r)
+
+
 def apply_strategy(c, r: Rank):
-    """Shard or replicate `c.model` from outside (after checkpointing and compile) -> the
-    Components the step runs with. fsdp rebuilds the optimizer and schedule over the sharded
-    parameters (in place in `c`); ddp leaves `c.model` unwrapped (its names are the checkpoint's)
-    and hands the step a wrapper."""
-    cfg = c.cfg
-    accum = cfg.optim.grad_accum
-    if cfg.distributed.strategy == "ddp":
+    """The Components the step runs with: the model as the step calls it, its gradients reduced
+    across ranks in the backward of the last micro-batch of a step. ddp wraps the whole model
+    (`c.model` stays unwrapped: its names are the checkpoint's); under fsdp `c.model` is already
+    sharded (`build_on_ranks`), and the optimizer and EMA were built over its shards."""
+    accum = c.cfg.optim.grad_accum
+    if c.cfg.distributed.strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
         # A family may hold trainable parameters a step never reaches (Harmon's MAR class
@@ -115,58 +140,7 @@ def apply_strategy(c, r: Rank):
         ddp = DistributedDataParallel(c.model, device_ids=[c.device.index] if c.device.type == "cuda" else None,
                                       find_unused_parameters=True)
         return replace(c, model=_SyncOnLast(ddp, accum, lambda on: setattr(ddp, "require_backward_grad_sync", on)))
-    _fully_shard(c.model, cfg, r, c.device)
-    from reca.engine.optim import build_optimizer, build_scheduler
-
-    c.optimizer = build_optimizer(c.model, cfg.optim, c.device, capturable=False,
-                                  exempt=tuple(c.model.no_weight_decay_modules()))
-    c.scheduler = build_scheduler(c.optimizer, cfg.optim, cfg.train.steps)
-    c.params = [p for p in c.model.parameters() if p.requires_grad]
-    if c.ema is not None:
-        c.ema = _sharded_ema(c.ema, c.model)
     return replace(c, model=_SyncOnLast(c.model, accum, c.model.set_requires_gradient_sync))
-
-
-def _sharded_ema(whole, model: torch.nn.Module):
-    """The EMA over the sharded parameters: each rank keeps its shard of every shadow (a DTensor
-    placed as its parameter), taken from the whole shadows (a resumed checkpoint.pt's, or the
-    weights themselves), so the update never gathers anything."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    from reca.engine.ema import EMA
-
-    ema = EMA(model, whole.decay)
-    old = dict(zip(whole.names, whole.shadows))
-    with torch.no_grad():
-        for name, p, shadow in zip(ema.names, ema.params, ema.shadows):
-            src = old[name]
-            if isinstance(p, DTensor):
-                src = distribute_tensor(src.to(p.device), p.device_mesh, p.placements)
-            shadow.copy_(src)
-    return ema
-
-
-def _fully_shard(model: torch.nn.Module, cfg: RunConfig, r: Rank, device: torch.device) -> None:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
-
-    from reca.engine.compile import find_blocks
-
-    rep = cfg.distributed.replicate
-    if r.world_size % rep:
-        raise UserError(f"distributed.replicate={rep} does not divide the {r.world_size} ranks")
-    if rep > 1:
-        mesh = init_device_mesh(device.type, (rep, r.world_size // rep), mesh_dim_names=("replicate", "shard"))
-    else:
-        mesh = init_device_mesh(device.type, (r.world_size,), mesh_dim_names=("shard",))
-    bf16 = device.type == "cuda" and cfg.train.precision != "fp32"
-    kw = {"mesh": mesh, "mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
-                                                          reduce_dtype=torch.float32)}
-    if cfg.distributed.cpu_offload:
-        kw["offload_policy"] = CPUOffloadPolicy()
-    for _, block in find_blocks(model):
-        fully_shard(block, **kw)
-    fully_shard(model, **kw)
 
 
 class _SyncOnLast:
@@ -227,9 +201,10 @@ def train_distributed(cfg: RunConfig, *, resume: bool = False, stop_after: int |
 
 def _train_ranks(cfg: RunConfig, r: Rank, device: torch.device, run: Path, resume: bool, stop_after: int | None,
                  quiet: bool) -> dict:
-    from reca.engine.build import build
+    from reca.engine.build import resolve_mode
     from reca.engine.checkpoint import dcp
-    from reca.engine.checkpoint.guard import refuse_conflicts
+    from reca.engine.checkpoint.guard import frozen_fingerprint, refuse_conflicts
+    from reca.engine.fsdp import on_rank0
     from reca.engine.logger import Logger
     from reca.engine.optim import lr_factor
     from reca.engine.rundir import read_run_config, replace_run
@@ -247,12 +222,20 @@ def _train_ranks(cfg: RunConfig, r: Rank, device: torch.device, run: Path, resum
     fresh = not resume and not elastic_restart()
     if fresh and (folder is not None or single) and not cfg.output.overwrite:
         raise UserError(f"{run} already holds a run; continue it with --resume {run}, or replace it with --overwrite")
-    c = build(cfg, rank=r.rank, world_size=r.world_size)
+    if resume:  # before anything is loaded: a changed model would otherwise fail on a tensor's shape
+        refuse_conflicts(read_run_config(run), resolve_mode(cfg, device).to_dict(), run)
+    whole = whole_on_rank0(cfg, r)
+    full = None  # a one-process checkpoint.pt: under fsdp into rank 0's copy, before sharding
+    if resume and folder is None and cfg.distributed.strategy == "fsdp":
+        full = on_rank0(lambda: dcp.single_into_copy(run, whole, cfg), r)
+    frozen = frozen_fingerprint(whole) if whole is not None else None
+    c = build_on_ranks(cfg, r, whole)
+    whole = None  # the shards are filled: rank 0's host copy goes
     cfg = c.cfg
-    if resume:
-        refuse_conflicts(read_run_config(run), cfg.to_dict(), run)
-    # One-process checkpoint: loaded into the whole model before it is sharded
-    full = dcp.load_single(run, c) if resume and folder is None else None
+    if resume and folder is None and cfg.distributed.strategy == "ddp":
+        full = dcp.load_single(run, c)  # every rank holds the whole model: loaded as one process does
+    if frozen is None and r.main:
+        frozen = frozen_fingerprint(c.model)
     if r.main and fresh and cfg.output.overwrite:
         moved = replace_run(run)  # old step-N/ folders too: never `latest` beside a new run
         if moved is not None and not quiet:
@@ -266,8 +249,8 @@ def _train_ranks(cfg: RunConfig, r: Rank, device: torch.device, run: Path, resum
         c.generator.manual_seed(cfg.train.seed + 1 + (r.rank << 32))
         torch.manual_seed(cfg.train.seed + 2 + r.rank)
         if folder is not None and resume:
-            start = dcp.load(folder, c, r)
-        elif full is not None:
+            start = dcp.load(folder, c, r, frozen)
+        elif resume:
             start = dcp.finish_single(full, c, r)
         else:
             start = 0
@@ -299,7 +282,7 @@ def _train_ranks(cfg: RunConfig, r: Rank, device: torch.device, run: Path, resum
                 if logger is not None and (done % cfg.output.log_every == 0 or ckpt_now):
                     last = logger.flush(wait=ckpt_now) or last
                 if ckpt_now:
-                    dcp.save(run, done, c, r, keep=cfg.distributed.keep_checkpoints)
+                    dcp.save(run, done, c, r, keep=cfg.distributed.keep_checkpoints, frozen=frozen)
                 if stopping:
                     break
         finally:

@@ -63,8 +63,9 @@ def test_memory_terms_by_hand():
     tokens = 4 + 5 + 3**2  # visual + instruction + generation tokens (no flop_plan)
     for every, act in ((0, 2 * 2 * 3 * tokens * (8 + 24 + 24 + 8)),  # both blocks save their Linears' ins/outs
                        (1, 2 * 2 * 3 * tokens * 8 + 2 * 3 * tokens * 64)):  # inputs only + one recompute
-        rows = memory_per_rank(model, _cfg(3, every), (1, 4))["rows"]
-        for r in rows:
+        report = memory_per_rank(model, _cfg(3, every), (1, 4))
+        assert report["rank0_host_bytes"] == 4 * (4 * block + 80)  # the whole fp32 model: rank 0's build copy
+        for r in report["rows"]:
             n = r["world_size"]
             assert r["parameters"] == pytest.approx(4 * (4 * block + 80) / n)
             assert r["gradients"] == pytest.approx(4 * 2 * block / n)
@@ -110,6 +111,7 @@ def test_info_world_size_prints_the_projection(name, capsys):
     row8 = next(line for line in lines if line.strip().startswith("8 ") and "<- --world-size" in line)
     assert row8.split()[7] == "yes"
     assert any(line.strip().startswith("fits an 80 GiB card from") for line in lines)
+    assert any(line.strip().startswith("rank 0's host holds the whole model once at the start") for line in lines)
     main(["info", "--preset", name, "--world-size", "8", "--json"])
     report = json.loads(capsys.readouterr().out)
     assert [r["world_size"] for r in report["memory"]["rows"]] == [1, 2, 4, 8]
@@ -172,7 +174,7 @@ def simulate(name: str, worlds: list[int]) -> tuple[list[float], dict[str, torch
     """The losses of `len(worlds)` steps in one process, step s at world size worlds[s], rank by
     rank: each rank's loader share and noise stream, gradients of the mean over the global
     batch, one clipped AdamW step. At a change of world size the state moves as a checkpoint
-    moves it (`checkpoint.dcp`): weights, AdamW, schedule, rank 0's data position, and every
+    moves it (`checkpoint.dcp`): weights, AdamW, EMA, schedule, rank 0's data position, and every
     rank's noise reseeded from (seed, rank, step). -> (losses, the EMA's shadows at the end:
     empty without `train.ema`)."""
     from reca.engine.build import build
@@ -191,6 +193,8 @@ def simulate(name: str, worlds: list[int]) -> tuple[list[float], dict[str, torch
                     c.optimizer.load_state_dict(cs[0].optimizer.state_dict())
                     c.scheduler.load_state_dict(cs[0].scheduler.state_dict())
                     c.load_data_state(cs[0].data_state())
+                    if c.ema is not None:  # the shadows move with the checkpoint too
+                        c.ema.load_state_dict(cs[0].ema.state_dict())
             for c in cs:
                 c.close()
             cs = new
@@ -363,19 +367,72 @@ def test_resume_two_ranks_in_one_process(parity_runs, tmp_path):
     assert (run / f"step-{STEPS}").is_dir()
 
 
-def test_resume_one_process_in_two_ranks(tmp_path):
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_resume_one_process_in_two_ranks(tmp_path, strategy):
     """1 -> 2: a one-process run's checkpoint.pt continued by `torchrun ... --resume`, its AdamW
-    state spread over FSDP's shards, against one process that switches world size at step 10."""
+    state spread over FSDP's shards (fsdp: rank 0 reads it) or loaded by every rank (ddp),
+    against one process that switches world size at step 10."""
     from reca.engine.cli import main
 
     run = tmp_path / "run"
     main(["train", "--quiet", "--preset", "tiny", "--out", str(run), *(f"--set={s}" for s in SETS),
           f"--set=train.steps={HALF}"])
-    run_ok(torchrun("-m", "reca.engine", "train", "--quiet", "--resume", str(run), "--steps", str(STEPS)))
+    run_ok(torchrun("-m", "reca.engine", "train", "--quiet", "--resume", str(run), "--steps", str(STEPS),
+                    "--set", f"distributed.strategy={strategy}"))
     assert [row["step"] for row in rows(run)] == list(range(1, STEPS + 1))
     want = simulated("tiny", [1] * HALF + [2] * HALF)
     assert losses(run) == pytest.approx(want, rel=TOL)
     assert sorted(p.name for p in run.glob("step-*")) == [f"step-{STEPS}"]
+
+
+def test_resume_one_process_with_ema_in_two_ranks(tmp_path):
+    """1 -> 2 for bagel-tiny (EMA 0.999): rank 0 reads checkpoint.pt into its CPU copy of the
+    model, and the trainable weights, AdamW's state and the EMA's shadows reach each rank's
+    shards from there (no other rank reads the file); losses and the final EMA equal one process
+    that switches world size at step 10."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from reca.engine.cli import main
+
+    run = tmp_path / "run"
+    main(["train", "--quiet", "--preset", "bagel-tiny", "--out", str(run), *(f"--set={s}" for s in SETS),
+          f"--set=train.steps={HALF}"])
+    run_ok(torchrun("-m", "reca.engine", "train", "--quiet", "--resume", str(run), "--steps", str(STEPS)))
+    want, ema = simulate("bagel-tiny", [1] * HALF + [2] * HALF)
+    assert losses(run) == pytest.approx(want, rel=TOL)
+    dcp_to_torch_save(run / f"step-{STEPS}", tmp_path / "whole.pt")
+    got = torch.load(tmp_path / "whole.pt", weights_only=False)["ema"]
+    assert ema and sorted(got) == sorted(ema)
+    for name, shadow in ema.items():
+        torch.testing.assert_close(got[name], shadow, rtol=TOL, atol=1e-7)
+
+
+def test_a_torchrun_resume_proves_its_frozen_weights(parity_runs, tmp_path, capsys):
+    """step-N/extra.pt keeps rank 0's fingerprint of the frozen weights (those of the model one
+    process builds); a resume that rebuilds other frozen weights (here: the fingerprint the run
+    recorded is another's) is refused in one line naming the tensor, and nothing is written."""
+    from reca.engine.build import seeded_model
+    from reca.engine.checkpoint import atomic_save, frozen_fingerprint
+    from reca.engine.checkpoint.integrity import verified_load
+    from reca.engine.cli import main
+    from reca.engine.config import apply_overrides
+    from reca.kernels import get_ops
+
+    run = tmp_path / "run"
+    shutil.copytree(parity_runs / "bagel-tiny-fsdp", run)  # its ViT and understanding expert are frozen
+    shutil.rmtree(run / f"step-{STEPS}")
+    extra = verified_load(run / f"step-{HALF}" / "extra.pt")
+    cfg = apply_overrides(preset("bagel-tiny"), SETS)
+    assert extra["frozen"] and extra["frozen"] == frozen_fingerprint(seeded_model(cfg, get_ops("torch"), torch.device("cpu")))
+    name = sorted(extra["frozen"])[0]
+    extra["frozen"][name] = extra["frozen"][name].rsplit(" ", 1)[0] + " 0"
+    atomic_save(extra, run / f"step-{HALF}" / "extra.pt")
+    before = (run / "metrics.jsonl").read_bytes()
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--quiet", "--resume", str(run)])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and f"frozen parameter {name} differs" in err, err
+    assert (run / "metrics.jsonl").read_bytes() == before and not (run / f"step-{STEPS}").exists()
 
 
 def test_bench_step_under_torchrun_reports_scaling(tmp_path):
@@ -394,6 +451,8 @@ def test_bench_step_under_torchrun_reports_scaling(tmp_path):
     assert row["mfu"] == pytest.approx(row["tflops_per_gpu"] / report["peak_tflops"])
     assert report["device"] and report["date"] and report["versions"]["torch"]
     assert "scaling efficiency" in proc.stdout and proc.stdout.count("2 ranks:") == 1  # rank 0 alone prints
+    assert row["build_s"] > 0 and row["build_peak_memory_gb_max_rank"] is None  # no device memory on CPU
+    assert 0.1 < row["host_peak_rss_gb_rank0"] < 24 and proc.stdout.count("build (ddp):") == 1
 
 
 def _workers(agent: int) -> dict[int, int]:

@@ -23,7 +23,8 @@ their own dtype and gathered in bf16, gradients reduced and kept in fp32):
                  loss head's logits, the allocator's fragmentation, the CUDA context.
 
 A card fits when the total is at most `usable` of its memory (90%: the rest for the CUDA
-context, NCCL buffers and fragmentation).
+context, NCCL buffers and fragmentation). Host memory: rank 0 builds the whole model on the CPU
+once, in the dtypes it trains in, to fill every rank's shards (`reca.engine.fsdp`).
 """
 from __future__ import annotations
 
@@ -60,7 +61,8 @@ def memory_per_rank(model: nn.Module, cfg, world_sizes=WORLD_SIZES) -> dict:
         row["total"] = sum(row[k] for k in ("parameters", "gradients", "optimizer", "gathered", "activations"))
         row["fits"] = row["total"] <= USABLE * card
         rows.append(row)
-    return {"rows": rows, "card_bytes": card, "usable": USABLE, "tokens_per_sample": tokens}
+    return {"rows": rows, "card_bytes": card, "usable": USABLE, "tokens_per_sample": tokens,
+            "rank0_host_bytes": float(param_bytes)}
 
 
 def activation_bytes(model: nn.Module, cfg, blocks: list[tuple[str, nn.Module]]) -> tuple[float, dict]:
@@ -126,6 +128,8 @@ def format_table(report: dict, asked: int | None = None) -> list[str]:
         lines.append(f"    {r['world_size']:>5}  {r['parameters'] / gib:>7.1f}  {r['gradients'] / gib:>7.1f}  "
                      f"{r['optimizer'] / gib:>7.1f}  {r['gathered'] / gib:>8.1f}  {r['activations'] / gib:>7.1f}  "
                      f"{r['total'] / gib:>7.1f}  {'yes' if r['fits'] else 'no'}{mark}")
+    lines.append(f"  rank 0's host holds the whole model once at the start ({report['rank0_host_bytes'] / gib:.1f} "
+                 "GiB: every rank's shards are filled from it, then it is freed)")
     fitting = [r["world_size"] for r in report["rows"] if r["fits"]]
     lines.append(f"  fits an {report['card_bytes'] / gib:.0f} GiB card from {fitting[0]} rank(s)" if fitting
                  else "  fits no listed world size: raise the ranks, lower data.batch_size or set "

@@ -14,13 +14,17 @@ step together:
     efficiency  per GPU at N / one rank alone: 1.0 is perfect scaling; what is lost is the
                 gradient all-reduce / reduce-scatter and the parameter all-gathers left exposed
 
-MFU per GPU is against the matmul peak rank 0 measures in the same job. Rank 0 prints and
+MFU per GPU is against the matmul peak rank 0 measures in the same job. The build is reported
+too: its time, the most device memory any rank reached while building (under fsdp its shards
+and one whole tensor in flight: the meta build's promise), and rank 0's host peak. Rank 0 prints and
 writes the JSON (`step_scaling_<preset>_<device>.json`, device, versions, date).
 """
 from __future__ import annotations
 
 import datetime as _dt
+import resource
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -33,8 +37,7 @@ from reca.engine.presets import preset as get_preset
 
 def bench_scaling(preset: str, *, batch: int | None, steps: int, warmup: int, mode: str, data: str,
                   sets: list[str], out: str | None, baseline: bool = True) -> dict:
-    from reca.engine.build import build
-    from reca.engine.distributed import apply_strategy, init_process_group
+    from reca.engine.distributed import apply_strategy, build_on_ranks, init_process_group, whole_on_rank0
 
     r, device = init_process_group()
     base = get_preset(preset)
@@ -50,7 +53,13 @@ def bench_scaling(preset: str, *, batch: int | None, steps: int, warmup: int, mo
             say(f"  1 rank : {single['images_per_s']:9.2f} img/s  MFU {100 * single['tflops'] / peak:5.1f}%", flush=True)
         dist.barrier()
 
-    c = build(cfg, rank=r.rank, world_size=r.world_size)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    c = build_on_ranks(cfg, r, whole_on_rank0(cfg, r))
+    built = torch.tensor([time.perf_counter() - t0, torch.cuda.max_memory_allocated(device) / 2**30
+                          if device.type == "cuda" else 0.0], device=device, dtype=torch.float64)
+    dist.all_reduce(built, op=dist.ReduceOp.MAX)  # under fsdp: the largest shard set plus one tensor in flight
     use_synthetic(c, data)
     micro_flops, _, _, how = micro_batch_flops(c)
     step_c = apply_strategy(c, r)
@@ -68,7 +77,10 @@ def bench_scaling(preset: str, *, batch: int | None, steps: int, warmup: int, mo
            "step_ms": 1e3 * dt / steps, "images_per_s_per_gpu": per_gpu,
            "images_per_s": per_gpu * r.world_size, "tflops_per_gpu": micro_flops / cfg.data.batch_size * per_gpu / 1e12,
            "peak_memory_gb_rank0": peak_mem, "data_wait": wait / dt, "final_loss": float(losses[-1]),
-           "flop_count": how}
+           "flop_count": how, "build_s": float(built[0]),
+           "build_peak_memory_gb_max_rank": float(built[1]) if device.type == "cuda" else None,
+           # rank 0's host high-water mark over the whole job (the one-rank baseline included)
+           "host_peak_rss_gb_rank0": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     row["mfu"] = row["tflops_per_gpu"] / peak
     row["scaling_efficiency"] = per_gpu / single["images_per_s"] if single else None
     base_images = base.train.steps * base.optim.grad_accum * base.data.batch_size
@@ -84,6 +96,9 @@ def bench_scaling(preset: str, *, batch: int | None, steps: int, warmup: int, mo
             f"MFU {100 * row['mfu']:5.1f}%, scaling efficiency {eff}; the recipe ({base_images:,} images): "
             f"{row['recipe_gpu_hours']:.2f} GPU-hours, {row['recipe_gpu_hours'] / r.world_size:.2f} h on "
             f"{r.world_size} GPUs", flush=True)
+        mem = f", at most {row['build_peak_memory_gb_max_rank']:.2f} GiB on a device" if device.type == "cuda" else ""
+        say(f"build ({cfg.distributed.strategy}): {row['build_s']:.1f} s{mem}; rank 0 host peak "
+            f"{row['host_peak_rss_gb_rank0']:.2f} GiB", flush=True)
         write_report(report, out, RESULTS if device.type == "cuda" else Path(tempfile.mkdtemp(prefix="reca-bench-")),
                      f"step_scaling_{preset}_{r.world_size}x")
     dist.barrier()

@@ -55,8 +55,10 @@ def _options():
     return StateDictOptions(ignore_frozen_params=True)
 
 
-def save(run: str | Path, step: int, c, r, *, keep: int) -> Path:
-    """Every rank: write step `step` of the components `c` into RUN/step-N/ (see the module)."""
+def save(run: str | Path, step: int, c, r, *, keep: int, frozen: dict[str, str] | None = None) -> Path:
+    """Every rank: write step `step` of the components `c` into RUN/step-N/ (see the module).
+    `frozen`: rank 0's fingerprint of the frozen weights (`guard.frozen_fingerprint` of the whole
+    model), kept in extra.pt so that a resume proves it rebuilt the same ones."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -75,7 +77,8 @@ def save(run: str | Path, step: int, c, r, *, keep: int) -> Path:
     dist.all_gather_object(ranks, {"data": c.data_state(), "rng": rng_state(c.generator)})
     if r.main:
         atomic_save({"step": step, "scheduler": c.scheduler.state_dict(), "world_size": r.world_size,
-                     "ranks": ranks, "ema": c.ema.decay if c.ema is not None else None}, tmp / "extra.pt")
+                     "ranks": ranks, "ema": c.ema.decay if c.ema is not None else None, "frozen": frozen or {}},
+                    tmp / "extra.pt")
         shutil.rmtree(final, ignore_errors=True)  # a stop right after the same step's save
         os.replace(tmp, final)
         fsync_dir(run)
@@ -87,13 +90,25 @@ def save(run: str | Path, step: int, c, r, *, keep: int) -> Path:
     return final
 
 
-def load(folder: str | Path, c, r) -> int:
-    """Every rank: load RUN/step-N/ into the components `c` (any world size) -> N."""
+def load(folder: str | Path, c, r, frozen: dict[str, str] | None = None) -> int:
+    """Every rank: load RUN/step-N/ into the components `c` (any world size) -> N, after
+    refusing (every rank, one line) frozen weights other than the ones the run trained with
+    (`frozen`: rank 0's fingerprint of this job's; a folder written before it was kept has none)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+    from reca.engine.checkpoint.guard import fingerprint_conflict
+    from reca.engine.fsdp import on_rank0
+
     folder = Path(folder)
     extra = verified_load(folder / "extra.pt")
+
+    def check():
+        conflict = fingerprint_conflict(extra.get("frozen") or {}, frozen or {})
+        if conflict:
+            raise UserError(f"cannot resume {folder.parent}: {conflict}")
+
+    on_rank0(check, r)
     model, optim = get_state_dict(c.model, c.optimizer, options=_options())
     state = {"model": model, "optim": optim}
     if c.ema is not None and extra.get("ema") is not None:  # loaded in place into this rank's shards
@@ -125,35 +140,103 @@ def reseed(c, r, step: int) -> None:
 
 
 def load_single(run: Path, c) -> dict:
-    """Every rank, before the model is sharded: a one-process run's RUN/checkpoint.pt into the
-    whole model (`train.Checkpointer.restore`: verified, the same refusals) -> what
-    `finish_single` needs once it is: the step, AdamW's state by parameter name, the schedule
-    and the RNG states."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
+    """Every rank, under ddp (the whole model on each): a one-process run's RUN/checkpoint.pt
+    into the model (`train.Checkpointer.restore`: verified, the same refusals) -> what
+    `finish_single` needs: the step and the RNG states."""
     from reca.engine.checkpoint import frozen_fingerprint, load_checkpoint
     from reca.engine.train import Checkpointer
 
     ckpt = load_checkpoint(run)
-    if ckpt["step"] > c.cfg.train.steps:
-        raise UserError(f"{run} is at step {ckpt['step']}, past train.steps={c.cfg.train.steps}; give "
-                        f"--steps {ckpt['step']} or more (the run is left as it was)")
+    _check_steps(run, ckpt, c.cfg)
     with torch.random.fork_rng(devices=[c.device] if c.device.type == "cuda" else []):  # RNGs are set later
         step = Checkpointer(c, run, frozen_fingerprint(c.model)).restore(ckpt)
-    optim = get_optimizer_state_dict(c.model, c.optimizer, options=StateDictOptions(full_state_dict=True))
-    return {"step": step, "optim": optim, "scheduler": ckpt["scheduler"], "rng": ckpt["rng"]}
+    return {"step": step, "rng": ckpt["rng"]}
 
 
-def finish_single(full: dict, c, r) -> int:
-    """Every rank, after sharding: AdamW's state and the schedule into the optimizer FSDP rebuilt
-    (each rank keeps its shard), the RNG states (one rank: the saved ones) -> the step."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+def single_into_copy(run: Path, whole: torch.nn.Module, cfg) -> dict:
+    """Rank 0, under fsdp, before sharding: a one-process run's RUN/checkpoint.pt into rank 0's
+    whole copy of the model (`fsdp.whole_copy`, which then fills every rank's shards) -> what
+    `finish_single` sends on: the step, AdamW's state by parameter name (through an optimizer over
+    the copy, on the CPU), the schedule, data positions, RNG states and EMA. The refusals are the
+    one-process resume's (checksum, frozen weights, tensor names and shapes, optimizer state)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
+    from reca.engine.checkpoint import fingerprint_conflict, frozen_fingerprint, load_checkpoint
+    from reca.engine.checkpoint.single import CHECKPOINT, load_trainable
+    from reca.engine.optim import build_optimizer
+
+    ckpt = load_checkpoint(run)
+    _check_steps(run, ckpt, cfg)
+    conflict = fingerprint_conflict(ckpt["frozen"], frozen_fingerprint(whole))
+    if conflict:
+        raise UserError(f"cannot resume {run}: {conflict}")
+    source = str(Path(run) / CHECKPOINT)
+    load_trainable(whole, ckpt["model"], source=source)
+    optimizer = build_optimizer(whole, cfg.optim, torch.device("cpu"), capturable=False,
+                                exempt=tuple(whole.no_weight_decay_modules()))
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{source}: its optimizer state does not fit this run ({e})") from None
+    ema = ckpt["extra"].get("ema")
+    if ema is not None:
+        trained = {n: p.shape for n, p in whole.named_parameters() if p.requires_grad}
+        shapes = {n: t.shape for n, t in ema["shadows"].items()}
+        if shapes != trained:
+            raise UserError(f"cannot resume {run}: its EMA does not match the trained parameters")
+    return {"step": ckpt["step"], "scheduler": ckpt["scheduler"], "data": ckpt["data"], "rng": ckpt["rng"],
+            "ema": ema, "optim": get_optimizer_state_dict(whole, optimizer,
+                                                          options=StateDictOptions(full_state_dict=True))}
+
+
+def _check_steps(run: Path, ckpt: dict, cfg) -> None:
+    if ckpt["step"] > cfg.train.steps:
+        raise UserError(f"{run} is at step {ckpt['step']}, past train.steps={cfg.train.steps}; give "
+                        f"--steps {ckpt['step']} or more (the run is left as it was)")
+
+
+def finish_single(full: dict | None, c, r) -> int:
+    """Every rank, once the strategy is applied: the rest of a one-process checkpoint -> its step.
+    Under fsdp `full` is rank 0's (`single_into_copy`; None elsewhere): AdamW's state goes out one
+    tensor at a time (each rank keeps its shard), the EMA shadows likewise, the small rest
+    (schedule, data positions) to every rank. The RNG states: a job of one takes the saved ones,
+    more ranks reseed (see `reseed`)."""
     if c.cfg.distributed.strategy == "fsdp":
-        set_optimizer_state_dict(c.model, c.optimizer, full["optim"], options=StateDictOptions(full_state_dict=True))
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        optim = full.pop("optim") if r.main else {}
+        set_optimizer_state_dict(c.model, c.optimizer, optim,
+                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        ema = full.pop("ema") if r.main else None
+        box = [full if r.main else None, ema is not None]
+        dist.broadcast_object_list(box, src=0)
+        full, has_ema = box
         c.scheduler.load_state_dict(full["scheduler"])
+        c.load_data_state(full["data"])
+        if c.ema is not None and has_ema:
+            _scatter_ema(ema, c.ema, r)
     if r.world_size == 1:
         set_rng_state(full["rng"], c.generator)
     else:
         reseed(c, r, full["step"])
     return full["step"]
+
+
+@torch.no_grad()
+def _scatter_ema(state: dict | None, ema, r) -> None:
+    """Rank 0's whole EMA shadows (`state`) into every rank's shards of them."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    for name, shadow in zip(ema.names, ema.shadows):
+        whole = state["shadows"][name] if r.main else torch.empty(shadow.shape, dtype=shadow.dtype)
+        whole = whole.to(shadow.device)
+        if isinstance(shadow, DTensor):
+            whole = distribute_tensor(whole, shadow.device_mesh, shadow.placements, src_data_rank=0)
+        else:  # a parameter FSDP left whole: the same on every rank
+            dist.broadcast(whole, src=0)
+        shadow.copy_(whole)
+    if r.main:
+        ema.decay = state["decay"]
+    box = [ema.decay]
+    dist.broadcast_object_list(box, src=0)
+    ema.decay = box[0]

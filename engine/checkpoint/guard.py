@@ -5,8 +5,9 @@ A checkpoint stores only trainable parameters; frozen ones (a ViT, a connector, 
 rebuilt at start from `train.seed`, `train.init_from` and `model.*`. `resume_conflicts`
 compares the run's saved config with the resumed one field by field; `frozen_fingerprint`
 proves the rebuilt weights are the ones the run trained with (it also catches what no config
-shows: weight files swapped under the same `--init-from` path, or a device type whose random
-numbers differ from the one that built the run).
+shows: weight files swapped under the same `--init-from` path). Weights are born on the CPU
+whatever the device (`build.seeded_model`), so the device type and the world size do not change
+them; a run whose weights a GPU drew (reca before 2026-12-02) is caught here too.
 """
 from __future__ import annotations
 
@@ -96,6 +97,6 @@ def fingerprint_conflict(saved: dict[str, str], now: dict[str, str]) -> str | No
         if name not in saved:
             return f"this model has a frozen parameter {name} that the checkpoint's model did not"
         if saved[name] != now[name]:
-            return (f"frozen parameter {name} differs from the one the run trained with (the seed, the "
-                    "--init-from weights, or the device type that built it changed)")
+            return (f"frozen parameter {name} differs from the one the run trained with (the seed or the "
+                    "--init-from weights changed, or an older reca drew it on a GPU)")
     return None

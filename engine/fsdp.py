@@ -1,0 +1,122 @@
+"""FSDP2 for a torchrun job, with the model never whole on any rank's device.
+
+    every rank   build on the meta device (no memory, no init) -> `speed_up` (checkpointing,
+                 compile) -> `fully_shard` per block of `find_blocks`, then the root ->
+                 `to_empty` (storage for its own shards only) -> filled from rank 0
+    rank 0       also builds the whole model on the CPU exactly as a one-process run does
+                 (`seeded_model`: the seed's weights, `train.init_from`; a resumed one-process
+                 checkpoint's trainable weights go into it too) and streams it one tensor at a
+                 time: `set_model_state_dict(..., broadcast_from_rank0=True)` sends each whole
+                 tensor and every rank keeps its shard. The buffers a state dict leaves out
+                 (rotary frequencies, position ids) are broadcast whole, as FSDP keeps them.
+
+Peak memory: on each device its shards and one whole tensor in flight; on rank 0's host the one
+copy a one-process run also builds, dropped once the shards are filled. The weights equal a
+one-process run's bit for bit (the same CPU-born copy), so runs reshard across world sizes and
+the frozen weights' fingerprint is taken on that copy.
+
+Mixed precision: parameters cast to bf16 for compute on CUDA (fp32 on CPU or with
+train.precision=fp32), gradients reduced in fp32; `distributed.cpu_offload` keeps shards,
+gradients and AdamW state on the host (`CPUOffloadPolicy`); `distributed.replicate` > 1 shards
+within groups of N / replicate ranks and replicates across them (HSDP, a 2-D mesh).
+"""
+from __future__ import annotations
+
+from typing import Callable, TypeVar
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from reca.engine.config import RunConfig
+from reca.engine.errors import UserError
+
+T = TypeVar("T")
+
+
+def on_rank0(fn: Callable[[], T], r) -> T | None:
+    """`fn()` on rank 0 only (None elsewhere). A `UserError` there is raised on every rank, so
+    the job ends at once with the same one line instead of leaving the others in a collective."""
+    out, msg = None, [None]
+    if r.main:
+        try:
+            out = fn()
+        except UserError as e:
+            msg = [str(e)]
+    dist.broadcast_object_list(msg, src=0)
+    if msg[0] is not None:
+        raise UserError(msg[0])
+    return out
+
+
+def whole_copy(cfg: RunConfig) -> nn.Module:
+    """Rank 0's whole model on the CPU: the one-process run's weights (`seeded_model`)."""
+    from reca.engine.build import seeded_model
+    from reca.kernels import get_ops
+
+    return seeded_model(cfg, get_ops("torch"), torch.device("cpu"))  # a source of weights: never run
+
+
+def sharded_model(cfg: RunConfig, ops, device: torch.device, *, r, whole: nn.Module | None) -> nn.Module:
+    """`build`'s `place` under FSDP: the model built on meta, sharded, and filled from `whole`
+    (rank 0's copy; None on the other ranks). See the module."""
+    from reca.engine.build import speed_up
+    from reca.models import build_model
+
+    with torch.device("meta"):
+        try:
+            model = build_model(cfg.model, ops)
+        except ValueError as e:  # rank 0 met it first, building its copy
+            raise UserError(f"model config: {e}") from None
+    speed_up(model, cfg)
+    fully_shard_model(model, cfg, r, device)
+    model.to_empty(device=torch.device("cpu") if cfg.distributed.cpu_offload else device)
+    fill_from_rank0(model, whole, r)
+    return model
+
+
+@torch.no_grad()
+def fill_from_rank0(model: nn.Module, whole: nn.Module | None, r) -> None:
+    """Every rank: the sharded `model`'s parameters and buffers from rank 0's `whole` copy."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    state = whole.state_dict() if r.main else {}
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    # Buffers outside the state dict are whole on every rank (FSDP does not shard buffers).
+    kept = set(model.state_dict())
+    mine = {n: b for n, b in model.named_buffers() if n not in kept}
+    theirs = dict(whole.named_buffers()) if r.main else {}
+    for name, buf in sorted(mine.items()):
+        if r.main:
+            buf.copy_(theirs[name])
+        dist.broadcast(buf, src=0)
+    left = [f"{m}.{k}" for m, mod in model.named_modules() for k, v in vars(mod).items()
+            if isinstance(v, torch.Tensor) and v.is_meta]
+    if left:  # a tensor held as a plain attribute: no FSDP API sees it; the family must register it
+        raise RuntimeError(f"tensors left on the meta device after sharding (register them as buffers): {left[:3]}")
+
+
+def fully_shard_model(model: nn.Module, cfg: RunConfig, r, device: torch.device) -> None:
+    """`fully_shard` on every block of `find_blocks`, then the root (see the module)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    from reca.engine.compile import find_blocks
+
+    if cfg.distributed.cpu_offload and device.type != "cuda":  # FSDP2's offload moves shards to an accelerator
+        raise UserError("distributed.cpu_offload needs CUDA devices (on the CPU every shard is in host memory already)")
+    rep = cfg.distributed.replicate
+    if r.world_size % rep:
+        raise UserError(f"distributed.replicate={rep} does not divide the {r.world_size} ranks")
+    if rep > 1:
+        mesh = init_device_mesh(device.type, (rep, r.world_size // rep), mesh_dim_names=("replicate", "shard"))
+    else:
+        mesh = init_device_mesh(device.type, (r.world_size,), mesh_dim_names=("shard",))
+    bf16 = device.type == "cuda" and cfg.train.precision != "fp32"
+    kw = {"mesh": mesh, "mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
+                                                          reduce_dtype=torch.float32)}
+    if cfg.distributed.cpu_offload:
+        kw["offload_policy"] = CPUOffloadPolicy()
+    for _, block in find_blocks(model):
+        fully_shard(block, **kw)
+    fully_shard(model, **kw)
