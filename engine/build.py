@@ -117,21 +117,30 @@ def speed_up(model: torch.nn.Module, cfg: RunConfig) -> torch.nn.Module:
     return model
 
 
-def seeded_model(cfg: RunConfig, ops: KernelOps, device: torch.device) -> torch.nn.Module:
-    """The run's model as every run and every reader of a run rebuilds it: initialised from
-    `train.seed` inside `fork_rng` (the caller's RNG untouched; frozen weights that come from the
-    seed are the same each time), then `train.init_from` loaded, then moved to `device`. The
-    weights are born on the CPU whatever the device: its random numbers are the same for a
-    one-GPU run, a CPU run and rank 0 of a sharded job (which fills every other rank from its
-    copy), so a run resumes at any world size and on any device with the same frozen weights.
-    Faults are one-line errors."""
-    with torch.random.fork_rng(devices=[]):
+def seeded_model(cfg: RunConfig, ops: KernelOps, device: torch.device, *,
+                 draw_on: torch.device | None = None) -> torch.nn.Module:
+    """The run's model as every run and every reader of a run rebuilds it: initialised on
+    `draw_on` (default: `device`) from `train.seed` inside `fork_rng` (the caller's RNG
+    untouched; frozen weights that come from the seed are the same each time), then
+    `train.init_from` loaded, on `device`. Faults are one-line errors.
+
+    The random weights depend on the device type that draws them. Training draws them where the
+    model lives: on the GPU for a one-GPU run and every ddp rank (drawing 2.5B parameters on the
+    CPU takes ~40 s: torch's CPU generator is one thread), on the CPU for rank 0's copy under
+    fsdp (`reca.engine.fsdp`); a step-N/ folder records which (`drawn_on`), and `reca sample` /
+    `reca export` draw there again. With `train.init_from`, as every real run has, the frozen weights are
+    the checkpoint's and any of these resumes into any other; with random weights a CUDA run and
+    a sharded job differ, and a resume across them is refused in one line by the frozen
+    fingerprint (`checkpoint.guard`)."""
+    draw = draw_on or device
+    with torch.random.fork_rng(devices=[draw] if draw.type == "cuda" else []):
         torch.manual_seed(cfg.train.seed)
-        with torch.device("cpu"):
+        with torch.device(draw):
             try:
                 model = build_model(cfg.model, ops)
             except ValueError as e:  # inconsistent model settings from the CLI
                 raise UserError(f"model config: {e}") from None
+    model.to(device)
     if cfg.train.init_from:
         if "init_from" not in model.capabilities:
             raise UserError(f"the {cfg.model.family} family cannot load --init-from weights")
@@ -139,7 +148,7 @@ def seeded_model(cfg: RunConfig, ops: KernelOps, device: torch.device) -> torch.
             model.load_pretrained(cfg.train.init_from)
         except (ValueError, OSError) as e:
             raise UserError(str(e)) from None
-    return model.to(device)
+    return model
 
 
 def resolve_mode(cfg: RunConfig, device: torch.device) -> RunConfig:

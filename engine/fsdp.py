@@ -3,7 +3,7 @@
     every rank   build on the meta device (no memory, no init) -> `speed_up` (checkpointing,
                  compile) -> `fully_shard` per block of `find_blocks`, then the root ->
                  `to_empty` (storage for its own shards only) -> filled from rank 0
-    rank 0       also builds the whole model on the CPU exactly as a one-process run does
+    rank 0       also builds the whole model on the CPU as a one-process run does
                  (`seeded_model`: the seed's weights, `train.init_from`; a resumed one-process
                  checkpoint's trainable weights go into it too) and streams it one tensor at a
                  time: `set_model_state_dict(..., broadcast_from_rank0=True)` sends each whole
@@ -12,8 +12,9 @@
 
 Peak memory: on each device its shards and one whole tensor in flight; on rank 0's host the one
 copy a one-process run also builds, dropped once the shards are filled. The weights equal a
-one-process run's bit for bit (the same CPU-born copy), so runs reshard across world sizes and
-the frozen weights' fingerprint is taken on that copy.
+one-process CPU run's bit for bit at any world size (random ones drawn on a GPU differ:
+`build.seeded_model`), so runs reshard across world sizes, and the frozen weights' fingerprint
+is taken on that copy.
 
 Mixed precision: parameters cast to bf16 for compute on CUDA (fp32 on CPU or with
 train.precision=fp32), gradients reduced in fp32; `distributed.cpu_offload` keeps shards,

@@ -51,7 +51,8 @@ def load_model(*, run: str | None = None, preset: str | None = None, init_from: 
     cfg = apply_overrides(cfg, overrides)
     dev = resolve_device(device)
     ckpt = run_weights(run) if run is not None else None
-    model = seeded_model(cfg, get_ops("torch"), dev)  # as training built it
+    drawn_on = torch.device("cpu") if ckpt is not None and ckpt["drawn_on"] == "cpu" else None
+    model = seeded_model(cfg, get_ops("torch"), dev, draw_on=drawn_on)  # as training built it
     if ckpt is not None:
         from reca.engine.checkpoint import fingerprint_conflict, frozen_fingerprint, load_trainable
 
@@ -64,8 +65,9 @@ def load_model(*, run: str | None = None, preset: str | None = None, init_from: 
 
 def run_weights(run: str | Path) -> dict:
     """A run's trained tensors -> {"model", "ema" (None without train.ema), "frozen" (the
-    fingerprint; {} where not stored), "source"}: from RUN/checkpoint.pt (checksum verified), else
-    from a torchrun run's newest RUN/step-N/ (DCP, read whole by this one process)."""
+    fingerprint; {} where not stored), "drawn_on" (the device type that drew the random weights,
+    None: the run's device), "source"}: from RUN/checkpoint.pt (checksum verified), else from a
+    torchrun run's newest RUN/step-N/ (DCP, read whole by this one process)."""
     from reca.engine.checkpoint import load_checkpoint
     from reca.engine.checkpoint.dcp import latest
 
@@ -75,18 +77,19 @@ def run_weights(run: str | Path) -> dict:
         ckpt = load_checkpoint(run)  # a missing file is one line
         ema = ckpt.get("extra", {}).get("ema")
         return {"model": ckpt["model"], "ema": ema["shadows"] if ema else None, "frozen": ckpt["frozen"],
-                "source": str(run / "checkpoint.pt")}
+                "drawn_on": None, "source": str(run / "checkpoint.pt")}
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     from reca.engine.checkpoint import verified_load
 
-    verified_load(folder / "extra.pt")  # the folder is whole (written through a temp folder and renamed)
+    extra = verified_load(folder / "extra.pt")  # the folder is whole (written through a temp folder and renamed)
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         dcp_to_torch_save(folder, Path(tmp) / "whole.pt")
         whole = torch.load(Path(tmp) / "whole.pt", map_location="cpu", weights_only=True)
-    return {"model": whole["model"], "ema": whole.get("ema"), "frozen": {}, "source": str(folder)}
+    return {"model": whole["model"], "ema": whole.get("ema"), "frozen": extra.get("frozen") or {},
+            "drawn_on": extra.get("drawn_on"), "source": str(folder)}
 
 
 def text_prompt(model, cfg: RunConfig, texts: list[str]) -> PromptBatch:

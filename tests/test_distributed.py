@@ -409,8 +409,9 @@ def test_resume_one_process_with_ema_in_two_ranks(tmp_path):
 
 def test_a_torchrun_resume_proves_its_frozen_weights(parity_runs, tmp_path, capsys):
     """step-N/extra.pt keeps rank 0's fingerprint of the frozen weights (those of the model one
-    process builds); a resume that rebuilds other frozen weights (here: the fingerprint the run
-    recorded is another's) is refused in one line naming the tensor, and nothing is written."""
+    process builds) and where they were drawn; a resume, or an export, that rebuilds other frozen
+    weights (here: the fingerprint the run recorded is another's) is refused in one line naming
+    the tensor, and nothing is written."""
     from reca.engine.build import seeded_model
     from reca.engine.checkpoint import atomic_save, frozen_fingerprint
     from reca.engine.checkpoint.integrity import verified_load
@@ -424,6 +425,7 @@ def test_a_torchrun_resume_proves_its_frozen_weights(parity_runs, tmp_path, caps
     extra = verified_load(run / f"step-{HALF}" / "extra.pt")
     cfg = apply_overrides(preset("bagel-tiny"), SETS)
     assert extra["frozen"] and extra["frozen"] == frozen_fingerprint(seeded_model(cfg, get_ops("torch"), torch.device("cpu")))
+    assert extra["drawn_on"] == "cpu"  # fsdp: rank 0's copy, on the CPU whatever the device
     name = sorted(extra["frozen"])[0]
     extra["frozen"][name] = extra["frozen"][name].rsplit(" ", 1)[0] + " 0"
     atomic_save(extra, run / f"step-{HALF}" / "extra.pt")
@@ -433,6 +435,11 @@ def test_a_torchrun_resume_proves_its_frozen_weights(parity_runs, tmp_path, caps
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and f"frozen parameter {name} differs" in err, err
     assert (run / "metrics.jsonl").read_bytes() == before and not (run / f"step-{STEPS}").exists()
+    with pytest.raises(SystemExit) as e:
+        main(["export", str(run), "--to", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.count("\n") == 0 and f"frozen parameter {name} differs" in err, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_bench_step_under_torchrun_reports_scaling(tmp_path):

@@ -77,7 +77,9 @@ def save(run: str | Path, step: int, c, r, *, keep: int, frozen: dict[str, str] 
     dist.all_gather_object(ranks, {"data": c.data_state(), "rng": rng_state(c.generator)})
     if r.main:
         atomic_save({"step": step, "scheduler": c.scheduler.state_dict(), "world_size": r.world_size,
-                     "ranks": ranks, "ema": c.ema.decay if c.ema is not None else None, "frozen": frozen or {}},
+                     "ranks": ranks, "ema": c.ema.decay if c.ema is not None else None, "frozen": frozen or {},
+                     # where the random weights were drawn (`build.seeded_model`), for `reca sample`
+                     "drawn_on": "cpu" if c.cfg.distributed.strategy == "fsdp" else c.device.type},
                     tmp / "extra.pt")
         shutil.rmtree(final, ignore_errors=True)  # a stop right after the same step's save
         os.replace(tmp, final)

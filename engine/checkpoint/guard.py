@@ -5,9 +5,9 @@ A checkpoint stores only trainable parameters; frozen ones (a ViT, a connector, 
 rebuilt at start from `train.seed`, `train.init_from` and `model.*`. `resume_conflicts`
 compares the run's saved config with the resumed one field by field; `frozen_fingerprint`
 proves the rebuilt weights are the ones the run trained with (it also catches what no config
-shows: weight files swapped under the same `--init-from` path). Weights are born on the CPU
-whatever the device (`build.seeded_model`), so the device type and the world size do not change
-them; a run whose weights a GPU drew (reca before 2026-12-02) is caught here too.
+shows: weight files swapped under the same `--init-from` path, or random weights drawn by
+another device type: a one-GPU run's on the GPU, an fsdp job's on rank 0's CPU; see
+`build.seeded_model`).
 """
 from __future__ import annotations
 
@@ -98,5 +98,6 @@ def fingerprint_conflict(saved: dict[str, str], now: dict[str, str]) -> str | No
             return f"this model has a frozen parameter {name} that the checkpoint's model did not"
         if saved[name] != now[name]:
             return (f"frozen parameter {name} differs from the one the run trained with (the seed or the "
-                    "--init-from weights changed, or an older reca drew it on a GPU)")
+                    "--init-from weights changed, or another device type drew it: a one-GPU run draws on "
+                    "the GPU, an fsdp job on the CPU)")
     return None
