@@ -128,10 +128,10 @@ def seeded_model(cfg: RunConfig, ops: KernelOps, device: torch.device, *,
     model lives: on the GPU for a one-GPU run and every ddp rank (drawing 2.5B parameters on the
     CPU takes ~40 s: torch's CPU generator is one thread), on the CPU for rank 0's copy under
     fsdp (`reca.engine.fsdp`); a step-N/ folder records which (`drawn_on`), and `reca sample` /
-    `reca export` draw there again. With `train.init_from`, as every real run has, the frozen weights are
-    the checkpoint's and any of these resumes into any other; with random weights a CUDA run and
-    a sharded job differ, and a resume across them is refused in one line by the frozen
-    fingerprint (`checkpoint.guard`)."""
+    `reca export` draw there again. With `train.init_from`, as every real run has, the frozen
+    weights are the checkpoint's and any of these resumes into any other; with random weights a
+    CUDA run and a sharded job differ, and a resume across them is refused in one line by the
+    frozen fingerprint (`checkpoint.guard`)."""
     draw = draw_on or device
     with torch.random.fork_rng(devices=[draw] if draw.type == "cuda" else []):
         torch.manual_seed(cfg.train.seed)

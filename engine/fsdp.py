@@ -71,7 +71,16 @@ def sharded_model(cfg: RunConfig, ops, device: torch.device, *, r, whole: nn.Mod
             raise UserError(f"model config: {e}") from None
     speed_up(model, cfg)
     fully_shard_model(model, cfg, r, device)
-    model.to_empty(device=torch.device("cpu") if cfg.distributed.cpu_offload else device)
+    if cfg.distributed.cpu_offload:
+        # shards on the host; buffers are not FSDP's to move, and the forward runs on the GPU
+        # (torchtitan's buffer_device)
+        model.to_empty(device=torch.device("cpu"))
+        for mod in model.modules():
+            for name, buf in mod._buffers.items():
+                if buf is not None:
+                    mod._buffers[name] = buf.to(device)
+    else:
+        model.to_empty(device=device)
     fill_from_rank0(model, whole, r)
     return model
 

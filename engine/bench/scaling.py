@@ -16,8 +16,8 @@ step together:
 
 MFU per GPU is against the matmul peak rank 0 measures in the same job. The build is reported
 too: its time, the most device memory any rank reached while building (under fsdp its shards
-and one whole tensor in flight: the meta build's promise), and rank 0's host peak. Rank 0 prints and
-writes the JSON (`step_scaling_<preset>_<device>.json`, device, versions, date).
+and one whole tensor in flight: the meta build's promise), and rank 0's host peak. Rank 0
+prints and writes the JSON (`step_scaling_<preset>_<device>.json`, device, versions, date).
 """
 from __future__ import annotations
 
