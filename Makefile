@@ -36,13 +36,28 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/reca train --preset demo --data demo --out runs/demo --overwrite
 
-# Two tiers, both always run: unit (in-process, seconds each) then integration (subprocesses: the
-# CLI, torchrun, wheels, signals; torch.compile; ptxas). --durations names the slowest of each.
-PYTEST := $(BIN)/python -m pytest tests -q -p no:cacheprovider --durations=10
+# Three tiers, all always run: unit (in-process, seconds each), integration (subprocesses: the
+# CLI, torchrun, wheels, signals; torch.compile; ptxas), then compat: the imports and the model
+# tests again under transformers 5.17, the GPU image's version (the code runs on both; the venv
+# has the newest). --durations names the slowest of each. pytest runs from its console script,
+# so the checkout root is never on sys.path (`python -m pytest` would put it first).
+PYTEST := $(BIN)/pytest tests -q -p no:cacheprovider --durations=10
+COMPAT_TRANSFORMERS := 5.17.0
+COMPAT := $(VENV)/compat-transformers-$(COMPAT_TRANSFORMERS)
+COMPAT_TESTS := tests/test_imports.py tests/test_harmon.py tests/test_bagel.py tests/test_showo.py \
+	tests/test_openuni.py tests/test_loading.py tests/test_tokenizer.py
 
-test: install
+# transformers 5.17 and the hub client it pins (< 2), first on PYTHONPATH; the rest from the venv
+$(COMPAT)/.installed: | $(VENV)/.installed
+	$(PIP) install --no-deps --target $(COMPAT) transformers==$(COMPAT_TRANSFORMERS) "huggingface-hub>=1.5,<2" \
+		httpx httpcore h11 anyio certifi idna
+	touch $@
+
+test: install $(COMPAT)/.installed
 	$(PYTEST) -m "not integration"
 	$(PYTEST) -m integration
+	RECA_TRANSFORMERS=$(COMPAT_TRANSFORMERS) PYTHONPATH=$(COMPAT) $(BIN)/pytest $(COMPAT_TESTS) -q \
+		-p no:cacheprovider -m "not integration"
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

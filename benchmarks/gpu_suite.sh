@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark, in two device calls, on the GPU image as it is (torch 2.11,
-# triton 3.6, no DALI): installs nothing. The package is imported through PYTHONPATH from a
-# symlink tree (reca/ -> reca, reca/engine -> engine, ...: the layout setup.py installs).
+# triton 3.6, no DALI): installs nothing. The package is imported in place through
+# PYTHONPATH=src (src/reca's __init__s reach engine/, kernels/, models/).
 #   bash benchmarks/gpu_suite.sh              # call 1: every GPU test and the headline figures
 #   bash benchmarks/gpu_suite.sh --call 2     # call 2 (optional): the other figures
 #   bash benchmarks/gpu_suite.sh --call all   # both, one after the other
@@ -129,23 +129,20 @@ pack() {
   cp "$ROOT"/benchmarks/results/*.json "$RES"/ 2>/dev/null || true  # the kernel scripts write there
   tar czf "$OUT/gpu_suite.tar.gz.part" -C "$RES" . && mv -f "$OUT/gpu_suite.tar.gz.part" "$OUT/gpu_suite.tar.gz"
 }
-SHIM="$(mktemp -d)/py"
-mkdir -p "$SHIM/reca"
-ln -s "$ROOT/reca/__init__.py" "$SHIM/reca/__init__.py"
-for part in engine kernels models; do ln -s "$ROOT/$part" "$SHIM/reca/$part"; done
-export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
+# reca from the checkout in place (src/reca's __init__s extend their __path__ to engine/,
+# kernels/, models/: see reca._folder), as on a machine where nothing can be installed.
+export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}"
 # Pure-Python wheels the GPU image lacks (Liger-Kernel for the linear cross-entropy baseline),
 # unpacked here and carried to the device as an ignored path: see benchmarks/results/PENDING.md.
 if [ -d "$ROOT/.gpu_deps" ]; then export PYTHONPATH="$PYTHONPATH:$ROOT/.gpu_deps"; fi
-# Run from the shim: `python -m` and `python -c` put the working directory first on sys.path,
-# and the checkout's own reca/ (the lazy API alone) would hide the shim's reca.engine. Tests and
-# scripts are named by absolute path.
-cd "$SHIM"
+# Any working directory will do (the checkout root shadows nothing); tests and scripts are named
+# by absolute path.
+cd "$ROOT"
 "$PY" -c "
-import sys, torch, reca.engine
-where = reca.engine.__file__  # through the shim, as on a machine where nothing is installed
+import sys, torch, reca.engine.cli
+where = reca.engine.cli.__file__  # the checkout's own file, not some installed reca
 print('reca from', where, '| torch', torch.__version__, '| cuda', torch.cuda.is_available())
-sys.exit(0 if where.startswith('$SHIM/') else 'reca.engine is not imported through the shim')
+sys.exit(0 if where == '$ROOT/engine/cli.py' else 'reca.engine is not imported from the checkout')
 " || exit 1
 if [ "$DRY" -eq 1 ]; then echo "dry run: imports resolve; no stage run"; exit 0; fi
 nvidia-smi -L || true

@@ -38,7 +38,7 @@ def load_instructions(path: str = "") -> list[str]:
         except UnicodeDecodeError as e:
             raise UserError(f"prompts file {path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
     else:
-        text = (importlib.resources.files("reca.engine") / "prompts" / "instructions.txt").read_text(encoding="utf-8")
+        text = (importlib.resources.files("reca.engine.prompts") / "instructions.txt").read_text(encoding="utf-8")
     lines = [line.strip() for line in text.splitlines()]
     lines = [line for line in lines if any(ch.isprintable() and not ch.isspace() for ch in line)]
     if not lines:

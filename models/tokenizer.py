@@ -121,7 +121,7 @@ class BPETokenizer:
 
 def instruction_pool() -> list[str]:
     """The shipped RecA instruction pool (package data of `reca.engine`), one instruction a line."""
-    text = (importlib.resources.files("reca.engine") / "prompts" / "instructions.txt").read_text(encoding="utf-8")
+    text = (importlib.resources.files("reca.engine.prompts") / "instructions.txt").read_text(encoding="utf-8")
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 

@@ -48,12 +48,12 @@ def tok():
 
 
 def _pool_text() -> str:
-    return (importlib.resources.files("reca.engine") / "prompts" / "instructions.txt").read_text(encoding="utf-8")
+    return (importlib.resources.files("reca.engine.prompts") / "instructions.txt").read_text(encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------- instruction pool
 def test_pool_file_format():
-    raw = (importlib.resources.files("reca.engine") / "prompts" / "instructions.txt").read_bytes()
+    raw = (importlib.resources.files("reca.engine.prompts") / "instructions.txt").read_bytes()
     text = raw.decode("utf-8")  # strict UTF-8
     assert "\r" not in text and text.endswith("\n") and not text.endswith("\n\n")
     lines = text[:-1].split("\n")

@@ -4,7 +4,12 @@ Models are single-device and kernel-agnostic: each takes a `KernelOps` table (ch
 run's `kernels.backend`) and never patches anything. `FAMILIES` maps a config's `family` field
 to its config class and its model class.
 """
+
 from __future__ import annotations
+
+from reca import _folder
+
+__path__ += _folder("models")  # the modules of models/ (see reca._folder)
 
 from dataclasses import dataclass
 from typing import Callable, Union

@@ -16,7 +16,12 @@ Triton kernel -> launcher -> autograd.Function -> functional named as the op, an
 
 Importing this package imports neither triton nor any kernel module and probes no device.
 """
+
 from __future__ import annotations
+
+from reca import _folder
+
+__path__ += _folder("kernels")  # the modules of kernels/ (see reca._folder)
 
 import dataclasses
 import functools
