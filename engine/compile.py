@@ -66,19 +66,22 @@ def apply_checkpointing(model: nn.Module, every: int) -> list[str]:
     done = []
     for i, (name, block) in enumerate(trainable):
         if i % every == 0:
-            block.forward = _checkpointed(block.forward, checkpoint_kwargs(block))
+            block.forward = _checkpointed(block.forward, {d: checkpoint_kwargs(block, d) for d in ("cpu", "cuda")})
             done.append(name)
     return done
 
 
-def _checkpointed(forward, kwargs: dict):
+def _checkpointed(forward, kwargs: dict[str, dict]):
+    """`forward` under checkpoint, with the options for the device its inputs are on (how random
+    draws survive the recomputation differs between CUDA and CPU: models.layers.checkpoint_kwargs)."""
     from torch.utils.checkpoint import checkpoint
 
     @functools.wraps(forward)
     def run(*args, **kw):
         if not torch.is_grad_enabled():  # previews, evaluation: nothing to save or recompute
             return forward(*args, **kw)
-        return checkpoint(forward, *args, **kwargs, **kw)
+        cuda = any(isinstance(a, torch.Tensor) and a.is_cuda for a in (*args, *kw.values()))
+        return checkpoint(forward, *args, **kwargs["cuda" if cuda else "cpu"], **kw)
 
     return run
 

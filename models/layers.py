@@ -1,6 +1,7 @@
 """Small shared parts of the families: position tables, timestep embedding, connector MLP, patchify."""
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -97,11 +98,36 @@ def has_dropout(module: nn.Module) -> bool:
     return False
 
 
-def checkpoint_kwargs(module: nn.Module) -> dict:
-    """Non-reentrant checkpointing; the RNG state is saved and restored only where the block
-    draws random numbers. Saving it reads the CUDA generator's seed, which CUDA-graph capture
-    refuses in torch releases before 2.10: a block without dropout never needs it."""
-    return {"use_reentrant": False, "preserve_rng_state": has_dropout(module)}
+def checkpoint_kwargs(module: nn.Module, device_type: str = "cuda") -> dict:
+    """Non-reentrant checkpointing whose recomputation sees the forward's random draws.
+
+    A block that draws no random numbers needs nothing. On CUDA, a block with dropout saves
+    every op ATen tags `nondeterministic_seeded` instead of recomputing it (selective
+    checkpointing: a dropout's output and mask, an attention's output and philox seed), so the
+    backward never replays the generator. Why not the RNG rewind (`preserve_rng_state`) there:
+    it reads and resets the CUDA generator, and compiled blocks turn it into graph-safe generator
+    states of their own, which a CUDA graph captured outside the compiler does not know
+    (harmon-1.5b's fast step failed so on the H200, 2026-12-04: "Attempt to increase offset for a
+    CUDA generator not in capture mode"). The price is those saved tensors, in such blocks only.
+    On the CPU, dropout is an in-place `bernoulli_` whose result is then scaled in place, which
+    selective checkpointing cannot keep; nothing is captured there, so the CPU generator is
+    rewound instead."""
+    kwargs = {"use_reentrant": False, "preserve_rng_state": False}
+    if not has_dropout(module):
+        return kwargs
+    if device_type != "cuda":
+        return {**kwargs, "preserve_rng_state": True}
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    return {**kwargs, "context_fn": functools.partial(create_selective_checkpoint_contexts, _save_random_ops)}
+
+
+def _save_random_ops(ctx, op, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    if torch.Tag.nondeterministic_seeded in op.tags:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def freeze_except(model: nn.Module, modules: tuple[str, ...], trainable: tuple[str, ...]) -> None:

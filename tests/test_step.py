@@ -26,7 +26,7 @@ def _losses(c, steps: int) -> list[float]:
     for _ in range(steps):
         loss = c.update(c, next_batches(c))["loss"]
         c.scheduler.step()
-        out.append(loss)
+        out.append(loss.detach().clone())  # a CUDA graph returns the same output tensors every replay
     return torch.stack(out).tolist()
 
 
@@ -107,18 +107,30 @@ def test_nonfinite_loss_skips_update_and_is_counted(tmp_path, monkeypatch):
 class _HostReads(TorchDispatchMode):
     """Records the ops that read a tensor's value back to the host (a device sync on CUDA), and
     tensors made from host data (`torch.tensor(...)`: a host-to-device copy on CUDA, which
-    CUDA-graph capture forbids)."""
+    CUDA-graph capture forbids). Besides the names, ATen's own tags: an op whose output shape
+    depends on the data (`masked_select`, `nonzero`, `unique`: on CUDA each waits for a count)
+    or whose output is a host value. CPU kernels of such ops read no value through the
+    dispatcher (CPU `masked_select` counts in place), so the tags are what sees them here."""
 
-    READS = {"_local_scalar_dense", "nonzero", "equal", "is_nonzero", "item", "lift_fresh"}
+    # masked_scatter_backward: a masked_select inside one op (a sync on CUDA, none seen on CPU)
+    READS = {"_local_scalar_dense", "nonzero", "equal", "is_nonzero", "item", "lift_fresh", "masked_scatter_backward"}
+    TAGS = {torch.Tag.dynamic_output_shape, torch.Tag.data_dependent_output}
 
     def __init__(self):
         super().__init__()
         self.seen = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.__name__.split(".")[0] in self.READS:
+        if func.__name__.split(".")[0] in self.READS or (self.TAGS & set(func.tags) and _data_dependent(func, args)):
             self.seen.append(str(func))
         return func(*args, **(kwargs or {}))
+
+
+def _data_dependent(func, args) -> bool:
+    """`index` is tagged for its boolean-mask form alone: integer indices keep the shape static."""
+    if func.__name__.split(".")[0] in ("index", "index_put", "index_put_", "_index_put_impl_"):
+        return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1] if i is not None)
+    return True
 
 
 def test_host_reads_sees_what_capture_forbids():
@@ -126,14 +138,22 @@ def test_host_reads_sees_what_capture_forbids():
         torch.tensor(0.5) + 1
         torch.ones(2).sum().item()
     assert reads.seen == ["aten.lift_fresh.default", "aten._local_scalar_dense.default"]
+    # what the GPU found under capture (2026-12-04): masked_scatter's backward is a masked_select
+    x, v, mask = torch.zeros(2, 3, requires_grad=True), torch.ones(6, requires_grad=True), torch.ones(2, 3) > 0
+    with _HostReads() as reads:
+        x.masked_scatter(mask, v).sum().backward()
+        x[mask].sum()
+    assert reads.seen == ["aten.masked_scatter_backward.default", "aten.index.Tensor"]
 
 
-@pytest.mark.parametrize("name", ["tiny", "harmon-tiny"])
-def test_step_reads_nothing_back(tmp_path, name):
+@pytest.mark.parametrize("name,extra", [("tiny", ()), ("harmon-tiny", ()),
+                                        ("harmon-tiny", ("train.checkpoint_every=1", "model.mar.dropout=0.1")),
+                                        ("bagel-tiny", ()), ("openuni-tiny", ()), ("showo-tiny", ())])
+def test_step_reads_nothing_back(tmp_path, name, extra):
     """No host sync in the step: on CPU, no op of it reads a value back (what `.item()`, `bool()`,
     `nonzero` would do; on CUDA each is a sync) or makes a tensor from host data."""
     c = build(apply_overrides(preset(name), [f"output.dir={tmp_path / 'run'}", "output.tensorboard=false",
-                                             "optim.grad_accum=2"]))
+                                             "optim.grad_accum=2", *extra]))
     batches = next_batches(c)
     train_step(c, batches)  # lazy optimizer state first
     batches = next_batches(c)  # the sample builder reads positions on the host: data, not step
@@ -158,6 +178,41 @@ def test_flop_count_matches_flop_counter(tmp_path, name, big, small):
     c.close()
     assert analytic["total"] == pytest.approx(counted, rel=0.05)
     assert analytic["modules"][big] > analytic["modules"][small] > 0
+
+
+class _Noisy(torch.nn.Module):
+    """Random draws as CUDA makes them: dropout is `native_dropout` there (functional), plus a
+    `rand_like`; the nn.Dropout marks the block as one with dropout."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.drop = torch.nn.Linear(7, 7), torch.nn.Dropout(0.3)
+
+    def forward(self, x):
+        h, _ = torch.native_dropout(self.lin(x), 0.3, True)
+        return (h * torch.rand_like(h)).tanh()
+
+
+def test_cuda_checkpointing_saves_random_ops_instead_of_rewinding_the_generator():
+    """On CUDA a checkpointed block with dropout keeps its random ops' outputs (no generator
+    rewind, which a captured graph cannot follow into compiled blocks): its gradients equal the
+    plain block's, where a recomputation without the rewind draws other masks."""
+    from torch.utils.checkpoint import checkpoint
+    from reca.models.layers import checkpoint_kwargs
+
+    x = torch.randn(5, 7, generator=torch.Generator().manual_seed(1))
+    cuda = checkpoint_kwargs(_Noisy(), "cuda")
+    assert cuda["preserve_rng_state"] is False and "context_fn" in cuda
+    assert checkpoint_kwargs(torch.nn.Linear(2, 2), "cuda") == {"use_reentrant": False, "preserve_rng_state": False}
+    grads = []
+    for kwargs in (None, cuda, {"use_reentrant": False, "preserve_rng_state": False}):
+        torch.manual_seed(0)
+        block = _Noisy()
+        out = block(x) if kwargs is None else checkpoint(block, x, **kwargs)
+        out.sum().backward()
+        grads.append(block.lin.weight.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+    assert not torch.allclose(grads[2], grads[0])
 
 
 # --- CUDA ---------------------------------------------------------------------------------------

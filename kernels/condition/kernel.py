@@ -1,6 +1,6 @@
 """Fused conditioning: token embedding + visual prompt scattered over the image placeholders.
 
-Reference: `reca.kernels.condition.reference.condition_ref` (embedding, then masked_scatter).
+Reference: `reca.kernels.condition.reference.condition_ref` (embedding, then the placeholders overwritten).
 Forward reads each output row once from the right table and writes it once: no [B, S, D]
 embedding that is then overwritten. Backward: `visual` gets grad_scale times its rows'
 gradient (plain stores, each visual row has one position); `embed_weight` accumulates the rows

@@ -35,7 +35,8 @@ def condition_ref(
 
     input_ids [B, S] int, embed_weight [V, D], visual [Nv, D] -> [B, S, D].
     Placeholder positions (`input_ids == image_token_id`) take the rows of `visual` in row-major
-    order (`masked_scatter` semantics); `visual` receives `grad_scale` times their gradient.
+    order (`masked_scatter` semantics, without a host sync in the backward); `visual` receives
+    `grad_scale` times their gradient.
     `check=True` verifies that the placeholder count equals Nv (a host sync: off in the step).
     """
     is_image = input_ids == image_token_id
@@ -45,4 +46,10 @@ def condition_ref(
             raise ValueError(f"{n} image placeholders but {visual.shape[0]} visual tokens")
     embeds = F.embedding(input_ids, embed_weight)
     visual = scale_grad(visual, grad_scale).to(embeds.dtype)
-    return embeds.masked_scatter(is_image.unsqueeze(-1), visual)
+    if visual.shape[0] == 0:  # no placeholders: a row to gather from (visual still gets its empty gradient)
+        visual = torch.cat([visual, embeds.new_zeros(1, embeds.shape[-1])])
+    # masked_scatter's semantics without its backward (a masked_select: on CUDA a host sync,
+    # which CUDA-graph capture refuses): placeholder k takes visual row k, k from a device cumsum
+    row = (is_image.flatten().cumsum(0) - 1).clamp_(0, visual.shape[0] - 1)
+    gathered = visual.index_select(0, row).view(embeds.shape)
+    return torch.where(is_image.unsqueeze(-1), gathered, embeds)

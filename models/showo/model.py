@@ -200,7 +200,7 @@ class ShowoModel(RecaModule):
             opened = (ids == self._soi).cumsum(1) - (ids == self._eoi).cumsum(1) + (ids == self._eoi).long()
             block = (opened.clamp(0, 1) * (ids == self._soi).cumsum(1)).to(torch.int8)
         else:  # CLIP: the N codes alone
-            block[:, -1 - n:-1] = 2
+            block[:, -1 - n:-1].fill_(2)  # fill_, not `= 2`: setitem makes a host tensor of the 2
         return ids, valid, block
 
     def omni_mask(self, valid: torch.Tensor, block: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
