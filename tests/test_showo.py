@@ -50,10 +50,13 @@ def test_real_size_counts_on_meta():
     parts = m.parameter_breakdown()
     layer = 4 * (2048 * 2048 + 2048) + (2048 * 8192 + 8192) + (8192 * 2048 + 2048) + 2 * 2048
     assert layer == 50_354_176  # FAMILY_FACTS B9: 50.35M
-    assert parts["showo.model.layers"] == 24 * layer
+    qk = 2 * (64 + 64)  # q/k LayerNorm weight and bias over head_dim 64 (FAMILY_FACTS B1: on in Show-o)
+    assert parts["showo.model.layers"] == 24 * (layer + qk)
     assert parts["showo.model.embed_tokens"] == 58498 * 2048
     assert parts["showo.lm_head"] == 58498 * 2048 + 58498  # biased head
-    assert parts["showo (LLM)"] == 1_448_170_626  # 1.448B
+    assert parts["showo (LLM)"] == 1_448_176_770  # B9: 1.448B with the 6,144 q/k LayerNorm parameters
+    names = [n for n, _ in m.named_parameters() if "_layernorm" in n and "self_attn" in n]
+    assert len(names) == 96 and "showo.model.layers.23.self_attn.k_layernorm.bias" in names
     assert parts["mm_projector"] == 6_295_552  # 6.30M
     assert m.num_visual_tokens == 576 and m.num_codes == 1024 and m.layout.size == 58498
     assert m.vq.codebook_size == 8192 and m.vq.downsample == 16
@@ -219,6 +222,9 @@ def test_weights_round_trip_in_show_o_layout(tmp_path):
     from safetensors.torch import load_file
     keys = set(load_file(str(tmp_path / "model.safetensors")))
     assert "showo.lm_head.bias" in keys and "mm_projector.2.weight" in keys
+    layers = a.cfg.llm.num_layers
+    assert {f"showo.model.layers.{i}.self_attn.{q}_layernorm.{w}" for i in range(layers) for q in "qk"
+            for w in ("weight", "bias")} <= keys  # Show-o's q/k LayerNorms are exported
     assert not any(k.startswith(("clip.", "vq.")) for k in keys)
     loaded = b.load_pretrained(str(tmp_path))
     assert loaded["showo"] == len(keys)
@@ -248,7 +254,7 @@ def test_presets_build_and_count_on_meta():
     from reca.engine.presets import preset
 
     info = describe(preset("showo-1.3b-512"))
-    assert info["family"] == "showo" and info["modules"]["showo"]["parameters"] == 1_448_170_626
+    assert info["family"] == "showo" and info["modules"]["showo"]["parameters"] == 1_448_176_770
     assert info["modules"]["mm_projector"] == {"parameters": 6_295_552, "trainable": True}
     assert not info["modules"]["clip"]["trainable"] and not info["modules"]["vq"]["trainable"]
     small = describe(preset("showo-1.3b-256"))
@@ -282,3 +288,23 @@ def test_engine_trains_showo_tiny_with_image_to_text_every_step(tmp_path):
     for r in rows:
         assert math.isfinite(r["loss/recon"]) and math.isfinite(r["loss/caption"])
         assert r["loss"] == pytest.approx((r["loss/recon"] + r["loss/caption"]) / 2, rel=1e-5)
+
+
+def test_qk_layernorm_is_built_loaded_exported_and_used(tmp_path):
+    """Show-o's q/k LayerNorms (FAMILY_FACTS B1): a checkpoint's values load into every layer,
+    come back out on export, and change the forward (the queries are normalised per head)."""
+    a, b = ShowoModel(_tiny()), ShowoModel(_tiny())
+    g = torch.Generator().manual_seed(3)
+    qk = {n: p for n, p in a.named_parameters() if "self_attn" in n and "_layernorm" in n}
+    assert len(qk) == 4 * a.cfg.llm.num_layers
+    batch, _ = _batch(a)
+    before = a(batch, "recon", generator=torch.Generator().manual_seed(0)).loss.detach()
+    with torch.no_grad():
+        for p in qk.values():
+            p.copy_(torch.randn(p.shape, generator=g))
+    after = a(batch, "recon", generator=torch.Generator().manual_seed(0)).loss.detach()
+    assert not torch.allclose(before, after)
+    a.export(str(tmp_path / "model.safetensors"))
+    b.load_pretrained(str(tmp_path))
+    for n, p in qk.items():
+        assert torch.equal(b.state_dict()[n], p), n

@@ -58,6 +58,10 @@ class PhiShape:
     rope_theta: float = 10_000.0
     layer_norm_eps: float = 1e-5
     max_position: int = 2048
+    # Show-o's vendored Phi turns this on in PhiForCausalLM.__init__ (models/phi.py:1088): a
+    # LayerNorm over each head's queries and keys before the rotary embedding, in every layer of
+    # every release (FAMILY_FACTS.md B1); transformers' default is off.
+    qk_layernorm: bool = True
 
     def hf_config(self, vocab_size: int) -> PhiConfig:
         return PhiConfig(vocab_size=vocab_size, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
@@ -67,7 +71,7 @@ class PhiShape:
                          rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta,
                                           "partial_rotary_factor": self.partial_rotary_factor},
                          resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0, tie_word_embeddings=False,
-                         attn_implementation="sdpa")
+                         qk_layernorm=self.qk_layernorm, attn_implementation="sdpa")
 
 
 @dataclass(kw_only=True)
