@@ -142,13 +142,35 @@ def seeded_model(cfg: RunConfig, ops: KernelOps, device: torch.device, *,
                 raise UserError(f"model config: {e}") from None
     model.to(device)
     if cfg.train.init_from:
-        if "init_from" not in model.capabilities:
-            raise UserError(f"the {cfg.model.family} family cannot load --init-from weights")
+        model.init_from_report = load_init_from(model, cfg)
+    return model
+
+
+def load_init_from(model: torch.nn.Module, cfg: RunConfig) -> str:
+    """`train.init_from` into `model` -> the report of what it supplied: tensors per file (and
+    how many of a file the family does not use), then the modules no file supplied, which keep
+    their initialisation. A tensor with no place in the model, or one a file lacks, is refused
+    in one line (`reca.models.loading`); so is a family without the capability."""
+    from reca.models.loading import recording
+
+    if "init_from" not in model.capabilities:
+        raise UserError(f"the {cfg.model.family} family cannot load --init-from weights")
+    with recording() as record:
         try:
             model.load_pretrained(cfg.train.init_from)
-        except (ValueError, OSError) as e:
-            raise UserError(str(e)) from None
-    return model
+        except (ValueError, OSError, RuntimeError) as e:  # RuntimeError: an unreadable torch file
+            raise UserError(" ".join(str(e).split())[:500]) from None
+    files = [f"{name} {n:,} tensors" + (f" ({skipped:,} not used)" if skipped else "")
+             for name, (n, skipped) in record["files"].items()]
+    left: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        if id(p) not in record["set"]:
+            top = name.split(".")[0]
+            left[top] = left.get(top, 0) + p.numel()
+    report = f"--init-from {cfg.train.init_from}: " + ("; ".join(files) or "no tensors")
+    if left:
+        report += "; left at their initialisation: " + ", ".join(f"{k} ({v:,} parameters)" for k, v in left.items())
+    return report
 
 
 def resolve_mode(cfg: RunConfig, device: torch.device) -> RunConfig:

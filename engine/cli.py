@@ -61,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="machine-readable output")
     i.add_argument("--world-size", type=int, metavar="N",
                    help="also project the memory per rank under FSDP at 1, 2, 4, 8 and N ranks")
+    i.add_argument("--init-from", metavar="DIR",
+                   help="check a weights directory against the preset (keys and shapes only, nothing read whole): "
+                        "the tensors each file supplies, or the one line that refuses it")
 
     b = sub.add_parser("bench", help="benchmarks: `reca bench step` times whole training steps", epilog=EPILOG)
     bsub = b.add_subparsers(dest="bench", required=True)
@@ -169,13 +172,22 @@ def _info(args) -> None:
     from reca.engine.bench.info import describe
     from reca.engine.presets import preset
 
-    cfg = apply_overrides(preset(args.preset), args.set)
+    cfg = apply_overrides(preset(args.preset), args.set + ([f"train.init_from={args.init_from}"] if args.init_from else []))
     if args.world_size is not None and args.world_size < 1:
         raise UserError("--world-size must be at least 1")
     try:
         report = describe(cfg, args.world_size)
     except ValueError as e:  # a family's cross-field check (e.g. image size vs the VAE's factor)
         raise UserError(f"model config: {e}") from None
+    if cfg.train.init_from:
+        from reca.engine.build import load_init_from
+        from reca.models import build_model
+        from reca.models.loading import headers_only
+
+        import torch
+
+        with torch.device("meta"), headers_only():
+            report["init_from"] = load_init_from(build_model(cfg.model), cfg)
     if args.json:
         print(json.dumps(report, indent=2))
         return
@@ -192,6 +204,8 @@ def _info(args) -> None:
             print(f"    {name}: {n:,}")
     for key, value in report["shapes"].items():
         print(f"  {key}: {value}")
+    if "init_from" in report:
+        print(f"  {report['init_from']}")
     if "memory" in report:
         from reca.engine.bench.memory import format_table
 

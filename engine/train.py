@@ -223,6 +223,9 @@ def _prepare_run_dir(c: Components, run: Path, resume: bool, start: int, quiet: 
           f"compile={c.cfg.train.compile}, cuda_graph={c.cfg.train.cuda_graph}); objectives "
           f"{','.join(c.cfg.mix.cycle)}; {'resuming at step ' + str(start) if resume else 'starting'} into {run}",
           flush=True)
+    report = getattr(c.model, "init_from_report", None)
+    if report:
+        print(f"reca: {report}", flush=True)
 
 
 class Checkpointer:

@@ -1,32 +1,89 @@
 """Loading pretrained weights from a local directory (`reca train --init-from DIR`).
 
-    DIR/llm/    a Hugging Face Qwen2 directory (config.json + *.safetensors, sharded or not);
-                `Qwen2ForCausalLM` keys ("model." prefix, lm_head) are accepted
-    DIR/vit/    a Hugging Face SigLIP vision directory ("vision_model." prefix accepted; the
-                last layer and the pooling head are dropped: the family uses the
-                second-to-last layer's features)
-    DIR/vae/    or DIR/vae.safetensors: latent-diffusion AutoencoderKL keys (e.g. FLUX's ae)
-    DIR/model.safetensors   any of the model's own parameters by their reca names
-                (connector, gen_in, ...), e.g. a previous reca export
+The rule every family follows: each tensor of a file is copied into the model, or is on the
+family's declared list of tensors it does not use (`unused=`, each with its reason where it is
+declared), or the load is refused; each parameter a file is meant to supply is in it, or is on
+the declared list of those it may lack (`optional=`), or the load is refused. A refusal is a
+`ValueError` of one line naming the file, the count and one tensor. `recording()` collects
+what each file supplied, for the report at the start of a run and `reca info --init-from`.
 
-Every part is optional, but each present part must match the configured shapes exactly.
-Errors are `ValueError` with one line that names the tensor and both shapes.
+The flow family's directory (the other families' layouts are in their `weights.py`):
+
+    DIR/llm/    a Hugging Face Qwen2 directory (config.json + *.safetensors, sharded or not);
+                `Qwen2ForCausalLM` keys ("model." prefix) are accepted; its `lm_head` is not
+                used (the family reads no text logits)
+    DIR/vit/    a Hugging Face SigLIP vision directory ("vision_model." prefix accepted; the
+                last layer and the pooling head are not used: the family takes the
+                second-to-last layer's features)
+    DIR/vae/    or DIR/vae.safetensors: latent-diffusion AutoencoderKL keys (e.g. FLUX's ae;
+                an LDM training file's `loss.*` discriminator and LPIPS are not used)
+    DIR/model.safetensors   any of the model's own tensors by their reca names (connector,
+                gen_in, ...), e.g. a previous reca export: the one file that may be partial
+
+Every part is optional; parameters no file supplies keep their initialisation, and the report
+names them. Shapes must match the configured ones exactly.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import re
 from pathlib import Path
+from typing import Callable, Iterable, Union
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
+
+Rule = Union[str, Callable[[str], bool]]  # a regular expression (re.search) or a predicate on the key
+_HEADERS = contextvars.ContextVar("reca_headers_only", default=False)
+_RECORD: contextvars.ContextVar = contextvars.ContextVar("reca_load_record", default=None)
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+@contextlib.contextmanager
+def headers_only():
+    """Inside, files are read for their keys and shapes alone (meta tensors) and nothing is
+    copied: what `reca info --init-from` uses to check a directory against a preset on the meta
+    device without reading gigabytes."""
+    token = _HEADERS.set(True)
+    try:
+        yield
+    finally:
+        _HEADERS.reset(token)
+
+
+@contextlib.contextmanager
+def recording():
+    """Collect what every `load_into` inside supplies: {"files": {where: (loaded, unused)},
+    "set": ids of the parameters written}."""
+    record = {"files": {}, "set": set()}
+    token = _RECORD.set(record)
+    try:
+        yield record
+    finally:
+        _RECORD.reset(token)
+
+
+def _safetensors_file(path: Path) -> dict[str, torch.Tensor]:
+    if not _HEADERS.get():
+        return load_file(str(path))
+    with safe_open(str(path), framework="pt") as f:
+        out = {}
+        for key in f.keys():
+            part = f.get_slice(key)
+            out[key] = torch.empty(part.get_shape(), dtype=_DTYPES.get(part.get_dtype(), torch.float32), device="meta")
+        return out
 
 
 def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of a .safetensors file, or of every shard in a directory."""
     path = Path(path)
     if path.is_file():
-        return load_file(str(path))
+        return _safetensors_file(path)
     index = path / "model.safetensors.index.json"
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else None
     files = [path / f for f in files] if files else sorted(path.glob("*.safetensors"))
@@ -34,60 +91,116 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"no .safetensors files in {path}")
     state: dict[str, torch.Tensor] = {}
     for f in files:
-        state.update(load_file(str(f)))
+        state.update(_safetensors_file(f))
     return state
 
 
-def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], where: str, strict: bool = True) -> int:
-    """Copy matching tensors into `module`'s parameters and buffers; returns how many were set.
-    With `strict`, every parameter of `module` must be present in `state`."""
+def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """A flat state dict from `.safetensors` or a torch file (tensors only: weights_only=True);
+    a single wrapping key ("model", "state_dict", "module") is unwrapped."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return _safetensors_file(path)
+    if _HEADERS.get():
+        state = torch.load(path, map_location="meta", weights_only=True, mmap=True)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("model", "state_dict", "module"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: not a state dict of tensors")
+    return state
+
+
+def _matcher(rules: Iterable[Rule]) -> Callable[[str], bool]:
+    rules = [re.compile(r).search if isinstance(r, str) else r for r in rules]
+    return lambda key: any(rule(key) for rule in rules)
+
+
+def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], where: str, *,
+              unused: Iterable[Rule] = (), optional: Iterable[Rule] = ()) -> int:
+    """Copy `state` into `module`'s parameters and buffers; returns how many were set.
+
+    Every key of `state` must name a tensor of `module` (same shape) or match `unused` (tensors
+    the family does not use); every parameter of `module` must be in `state` or match
+    `optional` (parameters this file may lack). Anything else is a one-line ValueError."""
     own = dict(module.state_dict())
+    is_unused, is_optional = _matcher(unused), _matcher(optional)
+    skipped = [k for k in state if k not in own and is_unused(k)]
+    foreign = sorted(k for k in state if k not in own and not is_unused(k))
+    if foreign:
+        raise ValueError(f"{where}: {_count(foreign, 'tensor')} this model has no place for, e.g. {foreign[0]} "
+                         "(another model, preset or layout?)")
     for key, value in state.items():
         if key in own and own[key].shape != value.shape:
             raise ValueError(f"{where}: {key} has shape {tuple(value.shape)} in the checkpoint but the "
                              f"model builds {tuple(own[key].shape)}; choose the preset (or --set model.*) that matches")
-    params = {n for n, _ in module.named_parameters()}
-    missing = sorted(params - state.keys())
-    if strict and missing:
-        raise ValueError(f"{where}: the checkpoint lacks {len(missing)} parameters, e.g. {missing[0]}")
-    matched = {k: v for k, v in state.items() if k in own}
-    with torch.no_grad():
-        for key, value in matched.items():
-            own[key].copy_(value)
+    params = dict(module.named_parameters())  # tied tensors once, under their first name
+    missing = sorted(n for n in params if n not in state and not is_optional(n))
+    if missing:
+        raise ValueError(f"{where}: the checkpoint lacks {_count(missing, 'parameter')} of this model, e.g. {missing[0]}")
+    matched = [k for k in state if k in own]
+    if not _HEADERS.get():
+        with torch.no_grad():
+            for key in matched:
+                own[key].copy_(state[key])
+    record = _RECORD.get()
+    if record is not None:
+        loaded, dropped = record["files"].get(where, (0, 0))
+        record["files"][where] = (loaded + len(matched), dropped + len(skipped))
+        record["set"].update(id(params[k]) for k in matched if k in params)
     return len(matched)
+
+
+def _count(items: list, noun: str) -> str:
+    return f"{len(items)} {noun}{'' if len(items) == 1 else 's'}"
 
 
 def _strip(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
 
 
+def last_layers(kept: int, prefix: str = r"(^|\.)encoder\.layers\.") -> Callable[[str], bool]:
+    """The layers at index >= `kept` of an encoder a family builds shorter than the release (it
+    reads the second-to-last layer's features, so the last one is never built)."""
+    pattern = re.compile(prefix + r"(\d+)\.")
+
+    def beyond(key: str) -> bool:
+        m = pattern.search(key)
+        return m is not None and int(m.group(2)) >= kept
+
+    return beyond
+
+
+INV_FREQ = r"rotary_emb\.inv_freq$"  # a buffer some transformers releases saved; rebuilt from the config
+POSITION_IDS = r"position_ids$"  # likewise (older CLIP/SigLIP files)
+LDM_LOSS = r"^loss\."  # an LDM training file's discriminator and LPIPS: training-only
+
+
 def load_pretrained(model: torch.nn.Module, directory: str | Path) -> dict[str, int]:
-    """Load whatever parts `directory` holds into a flow-family model; returns tensors per part."""
+    """Load whatever parts `directory` holds into a flow-family model; returns tensors per file."""
     root = Path(directory)
     if not root.is_dir():
         raise ValueError(f"--init-from directory not found: {root}")
     loaded: dict[str, int] = {}
     if (root / "llm").is_dir():
         state = _strip(read_safetensors(root / "llm"), "model.")
-        state = {k: v for k, v in state.items() if not k.startswith("lm_head.")}
-        loaded["llm"] = load_into(model.llm, state, "llm")
+        loaded["llm/"] = load_into(model.llm, state, "llm/", unused=(r"^lm_head\.", INV_FREQ))
     if (root / "vit").is_dir():
-        state = _strip(read_safetensors(root / "vit"), "vision_model.")
-        kept = model.vit.config.num_hidden_layers  # the last pretrained layer is never built
-
-        def wanted(key: str) -> bool:
-            layer = re.match(r"encoder\.layers\.(\d+)\.", key)
-            return not key.startswith("head.") and (layer is None or int(layer.group(1)) < kept)
-
         # transformers releases differ on whether SiglipVisionModel nests a `vision_model`.
         own = "vision_model." if any(k.startswith("vision_model.") for k in model.vit.state_dict()) else ""
-        state = {own + k: v for k, v in state.items() if wanted(k)}
-        loaded["vit"] = load_into(model.vit, state, "vit")
+        state = {own + k: v for k, v in _strip(read_safetensors(root / "vit"), "vision_model.").items()}
+        kept = model.vit.config.num_hidden_layers  # the last pretrained layer is never built
+        loaded["vit/"] = load_into(model.vit, state, "vit/", unused=(r"(^|\.)head\.", last_layers(kept), POSITION_IDS))
     vae = root / "vae.safetensors" if (root / "vae.safetensors").exists() else root / "vae"
     if vae.exists():
-        loaded["vae"] = load_into(model.codec, read_safetensors(vae), "vae")
+        name = vae.name + ("" if vae.is_file() else "/")
+        loaded[name] = load_into(model.codec, read_safetensors(vae), name, unused=(LDM_LOSS,))
     if (root / "model.safetensors").exists():
-        loaded["model"] = load_into(model, read_safetensors(root / "model.safetensors"), "model", strict=False)
+        # reca's own file (an export, or a few tensors by their reca names): may be partial
+        loaded["model.safetensors"] = load_into(model, read_safetensors(root / "model.safetensors"),
+                                                "model.safetensors", optional=(lambda k: True,))
     if not loaded:
         raise ValueError(f"{root} holds none of llm/, vit/, vae/, vae.safetensors, model.safetensors")
     return loaded

@@ -275,7 +275,7 @@ def test_checkpoint_round_trip_and_layout_names(tmp_path):
     (tmp_path / "dir").mkdir()
     a.llm.save_pretrained(tmp_path / "dir" / "llm", safe_serialization=True)
     c, _ = _model(seed=3)
-    assert set(load_pretrained(c, tmp_path / "dir")) == {"llm"}
+    assert set(load_pretrained(c, tmp_path / "dir")) == {"llm/"}
     assert torch.equal(c.llm.model.layers[0].mlp.up_proj.weight, a.llm.model.layers[0].mlp.up_proj.weight)
     state = torch.load(tmp_path / "harmon.pth", weights_only=True)
     torch.save({**state, "mar.unknown": torch.zeros(1)}, tmp_path / "bad.pth")

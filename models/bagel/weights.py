@@ -10,10 +10,12 @@ and export are a filter, never a renaming table.
 
 A directory for `load_bagel` holds `ema.safetensors` (preferred: RecA starts model and EMA from
 it) or `model.safetensors`, and optionally `ae.safetensors`. Shapes must match exactly; every
-parameter outside the VAE must be present; an error is one line naming the tensor.
+parameter outside the VAE must be present, and every tensor is used but the two fixed tables;
+an error is one line naming the tensor (`reca.models.loading`).
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -52,18 +54,10 @@ def load_bagel(model: torch.nn.Module, directory: str | Path) -> dict[str, int]:
     weights = next((root / f for f in ("ema.safetensors", "model.safetensors") if (root / f).exists()), None)
     if weights is None:
         raise ValueError(f"{root} holds neither ema.safetensors nor model.safetensors (BAGEL's layout)")
-    state = read_safetensors(weights)
-    for key in FIXED_TABLES:  # rebuilt from the config, as BAGEL does
-        state.pop(key, None)
-    own = {k for k in model.state_dict() if not k.startswith("codec.")}
-    unknown = sorted(set(state) - own)
-    if unknown:
-        raise ValueError(f"{weights.name}: {len(unknown)} keys this model does not have, e.g. {unknown[0]} "
-                         "(a different layer_module or shape?)")
-    missing = sorted(own - set(state))
-    if missing:
-        raise ValueError(f"{weights.name}: the checkpoint lacks {len(missing)} tensors, e.g. {missing[0]}")
-    loaded = {weights.name: load_into(model, state, weights.name, strict=False)}
+    # the two fixed sin-cos tables BAGEL pops on load and rebuilds from the config: not used
+    loaded = {weights.name: load_into(model, read_safetensors(weights), weights.name,
+                                      unused=tuple(f"^{re.escape(k)}$" for k in FIXED_TABLES),
+                                      optional=(r"^codec\.",))}  # the VAE is ae.safetensors
     if (root / "ae.safetensors").exists():
         loaded["ae.safetensors"] = load_into(model.codec, read_safetensors(root / "ae.safetensors"), "ae.safetensors")
     return loaded

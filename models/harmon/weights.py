@@ -11,19 +11,20 @@ later ones overriding earlier ones):
     DIR/vae.safetensors, DIR/vae/ or DIR/kl16.ckpt   the KL-16 VAE (LDM AutoencoderKL keys;
                              MAR's kl16.ckpt wraps them in {"model": ...})
 
-Shapes must match the preset exactly; an error is one line naming the tensor.
+Shapes must match the preset exactly; every tensor is used, or is one of those named here as
+unused (the rotary `inv_freq` buffer some releases saved; an LDM file's `loss.*`), and every
+parameter a file is for is in it: otherwise one line names the tensor (`reca.models.loading`).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from reca.models.loading import load_into, read_safetensors
+from reca.models.loading import INV_FREQ, LDM_LOSS, load_into, read_checkpoint, read_safetensors
 
 PREFIXES = ("llm.", "proj_in.", "proj_out.", "mar.")
-VAE_PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 _IGNORED = ("rotary_emb.inv_freq",)  # buffers some transformers releases saved; rebuilt from the config
 
 
@@ -46,42 +47,18 @@ def export_harmon(model: torch.nn.Module, path: str | Path) -> Path:
     return path
 
 
-def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
-    """A flat state dict from `.safetensors` or a torch file (tensors only: weights_only=True);
-    a single wrapping key ("model", "state_dict", "module") is unwrapped."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("model", "state_dict", "module"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: not a state dict")
-    return state
-
-
 def load_harmon_checkpoint(model: torch.nn.Module, path: str | Path) -> int:
     """Copy a Harmon-layout checkpoint into `model`; returns how many tensors were set. Every
     parameter under the four prefixes must be present (the LM head may be absent when tied), and
-    no other key may be."""
-    state = {k: v for k, v in read_checkpoint(path).items() if not k.endswith(_IGNORED)}
-    own = harmon_state_dict(model)
-    unexpected = sorted(k for k in state if k not in own)
-    if unexpected:
-        raise ValueError(f"{path}: {len(unexpected)} keys that a Harmon model of this preset does not have, "
-                         f"e.g. {unexpected[0]}")
-    params = {n for n, _ in model.named_parameters() if n.startswith(PREFIXES)}  # tied head listed once
-    missing = sorted(params - state.keys())
-    if missing:
-        raise ValueError(f"{path}: the checkpoint lacks {len(missing)} parameters, e.g. {missing[0]}")
-    return load_into(model, state, str(path), strict=False)
+    no other key may be (but the rotary buffer some transformers releases saved)."""
+    return load_into(model, read_checkpoint(path), Path(path).name, unused=(INV_FREQ,),
+                     optional=(lambda k: not k.startswith(PREFIXES),))  # the VAE is its own file
 
 
 def load_vae(model: torch.nn.Module, path: Path) -> int:
     state = read_safetensors(path) if path.suffix == ".safetensors" or path.is_dir() else read_checkpoint(path)
-    state = {k: v for k, v in state.items() if k.startswith(VAE_PREFIXES)}  # LDM files also hold loss.*
-    return load_into(model.codec, state, str(path))
+    name = path.name + ("/" if path.is_dir() else "")
+    return load_into(model.codec, state, name, unused=(LDM_LOSS,))  # MAR's kl16.ckpt also holds loss.*
 
 
 def load_pretrained(model: torch.nn.Module, directory: str | Path) -> dict[str, int]:
@@ -89,22 +66,21 @@ def load_pretrained(model: torch.nn.Module, directory: str | Path) -> dict[str, 
     Harmon checkpoint. Returns the number of tensors set per part."""
     root = Path(directory)
     if root.is_file():
-        return {"harmon": load_harmon_checkpoint(model, root)}
+        return {root.name: load_harmon_checkpoint(model, root)}
     if not root.is_dir():
         raise ValueError(f"--init-from directory not found: {root}")
     loaded: dict[str, int] = {}
     if (root / "llm").is_dir():
-        state = {k: v for k, v in read_safetensors(root / "llm").items() if not k.endswith(_IGNORED)}
-        loaded["llm"] = load_into(model.llm, state, "llm")
+        loaded["llm/"] = load_into(model.llm, read_safetensors(root / "llm"), "llm/", unused=(INV_FREQ,))
     checkpoints = sorted(root.glob("*.pth")) + [p for p in (root / "harmon.safetensors",) if p.exists()]
     if len(checkpoints) > 1:
         names = ", ".join(p.name for p in checkpoints)
         raise ValueError(f"{root} holds {len(checkpoints)} Harmon checkpoints ({names}); keep one")
     if checkpoints:
-        loaded["harmon"] = load_harmon_checkpoint(model, checkpoints[0])
+        loaded[checkpoints[0].name] = load_harmon_checkpoint(model, checkpoints[0])
     for vae in (root / "vae.safetensors", root / "vae", root / "kl16.ckpt"):
         if vae.exists():
-            loaded["vae"] = load_vae(model, vae)
+            loaded[vae.name + ("/" if vae.is_dir() else "")] = load_vae(model, vae)
             break
     if not loaded:
         raise ValueError(f"{root} holds none of llm/, *.pth, harmon.safetensors, vae.safetensors, vae/, kl16.ckpt")

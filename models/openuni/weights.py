@@ -15,7 +15,8 @@ convert_internvl_weights_to_hf.py, and its split of the ViT's fused qkv). A dire
     DIR/vae/                diffusers AutoencoderDC (dc-ae-f32c32-sana-1.1-diffusers)
     DIR/*.pth or DIR/openuni.safetensors   one OpenUni checkpoint (RecA's starting point)
 
-Shapes must match the preset exactly; an error is one line naming the tensor.
+Shapes must match the preset exactly; every tensor is used but InternVL3's LM head, and a part
+present is whole; an error is one line naming the tensor (`reca.models.loading`).
 """
 from __future__ import annotations
 
@@ -25,12 +26,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from reca.models.harmon.weights import read_checkpoint
+from reca.models.loading import read_checkpoint
 from reca.models.loading import load_into, read_safetensors
 
 TRAINED = ("meta_queries", "connector.", "projector.", "transformer.")  # what RecA changes; export writes these
-REQUIRED = ("meta_queries", "connector.", "projector.")  # an OpenUni checkpoint always holds these
 FROZEN = ("lmm.", "vae.")
+LM_HEAD = r"(^|\.)lm_head\."  # InternVL3's text head: OpenUni never reads logits
 
 # remote-code InternVL name -> transformers InternVLModel name, applied in order (the conversion script's table)
 _TO_RECA = (
@@ -76,19 +77,16 @@ def _rename(key: str, table) -> str:
 def internvl_to_reca(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """InternVL3 tensors in the remote-code layout (or transformers' "-hf" layout) -> the names of
     `OpenUniModel.lmm`; the fused ViT `attn.qkv` is split into q/k/v (rows in that order); the LM
-    head is dropped (OpenUni never reads logits)."""
+    head keeps a `lm_head.` name, which the loaders declare unused (OpenUni never reads logits)."""
     if any(k.startswith(("vision_tower.", "model.vision_tower.")) for k in state):  # already transformers'
         out = {}
         for k, v in state.items():
             k = k[len("model."):] if k.startswith("model.") else k
             k = "language_model." + k[len("language_model.model."):] if k.startswith("language_model.model.") else k
-            if not k.startswith(("lm_head.", "language_model.lm_head.")):
-                out[k] = v
+            out[k] = v  # the LM head too: the loader declares it unused
         return out
     out = {}
     for key, value in state.items():
-        if key.startswith("language_model.lm_head."):
-            continue
         new = _rename(key, _TO_RECA)
         if new.endswith((".attention.qkv.weight", ".attention.qkv.bias")):
             for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
@@ -135,22 +133,14 @@ def export_openuni(model: torch.nn.Module, path: str | Path) -> Path:
 def load_openuni_checkpoint(model: torch.nn.Module, path: str | Path) -> int:
     """Copy an OpenUni checkpoint into `model`; returns how many tensors were set. Queries,
     connector and projector must all be present; SANA, InternVL3 (`lmm.`, remote-code names)
-    and DC-AE may be; nothing else may."""
+    and DC-AE may be, each then whole; nothing else may (InternVL3's LM head is not used)."""
     state = read_checkpoint(path)
-    unexpected = sorted(k for k in state if not k.startswith(TRAINED + FROZEN))
-    if unexpected:
-        raise ValueError(f"{path}: {len(unexpected)} keys that an OpenUni model does not have, e.g. {unexpected[0]}")
     lmm = internvl_to_reca({k[len("lmm."):]: v for k, v in state.items() if k.startswith("lmm.")})
     state = {k: v for k, v in state.items() if not k.startswith("lmm.")} | {f"lmm.{k}": v for k, v in lmm.items()}
-    own = model.state_dict()
-    unknown = sorted(k for k in state if k not in own)
-    if unknown:
-        raise ValueError(f"{path}: {unknown[0]} is not a tensor of this OpenUni preset")
-    params = {n for n, _ in model.named_parameters() if n.startswith(REQUIRED)}
-    missing = sorted(params - state.keys())
-    if missing:
-        raise ValueError(f"{path}: the checkpoint lacks {len(missing)} parameters, e.g. {missing[0]}")
-    return load_into(model, state, str(path), strict=False)
+    present = {p for p in ("transformer.", "lmm.", "vae.") if any(k.startswith(p) for k in state)}
+    absent = tuple(p for p in ("transformer.", "lmm.", "vae.") if p not in present)
+    return load_into(model, state, Path(path).name, unused=(LM_HEAD,),
+                     optional=(lambda k: k.startswith(absent) if absent else False,))
 
 
 def load_pretrained(model: torch.nn.Module, directory: str | Path) -> dict[str, int]:
@@ -158,21 +148,22 @@ def load_pretrained(model: torch.nn.Module, directory: str | Path) -> dict[str, 
     OpenUni checkpoint. Returns the number of tensors set per part."""
     root = Path(directory)
     if root.is_file():
-        return {"openuni": load_openuni_checkpoint(model, root)}
+        return {root.name: load_openuni_checkpoint(model, root)}
     if not root.is_dir():
         raise ValueError(f"--init-from directory not found: {root}")
     loaded: dict[str, int] = {}
     if (root / "internvl").is_dir():
-        loaded["internvl"] = load_into(model.lmm, internvl_to_reca(read_safetensors(root / "internvl")), "internvl")
+        loaded["internvl/"] = load_into(model.lmm, internvl_to_reca(read_safetensors(root / "internvl")), "internvl/",
+                                        unused=(LM_HEAD,))
     for part in ("transformer", "vae"):
         if (root / part).is_dir():
-            loaded[part] = load_into(getattr(model, part), read_safetensors(root / part), part)
+            loaded[part + "/"] = load_into(getattr(model, part), read_safetensors(root / part), part + "/")
     checkpoints = sorted(root.glob("*.pth")) + [p for p in (root / "openuni.safetensors",) if p.exists()]
     if len(checkpoints) > 1:
         names = ", ".join(p.name for p in checkpoints)
         raise ValueError(f"{root} holds {len(checkpoints)} OpenUni checkpoints ({names}); keep one")
     if checkpoints:
-        loaded["openuni"] = load_openuni_checkpoint(model, checkpoints[0])
+        loaded[checkpoints[0].name] = load_openuni_checkpoint(model, checkpoints[0])
     if not loaded:
         raise ValueError(f"{root} holds none of internvl/, transformer/, vae/, *.pth, openuni.safetensors")
     return loaded

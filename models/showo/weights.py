@@ -6,21 +6,23 @@ filter by prefix. A directory for `load_pretrained` may hold (each part optional
     DIR/*.safetensors | DIR/pytorch_model.bin   a Show-o checkpoint (`showo.*`, `mm_projector.*`)
     DIR/phi/      a Hugging Face Phi-1.5 directory (`model.*`, `lm_head.*`, vocabulary 51,200):
                   rows of the text tokens are copied, the rest keep their initialisation
-                  (Show-o's `resize_token_embeddings` to 58,498)
-    DIR/clip/     a Hugging Face CLIP vision (or full CLIP) directory; the last layer is not built
+                  (Show-o's `resize_token_embeddings` to 58,498); Phi-1.5 has no q/k LayerNorms,
+                  which keep theirs (ones and zeros), as Show-o's training from Phi-1.5 starts
+    DIR/clip/     a Hugging Face CLIP vision (or full CLIP) directory; the last layer is not built,
+                  and a full CLIP's text model, projections and logit scale are not used
     DIR/magvitv2/ Show-o's MAGVIT-v2 (`encoder.*`, `decoder.*`, `quantize.*`)
 
-Shapes must match the preset; an error is one line naming the tensor.
+Shapes must match the preset; every other tensor is used, and a Show-o checkpoint holds every
+`showo.*` and `mm_projector.*` parameter; an error is one line naming the tensor.
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from reca.models.loading import load_into, read_safetensors
+from reca.models.loading import INV_FREQ, POSITION_IDS, last_layers, load_into, read_checkpoint, read_safetensors
 
 PREFIXES = ("showo.", "mm_projector.")
 _IGNORED = ("rotary_emb.inv_freq",)
@@ -44,18 +46,37 @@ def export_showo(model, path: str | Path) -> Path:
 def _read(path: Path) -> dict[str, torch.Tensor]:
     if path.is_dir() or path.suffix == ".safetensors":
         return read_safetensors(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return read_checkpoint(path)
+
+
+QK_NORM = r"self_attn\.[qk]_layernorm\."  # Show-o's q/k LayerNorms: Phi-1.5 has none (init: ones, zeros)
+CLIP_UNUSED = (  # of a full CLIP directory (openai/clip-vit-large-patch14-336), what the tower does not use
+    r"^text_model\.", r"^(visual|text)_projection\.", r"^logit_scale$",  # the text side
+    POSITION_IDS,
+)
 
 
 def _phi(model, state: dict[str, torch.Tensor]) -> int:
-    """Phi-1.5 keys into `model.showo`; the 51,200-row tables fill the text rows only."""
+    """Phi-1.5 keys into `model.showo`; the 51,200-row tables fill the text rows only (the rest
+    keep their initialisation, as Show-o's `resize_token_embeddings` leaves them)."""
     own = model.showo.state_dict()
     text = model.layout.text
+    resized: set[str] = set()
     with torch.no_grad():
         for key in ("model.embed_tokens.weight", "lm_head.weight", "lm_head.bias"):
             if key in state and state[key].shape[0] != own[key].shape[0]:
-                own[key][:text].copy_(state.pop(key)[:text])
-    return load_into(model.showo, state, "phi", strict=False) + 3
+                if state[key].shape[0] < text:
+                    raise ValueError(f"phi/: {key} has {state[key].shape[0]} rows, fewer than the {text} text tokens")
+                if not _headers_only(state[key]):
+                    own[key][:text].copy_(state[key][:text])
+                state.pop(key)
+                resized.add(key)
+    return load_into(model.showo, state, "phi/", unused=(INV_FREQ,),
+                     optional=(QK_NORM, lambda k: k in resized)) + len(resized)
+
+
+def _headers_only(t: torch.Tensor) -> bool:
+    return t.device.type == "meta"
 
 
 def load_pretrained(model, directory: str | Path) -> dict[str, int]:
@@ -64,34 +85,26 @@ def load_pretrained(model, directory: str | Path) -> dict[str, int]:
         raise ValueError(f"--init-from directory not found: {root}")
     loaded: dict[str, int] = {}
     if (root / "phi").is_dir():
-        loaded["phi"] = _phi(model, read_safetensors(root / "phi"))
+        loaded["phi/"] = _phi(model, read_safetensors(root / "phi"))
     if (root / "clip").is_dir() and hasattr(model, "clip"):
-        kept = model.clip.config.num_hidden_layers
-        state = {k[len("vision_model."):] if k.startswith("vision_model.") else k: v
-                 for k, v in read_safetensors(root / "clip").items()}
-
-        def wanted(key: str) -> bool:
-            layer = re.match(r"encoder\.layers\.(\d+)\.", key)
-            return key.split(".")[0] in ("embeddings", "pre_layrnorm", "encoder", "post_layernorm") and (
-                layer is None or int(layer.group(1)) < kept)
-
-        state = {"vision_model." + k: v for k, v in state.items() if wanted(k)}
-        loaded["clip"] = load_into(model.clip, state, "clip")
+        kept = model.clip.config.num_hidden_layers  # the tower's last layer is never built
+        state = read_safetensors(root / "clip")
+        if not any(k.startswith("vision_model.") for k in state):  # a bare CLIPVisionTransformer dump
+            state = {"vision_model." + k: v for k, v in state.items()}
+        loaded["clip/"] = load_into(model.clip, state, "clip/", unused=CLIP_UNUSED + (last_layers(kept),))
     if (root / "magvitv2").is_dir():
-        loaded["vq"] = load_into(model.vq, read_safetensors(root / "magvitv2"), "magvitv2")
+        loaded["magvitv2/"] = load_into(model.vq, read_safetensors(root / "magvitv2"), "magvitv2/")
     files = sorted(root.glob("*.safetensors")) or sorted(root.glob("pytorch_model*.bin"))
     if files:
         state: dict[str, torch.Tensor] = {}
         for f in files:
             state.update(_read(f))
-        state = {k: v for k, v in state.items() if k.startswith(PREFIXES) and not k.endswith(_IGNORED)}
-        if not state:
-            raise ValueError(f"{files[0]}: no showo.* or mm_projector.* tensors (not a Show-o checkpoint)")
-        loaded["showo"] = load_into(model, state, "showo", strict=False)
-        params = {n for n, _ in model.named_parameters() if n.startswith(PREFIXES)}
-        missing = sorted(params - state.keys())
-        if missing:
-            raise ValueError(f"showo: the checkpoint lacks {len(missing)} parameters, e.g. {missing[0]}")
+        if not any(k.startswith(PREFIXES) for k in state):
+            raise ValueError(f"{files[0].name}: no showo.* or mm_projector.* tensors (not a Show-o checkpoint)")
+        name = files[0].name if len(files) == 1 else f"{files[0].name} (+{len(files) - 1} shards)"
+        # a Show-o checkpoint holds showo.* and mm_projector.* whole; the CLIP tower and MAGVIT-v2 are their own
+        loaded[name] = load_into(model, state, name, unused=(INV_FREQ,),
+                                 optional=(lambda k: not k.startswith(PREFIXES),))
     if not loaded:
         raise ValueError(f"{root} holds none of a Show-o checkpoint, phi/, clip/, magvitv2/")
     return loaded
