@@ -96,7 +96,7 @@ class SampleConfig:
     prompts: str = ""  # a file with one instruction a line; empty = the pool shipped with reca
     fixed_instruction: str = "Generate an image."
     fixed_prob: float = 0.1  # probability of the fixed instruction instead of a pooled one (visual tokens kept)
-    max_text_tokens: int = 128  # instructions are cut to this many tokens; prompts are padded to a fixed length
+    max_text_tokens: int = 128  # the longest instruction allowed (a longer one is refused, never cut); prompts are padded to fit it
 
     def __post_init__(self) -> None:
         _require(self, "fixed_prob", 0 <= self.fixed_prob <= 1, "in [0, 1]")

@@ -138,7 +138,9 @@ def _harmon(name: str, llm: Qwen2Shape, mar: MARShape, head: DiffHeadShape, batc
 
 def harmon_0_5b() -> RunConfig:
     """Harmon-0.5B: Qwen2.5-0.5B (896 wide, 24 layers, 14 heads, 2 KV heads, MLP 4864), MAR-base
-    (768 wide, 12 + 12 blocks, 12 heads), head 6 x 1024; batch 96."""
+    (768 wide, 12 + 12 blocks, 12 heads), head 6 x 1024; batch 96. The published run's
+    instructions: `--prompts Harmon/src/datasets/text2image/consts.py` from the RecA authors'
+    repository (HorizonWind2004/reconstruction-alignment)."""
     return _harmon(
         "harmon-0.5b",
         Qwen2Shape(vocab_size=151_936, hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
@@ -151,7 +153,9 @@ def harmon_0_5b() -> RunConfig:
 
 def harmon_1_5b() -> RunConfig:
     """Harmon-1.5B: Qwen2.5-1.5B (1536 wide, 28 layers, 12 heads, 2 KV heads, MLP 8960), MAR-huge
-    (1280 wide, 20 + 20 blocks, 16 heads), head 12 x 1536; batch 48."""
+    (1280 wide, 20 + 20 blocks, 16 heads), head 12 x 1536; batch 48. The published run's
+    instructions: `--prompts Harmon/src/datasets/text2image/consts.py` from the RecA authors'
+    repository (HorizonWind2004/reconstruction-alignment)."""
     return _harmon(
         "harmon-1.5b",
         Qwen2Shape(vocab_size=151_936, hidden_size=1536, intermediate_size=8960, num_layers=28, num_heads=12,
@@ -225,7 +229,8 @@ def openuni_b_512() -> RunConfig:
     """OpenUni-B-512 (RecA's "OpenUni-1-0.6B", reca_1_0.6): InternVL3-1B (Qwen2.5-0.5B: 896 wide,
     24 layers, 14 heads, 2 KV heads, MLP 4864), connector 896 / 3072 / 14 heads / 6 layers,
     SANA 0.6B (28 layers, 36 x 32 self-attention, 16 x 72 cross-attention); accumulation 4,
-    10,000 micro-batches = 2,500 updates."""
+    10,000 micro-batches = 2,500 updates. The published run's instructions: `--prompts
+    OpenUni/src/datasets/image2image/consts.py` from the RecA authors' repository."""
     return _openuni(
         "openuni-b-512",
         Qwen2Shape(vocab_size=151_674, hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
@@ -240,7 +245,8 @@ def openuni_l_512() -> RunConfig:
     """OpenUni-L-512 (RecA's "OpenUni-2-1.6B", reca_2_1.6): InternVL3-2B (Qwen2.5-1.5B: 1536 wide,
     28 layers, 12 heads, 2 KV heads, MLP 8960), connector 1536 / 8960 / 24 heads / 6 layers,
     SANA 1.6B (20 layers, 70 x 32 self-attention, 20 x 112 cross-attention); accumulation 16,
-    5,000 micro-batches = 312 updates."""
+    5,000 micro-batches = 312 updates. The published run's instructions: `--prompts
+    OpenUni/src/datasets/image2image/consts.py` from the RecA authors' repository."""
     return _openuni(
         "openuni-l-512",
         Qwen2Shape(vocab_size=151_674, hidden_size=1536, intermediate_size=8960, num_layers=28, num_heads=12,
@@ -283,7 +289,8 @@ def bagel_7b_mot() -> RunConfig:
     AdamW lr 4e-5, betas (0.9, 0.95), eps 1e-15, no weight decay, 1000 warm-up steps then
     constant, clip 1.0; text dropped with p 0.1 (no fixed instruction); activation checkpointing
     on every block; EMA 0.9999 of the trained weights, updated every step. The public script
-    sets no step count (A9): 5,000 is our choice."""
+    sets no step count (A9): 5,000 is our choice. The published run's instructions: `--prompts
+    BAGEL/data/consts.py` from the RecA authors' repository (HorizonWind2004/reconstruction-alignment)."""
     return RunConfig(
         preset="bagel-7b-mot",
         model=BagelConfig(
@@ -354,12 +361,16 @@ def _showo(name: str, size: int, batch: int) -> RunConfig:
 
 
 def showo_1_3b_256() -> RunConfig:
-    """Show-o-RecA (CLIP) at 256 px: 256 codes; 4 recon + 4 image-to-text images a micro-step."""
+    """Show-o-RecA (CLIP) at 256 px: 256 codes; 4 recon + 4 image-to-text images a micro-step.
+    The published run's instructions: `--prompts Show-o/training/consts.py` from the RecA
+    authors' repository (HorizonWind2004/reconstruction-alignment)."""
     return _showo("showo-1.3b-256", 256, 4)
 
 
 def showo_1_3b_512() -> RunConfig:
-    """Show-o-512x512-RecA (CLIP): 1024 codes; 2 recon + 2 image-to-text images a micro-step."""
+    """Show-o-512x512-RecA (CLIP): 1024 codes; 2 recon + 2 image-to-text images a micro-step.
+    The published run's instructions: `--prompts Show-o/training/consts.py` from the RecA
+    authors' repository (HorizonWind2004/reconstruction-alignment)."""
     return _showo("showo-1.3b-512", 512, 2)
 
 

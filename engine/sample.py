@@ -9,6 +9,7 @@ choice is a pure function of (seed, stream position): resuming reproduces it exa
 """
 from __future__ import annotations
 
+import ast
 import importlib.resources
 import re
 from pathlib import Path
@@ -23,9 +24,11 @@ _FIELD = re.compile(r"(\{image\}|\{instruction\})")
 
 
 def load_instructions(path: str = "") -> list[str]:
-    """One instruction a line from `path` (UTF-8 text), or the pool shipped with reca when `path`
-    is empty. A binary file (NUL bytes, or not UTF-8) or one without a line of printable text
-    is refused with one line: its bytes would otherwise reach the model as garbage tokens."""
+    """One instruction a line from `path` (UTF-8 text), the list of a Python file in the RecA
+    authors' format (`path` ending in .py: see `instructions_from_python`), or the pool shipped
+    with reca when `path` is empty. A binary file (NUL bytes, or not UTF-8) or one without a line
+    of printable text is refused with one line: its bytes would otherwise reach the model as
+    garbage tokens."""
     if path:
         p = Path(path)
         if not p.is_file():
@@ -37,6 +40,8 @@ def load_instructions(path: str = "") -> list[str]:
             text = raw.decode("utf-8-sig")
         except UnicodeDecodeError as e:
             raise UserError(f"prompts file {path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+        if p.suffix == ".py":
+            return instructions_from_python(text, path)
     else:
         text = (importlib.resources.files("reca.engine.prompts") / "instructions.txt").read_text(encoding="utf-8")
     lines = [line.strip() for line in text.splitlines()]
@@ -44,6 +49,46 @@ def load_instructions(path: str = "") -> list[str]:
     if not lines:
         raise UserError(f"prompts file has no instructions (no line of printable text): {path}")
     return lines
+
+
+def instructions_from_python(source: str, path: str = "<prompts>") -> list[str]:
+    """The instruction list of a Python file in the RecA authors' format: their `consts.py`
+    (BAGEL/data/, Harmon/src/datasets/text2image/, OpenUni/src/datasets/image2image/,
+    Show-o/training/), whose `get_recon_prompt_list()` returns a literal list. The file is parsed
+    with `ast`, never executed: the list is a function's `return [...]` (or a module-level
+    `NAME = [...]`), `get_recon_prompt_list` preferred when there are several; every element must
+    be a string literal (adjacent literals are one string, as Python joins them). Duplicates are
+    kept: they weight the authors' draw. Anything else is one line."""
+    try:
+        tree = ast.parse(source, filename=path)
+    except SyntaxError as e:
+        raise UserError(f"prompts file {path} is not valid Python (line {e.lineno}: {e.msg})") from None
+    found: list[tuple[str, ast.List]] = []
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            found += [(node.name, r.value) for r in ast.walk(node) if isinstance(r, ast.Return) and isinstance(r.value, ast.List)]
+        elif isinstance(node, ast.Assign) and isinstance(node.value, ast.List):
+            found += [(t.id, node.value) for t in node.targets if isinstance(t, ast.Name)]
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.value, ast.List) and isinstance(node.target, ast.Name):
+            found.append((node.target.id, node.value))
+    preferred = [f for f in found if f[0] == "get_recon_prompt_list"]
+    if preferred:
+        found = preferred[:1]
+    if len(found) != 1:
+        names = ", ".join(sorted({name for name, _ in found})) or "none"
+        raise UserError(f"prompts file {path}: expected one literal list of instructions (a function returning "
+                        f"[...] or NAME = [...], get_recon_prompt_list preferred); found {len(found)} ({names})")
+    name, literal = found[0]
+    out = []
+    for k, elt in enumerate(literal.elts):
+        if not (isinstance(elt, ast.Constant) and isinstance(elt.value, str)) or not elt.value.strip():
+            what = "an empty string" if isinstance(elt, ast.Constant) and isinstance(elt.value, str) else type(elt).__name__
+            raise UserError(f"prompts file {path}: element {k + 1} of {name} (line {elt.lineno}) is {what}, "
+                            "not a string literal; the list is read, never run, so it must be literal")
+        out.append(elt.value)
+    if not out:
+        raise UserError(f"prompts file {path}: {name} is an empty list")
+    return out
 
 
 class SampleBuilder:
@@ -70,7 +115,14 @@ class SampleBuilder:
         self.seed = seed
         # The template as a list of literal id chunks and two slots, tokenised once.
         self._parts = [p if p in ("{image}", "{instruction}") else tokenizer.encode(p) for p in parts if p]
-        self._pool = [tokenizer.encode(s)[:max_text_tokens] for s in instructions]
+        self._pool = [tokenizer.encode(s) for s in instructions]
+        longest = max(range(len(self._pool)), key=lambda k: len(self._pool[k]), default=None)
+        if longest is not None and len(self._pool[longest]) > max_text_tokens:
+            text = instructions[longest]
+            raise UserError(f"instruction {longest + 1} of {len(instructions)} is {len(self._pool[longest])} tokens with "
+                            f"this model's tokenizer, past sample.max_text_tokens={max_text_tokens} (instructions are "
+                            f"never cut): {text[:80]!r}{'...' if len(text) > 80 else ''}; raise sample.max_text_tokens "
+                            "or shorten it")
         self._fixed = tokenizer.encode(fixed_instruction)[:max_text_tokens]
         self.max_text_tokens = max_text_tokens
         literal = sum(len(p) for p in self._parts if isinstance(p, list))

@@ -1,8 +1,11 @@
 """RecA sample builder: placeholders, instruction dropout, fixed shapes, no loss on the prompt."""
+import re
+
 import numpy as np
 import pytest
 import torch
 
+from reca.engine.errors import UserError
 from reca.engine.sample import SampleBuilder, load_instructions
 from reca.models.adapter import PromptTemplate
 from reca.models.tokenizer import tiny_tokenizer
@@ -66,14 +69,60 @@ def test_choices_are_pure_functions_of_seed_and_position():
     assert len({a.choose(p) for p in pos}) > 50  # the pool is really drawn from
 
 
-def test_long_instructions_are_cut(tmp_path):
+def test_long_instructions_are_refused_never_cut(tmp_path):
     f = tmp_path / "p.txt"
-    f.write_text("word " * 500 + "\nshort one\n")
+    f.write_text("short one\n" + "word " * 500 + "\nanother\n")
     tok = tiny_tokenizer()
-    builder = SampleBuilder(tok, HARMON, 5, load_instructions(str(f)), fixed_prob=0.0, max_text_tokens=16)
-    batch = builder.build(range(20))
-    literal = len(tok.encode(HARMON.text.replace("{image}", "").replace("{instruction}", "")))
-    assert batch.mask.sum(1).max() <= literal + 5 + 16
+    with pytest.raises(UserError, match=r"instruction 2 of 3 is \d+ tokens .* past sample.max_text_tokens=16 .*'word word"):
+        SampleBuilder(tok, HARMON, 5, load_instructions(str(f)), fixed_prob=0.0, max_text_tokens=16)
+    fits = SampleBuilder(tok, HARMON, 5, ["short one", "another"], fixed_prob=0.0, max_text_tokens=16)
+    assert all(len(p) <= 16 for p in fits._pool)
+
+
+AUTHORS_FORMAT = """import os
+os.makedirs("EXECUTED")  # would show if the file were run
+
+
+def get_recon_prompt_list():
+    return ["Describe every visual detail of this image",
+            "Reproduce the picture: "
+            "its colours, shapes and textures",
+            "Describe every visual detail of this image",
+            ]
+
+
+def other():
+    return ["not this one"]
+"""
+
+
+def test_authors_consts_py_is_read_as_a_literal_never_run(tmp_path, monkeypatch):
+    """`--prompts consts.py` in the RecA authors' format: get_recon_prompt_list's literal list,
+    duplicates kept (they weight the draw), adjacent literals joined; the file never runs."""
+    monkeypatch.chdir(tmp_path)
+    f = tmp_path / "consts.py"
+    f.write_text(AUTHORS_FORMAT)
+    got = load_instructions(str(f))
+    assert got == ["Describe every visual detail of this image", "Reproduce the picture: its colours, shapes and textures",
+                   "Describe every visual detail of this image"]
+    assert not (tmp_path / "EXECUTED").exists()
+    (tmp_path / "assign.py").write_text("PROMPTS = ['a', 'b', 'a']\n")
+    assert load_instructions(str(tmp_path / "assign.py")) == ["a", "b", "a"]
+
+
+@pytest.mark.parametrize("source,needle", [
+    ("def get_recon_prompt_list():\n    return [f'{x}']\n", "element 1 of get_recon_prompt_list (line 2) is JoinedStr"),
+    ("def get_recon_prompt_list():\n    return ['a', NAME]\n", "element 2 of get_recon_prompt_list (line 2) is Name"),
+    ("def get_recon_prompt_list():\n    return [s for s in 'ab']\n", "found 0 (none)"),
+    ("A = ['x']\nB = ['y']\n", "found 2 (A, B)"),
+    ("def get_recon_prompt_list():\n    return [\n", "is not valid Python"),
+    ("def get_recon_prompt_list():\n    return []\n", "is an empty list"),
+])
+def test_a_consts_py_that_is_not_a_literal_list_is_one_line(tmp_path, source, needle):
+    f = tmp_path / "consts.py"
+    f.write_text(source)
+    with pytest.raises(UserError, match=re.escape(needle)):
+        load_instructions(str(f))
 
 
 def test_no_loss_on_prompt_positions():
@@ -101,3 +150,27 @@ def test_no_loss_on_prompt_positions():
     pred2 = model.velocity(embeds2, prompt, x_t, torch.rand(2) * 0 + 0.5)
     pred1 = model.velocity(embeds.detach(), prompt, x_t, torch.rand(2) * 0 + 0.5)
     torch.testing.assert_close(pred1, pred2, rtol=1e-5, atol=1e-5)
+
+
+def test_reca_train_refuses_an_overlong_instruction_at_start(tmp_path, capsys):
+    from reca.engine.cli import main
+
+    f = tmp_path / "consts.py"
+    f.write_text("def get_recon_prompt_list():\n    return ['short', '" + "word " * 100 + "']\n")
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--preset", "tiny", "--prompts", str(f), "--out", str(tmp_path / "run"), "--steps", "1", "--quiet"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exit_.value.code == 2 and len(lines) == 1
+    assert "instruction 2 of 2 is" in lines[0] and "past sample.max_text_tokens=32" in lines[0], lines
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
+@pytest.mark.parametrize("name,file", [
+    ("harmon-0.5b", "Harmon/src/datasets/text2image/consts.py"), ("harmon-1.5b", "Harmon/src/datasets/text2image/consts.py"),
+    ("openuni-b-512", "OpenUni/src/datasets/image2image/consts.py"),
+    ("openuni-l-512", "OpenUni/src/datasets/image2image/consts.py"), ("bagel-7b-mot", "BAGEL/data/consts.py"),
+    ("showo-1.3b-256", "Show-o/training/consts.py"), ("showo-1.3b-512", "Show-o/training/consts.py")])
+def test_each_real_preset_names_the_authors_instruction_file(name, file):
+    from reca.engine.presets import PRESETS
+
+    assert f"--prompts {file}" in " ".join(PRESETS[name].__doc__.split())
