@@ -167,7 +167,7 @@ def load_init_from(model: torch.nn.Module, cfg: RunConfig) -> str:
         if id(p) not in record["set"]:
             top = name.split(".")[0]
             left[top] = left.get(top, 0) + p.numel()
-    report = f"--init-from {cfg.train.init_from}: " + ("; ".join(files) or "no tensors")
+    report = f"--init-from {cfg.train.init_from}: " + ("; ".join(files + record["notes"]) or "no tensors")
     if left:
         report += "; left at their initialisation: " + ", ".join(f"{k} ({v:,} parameters)" for k, v in left.items())
     return report

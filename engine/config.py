@@ -33,6 +33,7 @@ from reca.models import FAMILIES, ModelConfig
 OBJECTIVES: tuple[str, ...] = ("recon", "caption")
 
 Decoder = Literal["auto", "dali", "nvjpeg", "pil"]
+SquareOffset = Literal["centre", "random"]
 Schedule = Literal["cosine", "constant"]
 Backend = Literal["auto", "torch", "triton"]
 Mode = Literal["custom", "fast", "reference"]
@@ -58,6 +59,9 @@ class DataConfig:
     seed: int = 0  # shuffle order and augmentation are pure functions of (seed, stream position)
     crop_scale: float = 0.6  # random square crops cover between this fraction and all of the short side; 1.0 disables
     hflip: bool = True  # random horizontal flips (one draw shared by both views)
+    # where the square of a whole image (crop_scale 1, "crop" views) lies along its long side:
+    # "centre", or "random" (OpenUni's crop2square: a uniform offset, from the sample's own draws)
+    square_offset: SquareOffset = "centre"
     und_downscale: float = 1.0  # < 1 blurs the understanding view on purpose (an information bottleneck)
     min_side: int = 16  # images with a shorter side are skipped as broken
     max_pixels: int = 64_000_000  # header sizes beyond this are skipped unread (decompression bombs)

@@ -103,7 +103,14 @@ def text_prompt(model, cfg: RunConfig, texts: list[str]) -> PromptBatch:
     for wrapper in _WRAPPERS:
         layout = layout.replace(wrapper, "")
     head, tail = layout.split("{instruction}")
-    rows = [tok.encode(head) + tok.encode(t)[: cfg.sample.max_text_tokens] + tok.encode(tail) for t in texts]
+    rows = []
+    for t in texts:
+        ids = tok.encode(t)
+        if len(ids) > cfg.sample.max_text_tokens:
+            raise UserError(f"the prompt is {len(ids)} tokens with this model's tokenizer, past "
+                            f"sample.max_text_tokens={cfg.sample.max_text_tokens} (prompts are never cut); shorten it "
+                            "or --set sample.max_text_tokens=N")
+        rows.append(tok.encode(head) + ids + tok.encode(tail))
     return _padded(rows, tok.token_id(template.pad_token))
 
 

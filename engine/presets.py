@@ -197,7 +197,8 @@ def openuni_tiny() -> RunConfig:
 
 def _openuni(name: str, llm: Qwen2Shape, connector: ConnectorShape, sana: SanaShape, accum: int,
              micro_iters: int) -> RunConfig:
-    """OpenUni's RecA recipe (FAMILY_FACTS.md C8): 512 px square crops, the same tensor both views,
+    """OpenUni's RecA recipe (FAMILY_FACTS.md C8): 512 px squares at a random offset along the long
+    side (crop2square), the same tensor both views, InternViT's drop path as the release sets it,
     no instruction dropout; InternVL3 (InternViT-300M at 448 px, 256 visual tokens) and the DC-AE
     frozen; queries, connector, projector and SANA train. AdamW lr 1e-5, betas (0.9, 0.95), weight
     decay 0.05 (>= 2-D tensors, the queries included), clip 1.0, 1 % warm-up then cosine to 0,
@@ -208,7 +209,7 @@ def _openuni(name: str, llm: Qwen2Shape, connector: ConnectorShape, sana: SanaSh
         model=OpenUniConfig(
             llm=llm,
             vit=InternViTShape(hidden_size=1024, intermediate_size=4096, num_layers=24, num_heads=16,
-                               image_size=448, patch_size=14),
+                               image_size=448, patch_size=14, drop_path_rate=-1.0),  # the release's, as OpenUni trains
             connector=connector,
             sana=sana,
             vae=DCAEShape(),
@@ -216,7 +217,7 @@ def _openuni(name: str, llm: Qwen2Shape, connector: ConnectorShape, sana: SanaSh
             num_queries=256,
             sample_shift=3.0,  # SANA's flow_shift
         ),
-        data=DataConfig(batch_size=42, num_workers=8, crop_scale=1.0, hflip=False),
+        data=DataConfig(batch_size=42, num_workers=8, crop_scale=1.0, hflip=False, square_offset="random"),  # crop2square
         sample=SampleConfig(max_text_tokens=64, fixed_prob=0.0),
         optim=OptimConfig(lr=1e-5, betas=(0.9, 0.95), weight_decay=0.05, warmup_steps=max(1, steps // 100),
                           schedule="cosine", min_lr_ratio=0.0, clip_grad=1.0, grad_accum=accum),
@@ -301,7 +302,7 @@ def bagel_7b_mot() -> RunConfig:
             vae=VAEConfig(kind="kl", kl=flux_vae_config()),
             gen_size=1024, latent_patch=2, max_latent_size=64,
         ),
-        data=DataConfig(batch_size=8, num_workers=8),
+        data=DataConfig(batch_size=8, num_workers=8, crop_scale=1.0, hflip=False),  # BAGEL's transforms: no crop, no flip
         sample=SampleConfig(max_text_tokens=128, fixed_prob=0.0),
         optim=OptimConfig(lr=4e-5, betas=(0.9, 0.95), eps=1e-15, weight_decay=0.0, warmup_steps=1000,
                           schedule="constant", clip_grad=1.0),

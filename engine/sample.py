@@ -123,7 +123,10 @@ class SampleBuilder:
                             f"this model's tokenizer, past sample.max_text_tokens={max_text_tokens} (instructions are "
                             f"never cut): {text[:80]!r}{'...' if len(text) > 80 else ''}; raise sample.max_text_tokens "
                             "or shorten it")
-        self._fixed = tokenizer.encode(fixed_instruction)[:max_text_tokens]
+        self._fixed = tokenizer.encode(fixed_instruction)
+        if len(self._fixed) > max_text_tokens:
+            raise UserError(f"sample.fixed_instruction is {len(self._fixed)} tokens with this model's tokenizer, past "
+                            f"sample.max_text_tokens={max_text_tokens} (instructions are never cut)")
         self.max_text_tokens = max_text_tokens
         literal = sum(len(p) for p in self._parts if isinstance(p, list))
         self.length = literal + num_visual_tokens + max_text_tokens  # P, the same for every batch

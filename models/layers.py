@@ -163,3 +163,23 @@ def unpatchify(x: torch.Tensor, p: int, channels: int, grid: int) -> torch.Tenso
     b = x.shape[0]
     x = x.reshape(b, grid, grid, channels, p, p)
     return x.permute(0, 3, 1, 4, 2, 5).reshape(b, channels, grid * p, grid * p)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (timm's `DropPath`): in train mode a residual branch is zeroed
+    for a sample with probability `p` and scaled by 1 / (1 - p) otherwise; identity in eval mode
+    or at p = 0. `p` is an attribute, not a parameter: a release's config may set it after build."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p <= 0.0:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask.div_(keep)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"

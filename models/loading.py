@@ -60,12 +60,20 @@ def headers_only():
 def recording():
     """Collect what every `load_into` inside supplies: {"files": {where: (loaded, unused)},
     "set": ids of the parameters written}."""
-    record = {"files": {}, "set": set()}
+    record = {"files": {}, "set": set(), "notes": []}
     token = _RECORD.set(record)
     try:
         yield record
     finally:
         _RECORD.reset(token)
+
+
+def note(text: str) -> None:
+    """A line for the report of what --init-from did beyond copying tensors (a setting read from a
+    release's config, say)."""
+    record = _RECORD.get()
+    if record is not None:
+        record["notes"].append(text)
 
 
 def _safetensors_file(path: Path) -> dict[str, torch.Tensor]:

@@ -130,7 +130,7 @@ def test_recon_loss_is_flow_matching_mse(tiny):
 def test_frozen_parts_get_no_gradient_and_no_optimizer_state():
     model = _model()
     builder = SampleBuilder(model.tokenizer, model.template, model.num_visual_tokens, load_instructions(),
-                            max_text_tokens=16)
+                            max_text_tokens=32)
     images = torch.rand(2, 3, 32, 32) * 2 - 1
     opt = build_optimizer(model, OptimConfig(lr=1e-3, weight_decay=0.05), torch.device("cpu"))
     out = model(ReconBatch(images, images, builder.build([0, 1])), "recon", generator=torch.Generator().manual_seed(0))

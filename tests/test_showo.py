@@ -20,8 +20,14 @@ def _tiny(**kw) -> ShowoConfig:
                        codec=CodecConfig(kind="patch", patch=4), image_size=16, **kw)
 
 
+def _fitting(model, text: int) -> list[str]:
+    """The bundled instructions that fit `text` tokens (a short prompt keeps these tests fast;
+    a longer instruction would be refused, never cut)."""
+    return [s for s in load_instructions() if len(model.tokenizer.encode(s)) <= text]
+
+
 def _batch(model, b=2, seed=0, text=12):
-    sb = SampleBuilder(model.tokenizer, model.template, model.num_visual_tokens, load_instructions(),
+    sb = SampleBuilder(model.tokenizer, model.template, model.num_visual_tokens, _fitting(model, text),
                        max_text_tokens=text, seed=seed)
     g = torch.Generator().manual_seed(seed)
     gen = torch.rand(b, 3, model.cfg.image_size, model.cfg.image_size, generator=g) * 2 - 1
@@ -138,7 +144,7 @@ def test_which_parts_learn_from_each_objective():
     # public CLIP script: recon embeds built under no_grad
     assert grads["showo.model.embed_tokens.weight"] is None and grads["mm_projector.0.weight"] is None
     assert grads["showo.lm_head.bias"] is not None and grads["showo.model.layers.0.mlp.fc1.weight"] is not None
-    cb = SampleBuilder(m.tokenizer, m.caption_template, m.num_visual_tokens, load_instructions(), max_text_tokens=12)
+    cb = SampleBuilder(m.tokenizer, m.caption_template, m.num_visual_tokens, _fitting(m, 12), max_text_tokens=12)
     prompt, ids, mask = cb.build_caption(m.tokenizer, ["a red square", None], "Describe it.", 8)
     m.zero_grad(set_to_none=True)
     out = m(CaptionBatch(batch.und, prompt, ids, mask), "caption")

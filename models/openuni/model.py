@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from reca.kernels import KernelOps, get_ops
 from reca.models.adapter import LossOutput, PromptBatch, PromptTemplate, ViewSpec
 from reca.models.base import Conditioning, RecaModule
-from reca.models.layers import Qwen2Shape, freeze_except, patchify, unpatchify
+from reca.models.layers import DropPath, Qwen2Shape, freeze_except, patchify, unpatchify
 from reca.models.openuni.connector import ConnectorEncoder, ConnectorShape
 from reca.models.tokenizer import load_tokenizer
 
@@ -58,6 +58,11 @@ class InternViTShape:
     image_size: int = 32  # InternVL3: 448
     patch_size: int = 4  # InternVL3: 14
     downsample_ratio: float = 0.5  # pixel shuffle: (448 / 14 * 0.5)^2 = 256 tokens
+    # InternViT's stochastic depth, spaced 0 .. rate over the layers as InternViT's encoder does:
+    # OpenUni's trainer leaves the frozen InternVL3 in train mode, so it applies and the visual
+    # prompt is stochastic. -1 = the rate of the release's own config (DIR/internvl/config.json,
+    # vision_config.drop_path_rate) when --init-from has one, else none; 0 = none.
+    drop_path_rate: float = 0.0
 
 
 @dataclass(kw_only=True)
@@ -122,6 +127,12 @@ class OpenUniConfig:
     tokenizer: str = ""  # a local InternVL3 tokenizer directory; empty = reca's tiny byte-level BPE
 
 
+def _drop_attention(drop: nn.Module):
+    def hook(module, args, out):
+        return (drop(out[0]), *out[1:]) if isinstance(out, tuple) else drop(out)
+    return hook
+
+
 def _diffusers():
     try:
         import diffusers
@@ -181,6 +192,7 @@ class OpenUniModel(RecaModule):
             caption_channels=s.caption_channels, mlp_ratio=s.mlp_ratio, attention_bias=False,
             sample_size=self.latent_grid, patch_size=1, norm_elementwise_affine=False, norm_eps=1e-6,
             interpolation_scale=None, qk_norm=s.qk_norm or None)
+        self.set_vit_drop_path(max(v.drop_path_rate, 0.0))
         self.lmm.requires_grad_(False)
         self.vae.requires_grad_(False)
         freeze_except(self, MODULES, cfg.trainable)
@@ -203,6 +215,24 @@ class OpenUniModel(RecaModule):
 
     # --- recon -----------------------------------------------------------------------------
     @torch.no_grad()
+    def set_vit_drop_path(self, rate: float) -> None:
+        """InternViT's drop path on both residual branches of every layer, rates spaced 0 .. `rate`
+        (InternVL's `InternVisionEncoder`). transformers' `InternVLVisionLayer` has none: the
+        attention branch gets it by a hook on the attention's output (its layer scale commutes
+        with a per-sample factor), the MLP branch in place of the layer's zero-rate dropout."""
+        layers = self.lmm.vision_tower.encoder.layer
+        n = len(layers)
+        rates = [rate * i / (n - 1) for i in range(n)] if n > 1 else [rate]  # torch.linspace(0, rate, n)
+        for layer, r in zip(layers, rates):
+            if not hasattr(layer, "drop_path1"):
+                if layer.dropout.p:
+                    raise ValueError("InternViT drop path replaces a zero-rate MLP dropout; this one has "
+                                     f"p={layer.dropout.p}")
+                layer.drop_path1 = DropPath()
+                layer.dropout = DropPath()
+                layer.attention.register_forward_hook(_drop_attention(layer.drop_path1))
+            layer.drop_path1.p = layer.dropout.p = r
+
     def encode_visual_prompt(self, und: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] in [-1, 1] -> [B, N, D] (OpenUni's `get_semantic_features` + InternVL's
         `extract_feature`); frozen, so no graph is kept."""

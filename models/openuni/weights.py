@@ -20,14 +20,14 @@ present is whole; an error is one line naming the tensor (`reca.models.loading`)
 """
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from reca.models.loading import read_checkpoint
-from reca.models.loading import load_into, read_safetensors
+from reca.models.loading import load_into, note, read_checkpoint, read_safetensors
 
 TRAINED = ("meta_queries", "connector.", "projector.", "transformer.")  # what RecA changes; export writes these
 FROZEN = ("lmm.", "vae.")
@@ -143,6 +143,19 @@ def load_openuni_checkpoint(model: torch.nn.Module, path: str | Path) -> int:
                      optional=(lambda k: k.startswith(absent) if absent else False,))
 
 
+def _release_drop_path(path: Path) -> float:
+    """InternVL3's `vision_config.drop_path_rate` from its config.json (0 without one)."""
+    if not path.exists():
+        return 0.0
+    try:
+        rate = json.loads(path.read_text())["vision_config"].get("drop_path_rate", 0.0)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path}: not an InternVL config ({type(e).__name__}: {e})") from None
+    if not isinstance(rate, (int, float)) or not 0 <= rate < 1:
+        raise ValueError(f"{path}: vision_config.drop_path_rate must be in [0, 1), got {rate!r}")
+    return float(rate)
+
+
 def load_pretrained(model: torch.nn.Module, directory: str | Path) -> dict[str, int]:
     """Load whatever parts `directory` holds (see the module docstring); a file is read as an
     OpenUni checkpoint. Returns the number of tensors set per part."""
@@ -152,6 +165,11 @@ def load_pretrained(model: torch.nn.Module, directory: str | Path) -> dict[str, 
     if not root.is_dir():
         raise ValueError(f"--init-from directory not found: {root}")
     loaded: dict[str, int] = {}
+    if model.cfg.vit.drop_path_rate < 0:  # the rate of the release's own config, as OpenUni's trainer applies it
+        rate = _release_drop_path(root / "internvl" / "config.json")
+        model.set_vit_drop_path(rate)
+        note(f"InternViT drop path {rate} (" + ("internvl/config.json" if (root / "internvl" / "config.json").exists()
+                                                else "no internvl/config.json") + ")")
     if (root / "internvl").is_dir():
         loaded["internvl/"] = load_into(model.lmm, internvl_to_reca(read_safetensors(root / "internvl")), "internvl/",
                                         unused=(LM_HEAD,))
