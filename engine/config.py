@@ -136,6 +136,9 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.0  # never applied to 1-D parameters and biases
     warmup_steps: int = 10
+    # step k of the warm-up gets k / warmup_steps (transformers' schedules, which BAGEL and Show-o
+    # use: the first update has lr 0) instead of (k + 1) / warmup_steps
+    warmup_from_zero: bool = False
     schedule: Schedule = "cosine"
     min_lr_ratio: float = 0.0
     clip_grad: float = 1.0  # 0 disables clipping

@@ -37,10 +37,11 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.devi
 
 
 def lr_factor(step: int, cfg: OptimConfig, total_steps: int) -> float:
-    """Multiplier of the base lr at optimizer step `step` (0-based): linear warm-up, then cosine
-    decay to `min_lr_ratio` at `total_steps`, or constant."""
+    """Multiplier of the base lr at optimizer step `step` (0-based): linear warm-up ((step + 1) /
+    warmup, or step / warmup with `warmup_from_zero`: transformers' get_*_schedule_with_warmup),
+    then cosine decay to `min_lr_ratio` at `total_steps`, or constant."""
     if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
+        return (step if getattr(cfg, "warmup_from_zero", False) else step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
         return 1.0
     if cfg.schedule != "cosine":

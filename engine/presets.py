@@ -305,7 +305,7 @@ def bagel_7b_mot() -> RunConfig:
         data=DataConfig(batch_size=8, num_workers=8, crop_scale=1.0, hflip=False),  # BAGEL's transforms: no crop, no flip
         sample=SampleConfig(max_text_tokens=128, fixed_prob=0.0),
         optim=OptimConfig(lr=4e-5, betas=(0.9, 0.95), eps=1e-15, weight_decay=0.0, warmup_steps=1000,
-                          schedule="constant", clip_grad=1.0),
+                          warmup_from_zero=True, schedule="constant", clip_grad=1.0),  # get_constant_schedule_with_warmup
         train=TrainConfig(steps=5_000, checkpoint_every=1, ema=0.9999),  # FAMILY_FACTS A9: EMA 0.9999 every step
         output=OutputConfig(dir="runs/bagel-7b-mot", log_every=10, ckpt_every=250, preview_every=1000,
                             preview_steps=30),
@@ -335,11 +335,12 @@ def showo_tiny() -> RunConfig:
     )
 
 
-def _showo(name: str, size: int, batch: int) -> RunConfig:
+def _showo(name: str, size: int, batch: int, schedule: str) -> RunConfig:
     """Show-o-RecA (CLIP), RecA's showo_reca_clip.yaml / showo_reca_256_clip.yaml: Phi-1.5 over
     the 58,498-token vocabulary, CLIP-ViT-L/14-336 (576 tokens) through mm_projector, MAGVIT-v2
-    codes of the stretched image; AdamW lr 5e-7, betas (0.9, 0.999), weight decay 0.01, cosine
-    after 1000 warm-up steps, no clipping, bf16 on CUDA; recon and image-to-text in every step
+    codes of the stretched image; AdamW lr 5e-7, betas (0.9, 0.999), weight decay 0.01, 1000
+    warm-up steps from 0 (transformers' schedule), then cosine (256) or constant (512: its config
+    decays over max_train_steps 1,000,000, flat over these), no clipping, bf16 on CUDA; recon and image-to-text in every step
     (each at weight 1.0: cycle recon, caption with accumulation 10 = upstream's 5 micro-steps
     of recon + mmu; the engine averages over the 10, so the step's gradient is half upstream's
     sum, which AdamW does not see). Phi and mm_projector train; CLIP and MAGVIT-v2 frozen. The
@@ -349,13 +350,13 @@ def _showo(name: str, size: int, batch: int) -> RunConfig:
     return RunConfig(
         preset=name,
         model=ShowoConfig(llm=PhiShape(), llm_vocab_size=50295, clip=ClipShape(),
-                          codec=ShowoCodecConfig(kind="magvit2"), image_size=size),
+                          codec=ShowoCodecConfig(kind="magvit2"), image_size=size,
+                          recon_text_tokens=128),  # t2i_clip_recon_prompt's pad_length
         data=DataConfig(batch_size=batch, num_workers=8, crop_scale=1.0, hflip=False),
-        # text part of the recon prompt: template + 116 instruction tokens ~ upstream's 128
-        sample=SampleConfig(max_text_tokens=116, fixed_prob=0.0),
+        sample=SampleConfig(max_text_tokens=128, fixed_prob=0.0),  # bounded by the 128 text ids
         mix=MixConfig(cycle=("recon", "caption"), max_answer_tokens=256),
         optim=OptimConfig(lr=5e-7, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, warmup_steps=1000,
-                          schedule="cosine", min_lr_ratio=0.0, clip_grad=0.0, grad_accum=10),
+                          warmup_from_zero=True, schedule=schedule, min_lr_ratio=0.0, clip_grad=0.0, grad_accum=10),
         train=TrainConfig(steps=10_000, checkpoint_every=1),
         output=OutputConfig(dir=f"runs/{name}", log_every=10, ckpt_every=1000, preview_every=1000, preview_steps=18),
     )
@@ -365,14 +366,14 @@ def showo_1_3b_256() -> RunConfig:
     """Show-o-RecA (CLIP) at 256 px: 256 codes; 4 recon + 4 image-to-text images a micro-step.
     The published run's instructions: `--prompts Show-o/training/consts.py` from the RecA
     authors' repository (HorizonWind2004/reconstruction-alignment)."""
-    return _showo("showo-1.3b-256", 256, 4)
+    return _showo("showo-1.3b-256", 256, 4, "cosine")
 
 
 def showo_1_3b_512() -> RunConfig:
     """Show-o-512x512-RecA (CLIP): 1024 codes; 2 recon + 2 image-to-text images a micro-step.
     The published run's instructions: `--prompts Show-o/training/consts.py` from the RecA
     authors' repository (HorizonWind2004/reconstruction-alignment)."""
-    return _showo("showo-1.3b-512", 512, 2)
+    return _showo("showo-1.3b-512", 512, 2, "constant")  # cosine over 1,000,000 steps: constant over these
 
 
 PRESETS: dict[str, Callable[[], RunConfig]] = {

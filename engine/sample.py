@@ -91,6 +91,17 @@ def instructions_from_python(source: str, path: str = "<prompts>") -> list[str]:
     return out
 
 
+def _parts(text: str, tokenizer: TextTokenizer) -> list:
+    parts = _FIELD.split(text)
+    if parts.count("{image}") != 1 or parts.count("{instruction}") != 1:
+        raise ValueError(f"template needs exactly one {{image}} and one {{instruction}}: {text!r}")
+    return [p if p in ("{image}", "{instruction}") else tokenizer.encode(p) for p in parts if p]
+
+
+def _literal(parts: list) -> int:
+    return sum(len(p) for p in parts if isinstance(p, list))
+
+
 class SampleBuilder:
     def __init__(
         self,
@@ -104,31 +115,38 @@ class SampleBuilder:
         max_text_tokens: int = 128,
         seed: int = 0,
     ):
-        parts = _FIELD.split(template.text)
-        if parts.count("{image}") != 1 or parts.count("{instruction}") != 1:
-            raise ValueError(f"template needs exactly one {{image}} and one {{instruction}}: {template.text!r}")
+        if template.instruction_per not in ("sample", "batch"):
+            raise ValueError(f"template.instruction_per must be 'sample' or 'batch', got {template.instruction_per!r}")
         self.tokenizer = tokenizer
+        self.template = template
         self.image_id = tokenizer.token_id(template.image_token)
         self.pad_id = tokenizer.token_id(template.pad_token)
         self.num_visual_tokens = num_visual_tokens
         self.fixed_prob = fixed_prob
         self.seed = seed
-        # The template as a list of literal id chunks and two slots, tokenised once.
-        self._parts = [p if p in ("{image}", "{instruction}") else tokenizer.encode(p) for p in parts if p]
+        # The templates as lists of literal id chunks and two slots, tokenised once.
+        self._parts = _parts(template.text, tokenizer)
+        self._pooled = _parts(template.pooled_text, tokenizer) if template.pooled_text else self._parts
+        literal = max(_literal(self._parts), _literal(self._pooled))
+        if template.text_tokens:  # the text padded to a fixed count (Show-o: 128)
+            if template.text_tokens <= literal:
+                raise ValueError(f"the template's {literal} text tokens leave none of its {template.text_tokens}")
+            max_text_tokens = min(max_text_tokens, template.text_tokens - literal)
+            bound = f"the template's {template.text_tokens} text tokens ({literal} of them its own)"
+        else:
+            bound = f"sample.max_text_tokens={max_text_tokens}"
         self._pool = [tokenizer.encode(s) for s in instructions]
         longest = max(range(len(self._pool)), key=lambda k: len(self._pool[k]), default=None)
         if longest is not None and len(self._pool[longest]) > max_text_tokens:
             text = instructions[longest]
             raise UserError(f"instruction {longest + 1} of {len(instructions)} is {len(self._pool[longest])} tokens with "
-                            f"this model's tokenizer, past sample.max_text_tokens={max_text_tokens} (instructions are "
-                            f"never cut): {text[:80]!r}{'...' if len(text) > 80 else ''}; raise sample.max_text_tokens "
-                            "or shorten it")
+                            f"this model's tokenizer, past {bound} (instructions are never cut): "
+                            f"{text[:80]!r}{'...' if len(text) > 80 else ''}; raise sample.max_text_tokens or shorten it")
         self._fixed = tokenizer.encode(fixed_instruction)
         if len(self._fixed) > max_text_tokens:
             raise UserError(f"sample.fixed_instruction is {len(self._fixed)} tokens with this model's tokenizer, past "
-                            f"sample.max_text_tokens={max_text_tokens} (instructions are never cut)")
+                            f"{bound} (instructions are never cut)")
         self.max_text_tokens = max_text_tokens
-        literal = sum(len(p) for p in self._parts if isinstance(p, list))
         self.length = literal + num_visual_tokens + max_text_tokens  # P, the same for every batch
 
     def choose(self, position: int) -> int:
@@ -140,11 +158,13 @@ class SampleBuilder:
 
     def ids(self, choice: int) -> list[int]:
         """Unpadded prompt ids for a pool index (or -1: the fixed instruction)."""
-        return self._layout(self._fixed if choice < 0 else self._pool[choice])
+        if choice < 0:
+            return self._layout(self._fixed)
+        return self._layout(self._pool[choice], self._pooled)
 
-    def _layout(self, instruction: list[int]) -> list[int]:
+    def _layout(self, instruction: list[int], parts: list | None = None) -> list[int]:
         out: list[int] = []
-        for part in self._parts:
+        for part in parts or self._parts:
             if part == "{image}":
                 out += [self.image_id] * self.num_visual_tokens
             elif part == "{instruction}":
@@ -156,7 +176,8 @@ class SampleBuilder:
     def build_caption(self, tokenizer: TextTokenizer, captions: list[str | None], question: str,
                       max_answer_tokens: int) -> tuple[PromptBatch, torch.Tensor, torch.Tensor]:
         """An image-to-text batch: the template with `question` as the instruction, and the
-        captions as answers ended by <|im_end|>, right-padded to `max_answer_tokens`.
+        captions as answers (after the template's `answer_prefix`, ended by its `end_of_turn`),
+        right-padded to `max_answer_tokens`.
         -> prompt ids/mask [B, P], answer ids [B, A], answer mask [B, A] (all False for an image
         without a caption: it adds nothing to the loss)."""
         seq = self._layout(tokenizer.encode(question)[: self.max_text_tokens])
@@ -164,13 +185,14 @@ class SampleBuilder:
                              torch.zeros(len(captions), self.length, dtype=torch.bool))
         prompt.input_ids[:, : len(seq)] = torch.tensor(seq)
         prompt.mask[:, : len(seq)] = True
-        end = tokenizer.token_id("<|im_end|>")
+        end = tokenizer.token_id(self.template.end_of_turn)
+        prefix = self.template.answer_prefix
         ids = torch.full((len(captions), max_answer_tokens), self.pad_id, dtype=torch.long)
         mask = torch.zeros(len(captions), max_answer_tokens, dtype=torch.bool)
         for row, text in enumerate(captions):
             if not text:
                 continue
-            answer = tokenizer.encode(text)[: max_answer_tokens - 1] + [end]
+            answer = tokenizer.encode(prefix + text)[: max_answer_tokens - 1] + [end]
             ids[row, : len(answer)] = torch.tensor(answer)
             mask[row, : len(answer)] = True
         return prompt, ids, mask
@@ -183,8 +205,9 @@ class SampleBuilder:
         positions = [int(p) for p in positions]
         ids = torch.full((len(positions), self.length), self.pad_id, dtype=torch.long)
         mask = torch.zeros(len(positions), self.length, dtype=torch.bool)
+        shared = self.choose(positions[0]) if positions and self.template.instruction_per == "batch" else None
         for row, pos in enumerate(positions):
-            seq = self.ids(-1 if fixed else self.choose(pos))
+            seq = self.ids(-1 if fixed else (shared if shared is not None else self.choose(pos)))
             ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
             mask[row, : len(seq)] = True
         return PromptBatch(input_ids=ids, mask=mask)

@@ -55,6 +55,21 @@ class PromptTemplate:
     text: str
     image_token: str = "<|image_pad|>"
     pad_token: str = "<|endoftext|>"
+    # The template for instructions drawn from the pool, where the family's code lays those out
+    # apart from the fixed one ("" = `text`): Harmon tokenises "\n{instruction}" after its user
+    # turn, so the newline before the visual tokens becomes one "\n\n" token for pooled ones.
+    pooled_text: str = ""
+    # The prompt's text (template and instruction, not the visual tokens) padded to exactly this
+    # many tokens, as Show-o pads its recon prompt to 128 (0 = the template plus
+    # sample.max_text_tokens); a longer instruction is refused, never cut.
+    text_tokens: int = 0
+    # "sample": each row draws its instruction; "batch": one draw for every row of a batch
+    # (Show-o's VQ script), from the batch's first stream position.
+    instruction_per: str = "sample"
+    # image-to-text answers: what precedes each answer and the token that ends it (Show-o:
+    # "ASSISTANT: {answer}<|endoftext|>", the answer after a space; Qwen families: <|im_end|>)
+    answer_prefix: str = ""
+    end_of_turn: str = "<|im_end|>"
 
 
 @dataclass

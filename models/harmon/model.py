@@ -95,10 +95,15 @@ class HarmonModel(RecaModule):
         self.tokenizer = load_tokenizer(cfg.tokenizer or None, q.vocab_size)
         if self.tokenizer.vocab_size > q.vocab_size:
             raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} tokens but the LLM only {q.vocab_size}")
-        # Harmon's official RecA prompt: no newline between the visual tokens and the instruction;
-        # its image-to-text prompt keeps the question on its own line.
+        # Harmon's official RecA prompt (Harmon/src/datasets/text2image/text2image.py:473-485):
+        # INSTRUCTION.format(input=...) tokenised whole, the image inserted after the first three
+        # ids, so no newline between the visual tokens and the instruction. A pooled instruction
+        # is given as "\n{prompt}", so "user\n\n" ends in one "\n\n" token (Qwen: 271) before the
+        # image; the fixed "Generate an image." is not, so one "\n" (198). Its image-to-text
+        # prompt keeps the question on its own line.
         self.template = PromptTemplate(
-            text="<|im_start|>user\n{image}{instruction}<|im_end|>\n<|im_start|>assistant\n")
+            text="<|im_start|>user\n{image}{instruction}<|im_end|>\n<|im_start|>assistant\n",
+            pooled_text="<|im_start|>user\n\n{image}{instruction}<|im_end|>\n<|im_start|>assistant\n")
         self.caption_template = PromptTemplate(
             text="<|im_start|>user\n{image}\n{instruction}<|im_end|>\n<|im_start|>assistant\n")
         self.views = ViewSpec(und_size=cfg.image_size, und_mean=(0.5, 0.5, 0.5), und_std=(0.5, 0.5, 0.5),

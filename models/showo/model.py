@@ -100,7 +100,8 @@ class ShowoConfig:
     # The public CLIP script builds the recon input embeddings under no_grad: the recon loss
     # trains the Phi layers, final norm and lm_head; embed_tokens and mm_projector learn from
     # image-to-text only. The VQ script embeds inside the model (True).
-    recon_embed_grad: bool = False
+    recon_embed_grad: bool | None = None  # None: the variant's public script (vq True, clip False)
+    recon_text_tokens: int = 0  # CLIP recon prompt's text part padded to this many ids (Show-o: 128); 0 = max_text_tokens
     sample_temperature: float = 1.0
     trainable: tuple[str, ...] = ("showo", "mm_projector")  # CLIP tower and image codec frozen
     tokenizer: str = ""  # a local HF tokenizer directory (Phi-1.5); empty = reca's tiny byte-level BPE
@@ -134,19 +135,30 @@ class ShowoModel(RecaModule):
             self.mm_projector = nn.Sequential(nn.Linear(c.hidden_size, d), nn.GELU(), nn.Linear(d, d))
             modules.append("mm_projector")
             self.num_visual_tokens = (c.image_size // c.patch_size) ** 2
-            und = dict(und_size=c.image_size, und_mean=(0.5,) * 3, und_std=(0.5,) * 3)  # recon: no CLIP norm
+            # recon: the generation view itself (stretched with Pillow), bilinearly resized to 336
+            # inside the model without antialias and without CLIP's normalisation (data.py:149,
+            # train_recon_w_clip_vit.py:564): one decoded tensor serves both views
+            und = dict(und_size=cfg.image_size, und_mean=(0.5,) * 3, und_std=(0.5,) * 3)
+            # t2i_clip_recon_prompt (prompting_utils.py:92-139): the text part, specials included,
+            # right-padded to 128 ids (a longer one is an assertion there, a refusal here)
             self.template = PromptTemplate(text="<|mmu|><|soi|>{image}<|eoi|><|endoftext|>USER: \n {instruction}"
-                                                " ASSISTANT:<|endoftext|>", image_token=MASK, pad_token="[PAD]")
+                                                " ASSISTANT:<|endoftext|>", image_token=MASK, pad_token="[PAD]",
+                                           text_tokens=cfg.recon_text_tokens)
+            # LLaVA's phi1.5 conversation (llava_instruct_data.py): "USER: \n{q} ASSISTANT: {a}<|endoftext|>"
             self.caption_template = PromptTemplate(text=f"<|mmu|>{SYSTEM}<|soi|>{{image}}<|eoi|>USER: \n"
-                                                        "{instruction} ASSISTANT:", image_token=MASK, pad_token="[PAD]")
+                                                        "{instruction} ASSISTANT:", image_token=MASK, pad_token="[PAD]",
+                                                   answer_prefix=" ", end_of_turn="<|endoftext|>")
             cap_und = dict(und_size=c.image_size, und_mean=CLIP_MEAN, und_std=CLIP_STD)
         else:
             self.num_visual_tokens = (cfg.vq_input_size // self.vq.downsample) ** 2
             und = dict(und_size=cfg.vq_input_size, und_mean=(0.5,) * 3, und_std=(0.5,) * 3)
-            self.template = PromptTemplate(text="<|mmu|><|soi|>{image}<|eoi|><|endoftext|>{instruction}<|endoftext|>",
-                                           image_token=MASK, pad_token="[PAD]")
+            # train_recon.py:546-608: f"USER: \n {instruction} ASSISTANT:", one instruction for the batch
+            self.template = PromptTemplate(text="<|mmu|><|soi|>{image}<|eoi|><|endoftext|>USER: \n {instruction}"
+                                                " ASSISTANT:<|endoftext|>", image_token=MASK, pad_token="[PAD]",
+                                           instruction_per="batch")
             self.caption_template = PromptTemplate(text="<|mmu|><|soi|>{image}<|eoi|>USER: \n{instruction} ASSISTANT:",
-                                                   image_token=MASK, pad_token="[PAD]")
+                                                   image_token=MASK, pad_token="[PAD]", answer_prefix=" ",
+                                                   end_of_turn="<|endoftext|>")
             cap_und = und
         freeze_except(self, tuple(modules), tuple(m for m in cfg.trainable if m in modules))
         self.views = ViewSpec(**und, gen_size=cfg.image_size, gen_resize="stretch")
@@ -156,6 +168,7 @@ class ShowoModel(RecaModule):
         self.image_token_id = self.layout.mask_id
         self.conditioning = Conditioning(self.showo.model.embed_tokens, self.ops, self.image_token_id)
         self._soi, self._eoi, self._pad = (self.tokenizer.token_id(t) for t in ("<|soi|>", "<|eoi|>", "[PAD]"))
+        self.recon_embed_grad = cfg.visual == "vq" if cfg.recon_embed_grad is None else cfg.recon_embed_grad
 
     # --- visual prompt and target ---------------------------------------------------------------
     def encode_visual_prompt(self, und: torch.Tensor) -> torch.Tensor:
@@ -163,7 +176,10 @@ class ShowoModel(RecaModule):
         built tower's last) through mm_projector. VQ: the embeddings of the image's own codes."""
         if self.cfg.visual == "vq":
             return self.showo.model.embed_tokens(self.vq.encode_codes(und) + self.layout.code_offset)
+        side = self.cfg.clip.image_size
         with torch.no_grad():
+            if und.shape[-1] != side:  # the recon view: bilinear, no antialias, as upstream
+                und = F.interpolate(und, size=(side, side), mode="bilinear", align_corners=False, antialias=False)
             feats = self.clip(pixel_values=und.to(self.clip.dtype)).last_hidden_state[:, 1:]
         return self.mm_projector(feats.to(self.mm_projector[0].weight.dtype))
 
@@ -234,7 +250,7 @@ class ShowoModel(RecaModule):
         ids, valid, block = self.sequence(prompt, codes)
         seen = self._visual_columns(ids) & (torch.arange(ids.shape[1], device=ids.device) < p)
         tail = self.showo.model.embed_tokens(ids[:, p:]).to(prompt_embeds.dtype)
-        if not (self.cfg.recon_embed_grad and torch.is_grad_enabled()):
+        if not (self.recon_embed_grad and torch.is_grad_enabled()):
             tail = tail.detach()
         embeds = torch.cat([prompt_embeds, tail], 1)
         positions = torch.arange(ids.shape[1], device=ids.device)[None].expand(ids.shape[0], -1)
@@ -244,7 +260,7 @@ class ShowoModel(RecaModule):
     def recon_loss(self, batch: ReconBatch, generator: torch.Generator | None = None) -> LossOutput:
         prompt = self.layout_prompt(batch.prompt)
         target = self.make_target(batch.gen, generator)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg.recon_embed_grad):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.recon_embed_grad):
             embeds = self.conditioning(prompt.input_ids, self.encode_visual_prompt(batch.und))
         inputs, labels, ratio = self.mask_codes(target, generator)
         h = self.recon_hidden(embeds, prompt, inputs)
