@@ -4,6 +4,7 @@ step function (eager or a CUDA graph). `train()` and the benchmarks start here."
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -71,7 +72,7 @@ def build(cfg: RunConfig, *, rank: int = 0, world_size: int = 1,
     device, sharded, then filled from rank 0), so the optimizer and the EMA are built over the
     model as it trains."""
     device = resolve_device(cfg.train.device)
-    cfg = resolve_mode(cfg, device)
+    cfg = with_release_tokenizer(resolve_mode(cfg, device))
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     try:
@@ -117,6 +118,26 @@ def speed_up(model: torch.nn.Module, cfg: RunConfig) -> torch.nn.Module:
     return model
 
 
+TOKENIZER_PLACES = ("", "llm", "internvl", "phi", "tokenizer")  # where releases keep their tokenizer files
+
+
+def with_release_tokenizer(cfg: RunConfig) -> RunConfig:
+    """With `train.init_from` and no `model.tokenizer`: the tokenizer of the release directory
+    as downloaded (BAGEL-7B-MoT's Qwen2 files beside ema.safetensors, a Qwen2.5 or InternVL3 or
+    Phi-1.5 directory inside it), so a real checkpoint never meets reca's tiny tokenizer."""
+    model = cfg.model
+    if not cfg.train.init_from or getattr(model, "tokenizer", None) != "":
+        return cfg
+    from reca.models.tokenizer import is_tokenizer_dir
+
+    root = Path(cfg.train.init_from)
+    root = root if root.is_dir() else root.parent  # a checkpoint file: its directory
+    for place in TOKENIZER_PLACES:
+        if is_tokenizer_dir(str(root / place)):
+            return replace(cfg, model=replace(model, tokenizer=str(root / place) if place else str(root)))
+    return cfg
+
+
 def seeded_model(cfg: RunConfig, ops: KernelOps, device: torch.device, *,
                  draw_on: torch.device | None = None) -> torch.nn.Module:
     """The run's model as every run and every reader of a run rebuilds it: initialised on
@@ -132,6 +153,7 @@ def seeded_model(cfg: RunConfig, ops: KernelOps, device: torch.device, *,
     weights are the checkpoint's and any of these resumes into any other; with random weights a
     CUDA run and a sharded job differ, and a resume across them is refused in one line by the
     frozen fingerprint (`checkpoint.guard`)."""
+    cfg = with_release_tokenizer(cfg)
     draw = draw_on or device
     with torch.random.fork_rng(devices=[draw] if draw.type == "cuda" else []):
         torch.manual_seed(cfg.train.seed)

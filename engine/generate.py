@@ -196,7 +196,8 @@ EXPORT_FILES = {"harmon": "harmon.safetensors", "openuni": "openuni.safetensors"
 def export(model, cfg: RunConfig, to: str, *, ema: dict[str, torch.Tensor] | None = None) -> list[Path]:
     """The trained weights in the family's original layout: TO/<file the family loads>; with
     `ema` (the run's EMA shadows by parameter name) also the EMA weights in the same layout:
-    TO/ema.safetensors for BAGEL (its release's name), TO/ema/<file> for the others. -> paths."""
+    TO/ema.safetensors for BAGEL (its release's name), TO/ema/<file> for the others. OpenUni also
+    gets TO/openuni.pth, what its trainer's `pretrained_pth` loads. -> paths."""
     if "export" not in model.capabilities:
         raise UserError(f"the {cfg.model.family} family has no export to another code base's layout "
                         "(its weights are RUN/checkpoint.pt's 'model' entry)")
@@ -207,6 +208,9 @@ def export(model, cfg: RunConfig, to: str, *, ema: dict[str, torch.Tensor] | Non
     try:
         paths[0].parent.mkdir(parents=True, exist_ok=True)
         model.export(str(paths[0]))
+        if cfg.model.family == "openuni":  # the form OpenUni's pretrained_pth reads (torch.load, torch 2.3 pinned)
+            paths.insert(1, paths[0].with_suffix(".pth"))
+            model.export(str(paths[1]))
         if ema is not None:  # the model's export with the EMA weights swapped in (reca.engine.ema)
             from reca.engine.ema import EMA
 
@@ -215,8 +219,8 @@ def export(model, cfg: RunConfig, to: str, *, ema: dict[str, torch.Tensor] | Non
                 averaged.load_state_dict({"decay": averaged.decay, "shadows": ema})
             except ValueError as e:
                 raise UserError(f"the run's {e}") from None
-            paths[1].parent.mkdir(parents=True, exist_ok=True)
-            averaged.export(paths[1])
+            paths[-1].parent.mkdir(parents=True, exist_ok=True)
+            averaged.export(paths[-1])
     except OSError as e:
         raise UserError(f"cannot write {e.filename or paths[0]}: {e.strerror or e}") from None
     return paths

@@ -181,6 +181,55 @@ def last_layers(kept: int, prefix: str = r"(^|\.)encoder\.layers\.") -> Callable
     return beyond
 
 
+SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+              "vocab_size", "head_dim", "patch_size", "rope_theta", "partial_rotary_factor", "layer_norm_eps",
+              "rms_norm_eps", "qk_layernorm", "tie_word_embeddings")
+
+
+def expected_fields(config, keys: Iterable[str] = SHAPE_KEYS, **override) -> dict:
+    """The fields of a config the model builds (a transformers or diffusers config, or a dict)
+    that a release's config file must agree with; `override` replaces or adds some (None drops)."""
+    d = dict(config.to_dict() if hasattr(config, "to_dict") else config)
+    rope = d.get("rope_parameters") or {}
+    if "rope_theta" not in d and isinstance(rope, dict) and "rope_theta" in rope:
+        d["rope_theta"] = rope["rope_theta"]
+    out = {k: d[k] for k in keys if k in d and d[k] is not None}
+    out.update(override)
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def check_release_config(path: Path, expected: dict, where: str, section: str | tuple[str, ...] = ()) -> None:
+    """A release's config file (`path`, if it exists) against the shapes the preset builds: a
+    field present in both that differs is one line naming it and both values. `section` names
+    the nested config to read (a full CLIP's "vision_config"; tried in order)."""
+    if not path.exists():
+        return
+    try:
+        release = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{where}: not a JSON config ({e})") from None
+    for name in (section,) if isinstance(section, str) else section:
+        if isinstance(release.get(name), dict):
+            release = release[name]
+            break
+    if isinstance(release.get("rope_parameters"), dict) and "rope_theta" not in release:
+        release["rope_theta"] = release["rope_parameters"].get("rope_theta")
+    checked = 0
+    for key, want in expected.items():
+        if key not in release or release[key] is None:
+            continue
+        have = release[key]
+        same = (abs(float(have) - float(want)) <= 1e-9 * max(1.0, abs(float(want)))
+                if isinstance(want, float) and isinstance(have, (int, float)) else
+                (list(have) == list(want) if isinstance(want, (list, tuple)) and isinstance(have, (list, tuple))
+                 else have == want))
+        if not same:
+            raise ValueError(f"{where}: {key} is {have!r} there but the preset builds {want!r}; choose the preset "
+                             "(or --set model.*) that matches the release")
+        checked += 1
+    note(f"{where} agrees with the preset ({checked} fields)")
+
+
 INV_FREQ = r"rotary_emb\.inv_freq$"  # a buffer some transformers releases saved; rebuilt from the config
 POSITION_IDS = r"position_ids$"  # likewise (older CLIP/SigLIP files)
 LDM_LOSS = r"^loss\."  # an LDM training file's discriminator and LPIPS: training-only
@@ -193,6 +242,7 @@ def load_pretrained(model: torch.nn.Module, directory: str | Path) -> dict[str, 
         raise ValueError(f"--init-from directory not found: {root}")
     loaded: dict[str, int] = {}
     if (root / "llm").is_dir():
+        check_release_config(root / "llm" / "config.json", expected_fields(model.llm.config), "llm/config.json")
         state = _strip(read_safetensors(root / "llm"), "model.")
         loaded["llm/"] = load_into(model.llm, state, "llm/", unused=(r"^lm_head\.", INV_FREQ))
     if (root / "vit").is_dir():
@@ -200,6 +250,8 @@ def load_pretrained(model: torch.nn.Module, directory: str | Path) -> dict[str, 
         own = "vision_model." if any(k.startswith("vision_model.") for k in model.vit.state_dict()) else ""
         state = {own + k: v for k, v in _strip(read_safetensors(root / "vit"), "vision_model.").items()}
         kept = model.vit.config.num_hidden_layers  # the last pretrained layer is never built
+        check_release_config(root / "vit" / "config.json", expected_fields(model.vit.config, num_hidden_layers=kept + 1),
+                             "vit/config.json", section="vision_config")
         loaded["vit/"] = load_into(model.vit, state, "vit/", unused=(r"(^|\.)head\.", last_layers(kept), POSITION_IDS))
     vae = root / "vae.safetensors" if (root / "vae.safetensors").exists() else root / "vae"
     if vae.exists():

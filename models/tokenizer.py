@@ -179,10 +179,14 @@ def is_tokenizer_dir(path: str | None) -> bool:
 
 
 def load_tokenizer(path: str | None, vocab_size: int):
-    """`HFTokenizer(path)` when `path` is a directory holding tokenizer files, else `tiny_tokenizer(vocab_size)`."""
-    if is_tokenizer_dir(path):
-        return HFTokenizer(path)
-    return tiny_tokenizer(vocab_size)
+    """`HFTokenizer(path)` for a directory holding tokenizer files; `tiny_tokenizer(vocab_size)`
+    when no path is given. A path without tokenizer files is an error, never the tiny one."""
+    if not path:
+        return tiny_tokenizer(vocab_size)
+    if not is_tokenizer_dir(path):
+        raise ValueError(f"model.tokenizer={path}: " + ("no such directory" if not os.path.isdir(path) else
+                         f"no tokenizer files there ({', '.join(_HF_TOKENIZER_FILES)})"))
+    return HFTokenizer(path)
 
 
 __all__ = [

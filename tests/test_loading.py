@@ -57,4 +57,12 @@ def test_shape_mismatch_is_one_clear_error(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "reca.engine", "train", "--init-from", str(tmp_path / "w"),
                            "--out", str(tmp_path / "run"), "--steps", "1"], capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "shape" in proc.stderr and "llm" in proc.stderr
+    # the release's config.json is read first: the field and both values
+    assert "llm/config.json: hidden_size is 64 there but the preset builds 192" in proc.stderr, proc.stderr
+    # without it, the tensors' shapes say the same
+    (tmp_path / "w" / "llm" / "config.json").unlink()
+    model = build(apply_overrides(tiny(), [f"output.dir={tmp_path / 'run2'}"])).model
+    from reca.models.loading import load_pretrained
+    import pytest
+    with pytest.raises(ValueError, match=r"llm/: .* has shape .* in the checkpoint but the model builds"):
+        load_pretrained(model, tmp_path / "w")

@@ -23,6 +23,8 @@ FAMILIES = {"flow": "tiny", "harmon": "harmon-tiny", "bagel": "bagel-tiny", "sho
 # the file each family's loader reads back (engine/generate.py EXPORT_FILES)
 EXPORTED = {"flow": "model.safetensors", "harmon": "harmon.safetensors", "bagel": "model.safetensors",
             "showo": "model.safetensors", "openuni": "openuni.safetensors"}
+# OpenUni's export adds the .pth its trainer's pretrained_pth loads (the loader reads the pair once)
+EXPORTED_TOO = {"openuni": ["openuni.pth"]}
 # bagel-tiny trains an EMA (train.ema 0.999): its export adds BAGEL's ema.safetensors
 EXPORTED_EMA = {"bagel": "ema.safetensors"}
 STEPS = 2  # sampling steps: the images' size and determinism do not depend on how many
@@ -115,7 +117,7 @@ def test_export_loads_back_and_samples_from_a_visual_prompt(family, families):
     prompt the pixels the run's own weights give (the frozen parts rebuild from the seed)."""
     f = families[family]
     exported, loaded = f["exported"]
-    want = [EXPORTED[family]] + ([EXPORTED_EMA[family]] if family in EXPORTED_EMA else [])
+    want = [EXPORTED[family], *EXPORTED_TOO.get(family, [])] + ([EXPORTED_EMA[family]] if family in EXPORTED_EMA else [])
     assert _ok(exported) == [str(f["run"] / "export" / name) for name in want]
     files = _ok(loaded)
     assert [os.path.basename(p) for p in files] == ["photo.png"]

@@ -208,6 +208,9 @@ def test_hf_token_id_with_unk(tok, tmp_path):
 def test_load_tokenizer_fallback(tok, tmp_path):
     assert load_tokenizer(None, 1024) is tok
     assert load_tokenizer("", 1024) is tok
-    assert load_tokenizer(str(tmp_path), 1024) is tok  # a directory without tokenizer files
-    assert load_tokenizer(str(tmp_path / "missing"), 1024) is tok
     assert load_tokenizer(None, 512).vocab_size == 512
+    # a path that holds no tokenizer is an error: never the tiny tokenizer in its place
+    with pytest.raises(ValueError, match="no tokenizer files there"):
+        load_tokenizer(str(tmp_path), 1024)
+    with pytest.raises(ValueError, match="no such directory"):
+        load_tokenizer(str(tmp_path / "missing"), 1024)

@@ -8,8 +8,10 @@ the FLUX VAE is a separate `ae.safetensors` (LDM AutoencoderKL keys) [R: FAMILY_
 exact key strings are derived from BAGEL's module names, which `BagelModel` reuses, so loading
 and export are a filter, never a renaming table.
 
-A directory for `load_bagel` holds `ema.safetensors` (preferred: RecA starts model and EMA from
-it) or `model.safetensors`, and optionally `ae.safetensors`. Shapes must match exactly; every
+A directory for `load_bagel` is the release as downloaded: `ema.safetensors` (preferred: RecA
+starts model and EMA from it) or `model.safetensors`, optionally `ae.safetensors`, and its
+`llm_config.json` / `vit_config.json` (checked against the preset's shapes) and Qwen2 tokenizer
+files (read as the run's tokenizer: `reca.engine.build.with_release_tokenizer`). Shapes must match exactly; every
 parameter outside the VAE must be present, and every tensor is used but the two fixed tables;
 an error is one line naming the tensor (`reca.models.loading`).
 """
@@ -21,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from reca.models.loading import load_into, read_safetensors
+from reca.models.loading import check_release_config, expected_fields, load_into, read_safetensors
 
 FIXED_TABLES = ("latent_pos_embed.pos_embed", "vit_pos_embed.pos_embed")
 
@@ -54,6 +56,13 @@ def load_bagel(model: torch.nn.Module, directory: str | Path) -> dict[str, int]:
     weights = next((root / f for f in ("ema.safetensors", "model.safetensors") if (root / f).exists()), None)
     if weights is None:
         raise ValueError(f"{root} holds neither ema.safetensors nor model.safetensors (BAGEL's layout)")
+    q, v = model.cfg.llm, model.cfg.vit  # BAGEL reads both files, then sets qk_norm and untied embeddings itself
+    check_release_config(root / "llm_config.json", expected_fields(q.hf_config(), tie_word_embeddings=None),
+                         "llm_config.json")
+    check_release_config(root / "vit_config.json", {
+        "hidden_size": v.hidden_size, "intermediate_size": v.intermediate_size, "num_hidden_layers": v.num_layers,
+        "num_attention_heads": v.num_heads, "patch_size": v.patch_size, "image_size": v.max_side * v.patch_size,
+        "layer_norm_eps": v.layer_norm_eps}, "vit_config.json")
     # the two fixed sin-cos tables BAGEL pops on load and rebuilds from the config: not used
     loaded = {weights.name: load_into(model, read_safetensors(weights), weights.name,
                                       unused=tuple(f"^{re.escape(k)}$" for k in FIXED_TABLES),

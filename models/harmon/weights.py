@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from reca.models.loading import INV_FREQ, LDM_LOSS, load_into, read_checkpoint, read_safetensors
+from reca.models.loading import (INV_FREQ, LDM_LOSS, check_release_config, expected_fields, load_into,
+                                 read_checkpoint, read_safetensors)
 
 PREFIXES = ("llm.", "proj_in.", "proj_out.", "mar.")
 _IGNORED = ("rotary_emb.inv_freq",)  # buffers some transformers releases saved; rebuilt from the config
@@ -71,6 +72,7 @@ def load_pretrained(model: torch.nn.Module, directory: str | Path) -> dict[str, 
         raise ValueError(f"--init-from directory not found: {root}")
     loaded: dict[str, int] = {}
     if (root / "llm").is_dir():
+        check_release_config(root / "llm" / "config.json", expected_fields(model.llm.config), "llm/config.json")
         loaded["llm/"] = load_into(model.llm, read_safetensors(root / "llm"), "llm/", unused=(INV_FREQ,))
     checkpoints = sorted(root.glob("*.pth")) + [p for p in (root / "harmon.safetensors",) if p.exists()]
     if len(checkpoints) > 1:

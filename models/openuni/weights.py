@@ -27,10 +27,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from reca.models.loading import load_into, note, read_checkpoint, read_safetensors
+from reca.models.loading import check_release_config, expected_fields, load_into, note, read_checkpoint, read_safetensors
 
 TRAINED = ("meta_queries", "connector.", "projector.", "transformer.")  # what RecA changes; export writes these
 FROZEN = ("lmm.", "vae.")
+DIFFUSERS_KEYS = (  # the fields of SANA's and DC-AE's config.json that decide shapes or the latent scale
+    "in_channels", "out_channels", "num_attention_heads", "attention_head_dim", "num_layers", "num_cross_attention_heads",
+    "cross_attention_head_dim", "cross_attention_dim", "caption_channels", "mlp_ratio", "patch_size",
+    "latent_channels", "encoder_block_out_channels", "decoder_block_out_channels", "encoder_layers_per_block",
+    "decoder_layers_per_block", "scaling_factor")
 LM_HEAD = r"(^|\.)lm_head\."  # InternVL3's text head: OpenUni never reads logits
 
 # remote-code InternVL name -> transformers InternVLModel name, applied in order (the conversion script's table)
@@ -143,6 +148,19 @@ def load_openuni_checkpoint(model: torch.nn.Module, path: str | Path) -> int:
                      optional=(lambda k: k.startswith(absent) if absent else False,))
 
 
+def _one_export(root: Path) -> list[Path]:
+    """openuni.safetensors and openuni.pth side by side (reca export): the safetensors file is
+    read, once the .pth is seen to hold the same tensors (keys and shapes, from its header)."""
+    from reca.models.loading import headers_only
+
+    with headers_only():
+        a, b = read_checkpoint(root / "openuni.safetensors"), read_checkpoint(root / "openuni.pth")
+    if {k: tuple(v.shape) for k, v in a.items()} != {k: tuple(v.shape) for k, v in b.items()}:
+        raise ValueError(f"{root}: openuni.pth and openuni.safetensors hold different tensors; keep one")
+    note("openuni.pth: the same tensors as openuni.safetensors, read once")
+    return [root / "openuni.safetensors"]
+
+
 def _release_drop_path(path: Path) -> float:
     """InternVL3's `vision_config.drop_path_rate` from its config.json (0 without one)."""
     if not path.exists():
@@ -171,12 +189,21 @@ def load_pretrained(model: torch.nn.Module, directory: str | Path) -> dict[str, 
         note(f"InternViT drop path {rate} (" + ("internvl/config.json" if (root / "internvl" / "config.json").exists()
                                                 else "no internvl/config.json") + ")")
     if (root / "internvl").is_dir():
+        lc = model.lmm.config
+        check_release_config(root / "internvl" / "config.json", expected_fields(lc.vision_config, image_size=None),
+                             "internvl/config.json vision_config", section="vision_config")
+        check_release_config(root / "internvl" / "config.json", expected_fields(lc.text_config, tie_word_embeddings=None),
+                             "internvl/config.json llm_config", section=("llm_config", "text_config"))
         loaded["internvl/"] = load_into(model.lmm, internvl_to_reca(read_safetensors(root / "internvl")), "internvl/",
                                         unused=(LM_HEAD,))
     for part in ("transformer", "vae"):
         if (root / part).is_dir():
+            check_release_config(root / part / "config.json", expected_fields(getattr(model, part).config, DIFFUSERS_KEYS),
+                                 f"{part}/config.json")
             loaded[part + "/"] = load_into(getattr(model, part), read_safetensors(root / part), part + "/")
     checkpoints = sorted(root.glob("*.pth")) + [p for p in (root / "openuni.safetensors",) if p.exists()]
+    if len(checkpoints) == 2 and {p.name for p in checkpoints} == {"openuni.pth", "openuni.safetensors"}:
+        checkpoints = _one_export(root)  # reca export writes both forms of one checkpoint
     if len(checkpoints) > 1:
         names = ", ".join(p.name for p in checkpoints)
         raise ValueError(f"{root} holds {len(checkpoints)} OpenUni checkpoints ({names}); keep one")

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from reca.models.loading import INV_FREQ, POSITION_IDS, last_layers, load_into, read_checkpoint, read_safetensors
+from reca.models.loading import (INV_FREQ, POSITION_IDS, check_release_config, expected_fields, last_layers,
+                                 load_into, read_checkpoint, read_safetensors)
 
 PREFIXES = ("showo.", "mm_projector.")
 _IGNORED = ("rotary_emb.inv_freq",)
@@ -84,13 +85,22 @@ def load_pretrained(model, directory: str | Path) -> dict[str, int]:
     if not root.is_dir():
         raise ValueError(f"--init-from directory not found: {root}")
     loaded: dict[str, int] = {}
-    if (root / "phi").is_dir():
+    if (root / "phi").is_dir():  # Phi-1.5's own vocabulary and no q/k LayerNorms: Show-o resizes and adds them
+        check_release_config(root / "phi" / "config.json",
+                             expected_fields(model.showo.config, vocab_size=None, qk_layernorm=None), "phi/config.json")
         loaded["phi/"] = _phi(model, read_safetensors(root / "phi"))
     if (root / "clip").is_dir() and hasattr(model, "clip"):
         kept = model.clip.config.num_hidden_layers  # the tower's last layer is never built
-        state = read_safetensors(root / "clip")
-        if not any(k.startswith("vision_model.") for k in state):  # a bare CLIPVisionTransformer dump
-            state = {"vision_model." + k: v for k, v in state.items()}
+        check_release_config(root / "clip" / "config.json",
+                             expected_fields(model.clip.config, ("hidden_size", "intermediate_size", "num_attention_heads",
+                                                                 "patch_size", "image_size"), num_hidden_layers=kept + 1),
+                             "clip/config.json", section="vision_config")
+        # transformers releases differ on whether CLIPVisionModel nests a `vision_model`; a full
+        # CLIP's text side keeps its own names (not used)
+        own = "vision_model." if any(k.startswith("vision_model.") for k in model.clip.state_dict()) else ""
+        state = {own + k[len("vision_model."):] if k.startswith("vision_model.") else
+                 (own + k if k.split(".")[0] in ("embeddings", "pre_layrnorm", "encoder", "post_layernorm") else k): v
+                 for k, v in read_safetensors(root / "clip").items()}
         loaded["clip/"] = load_into(model.clip, state, "clip/", unused=CLIP_UNUSED + (last_layers(kept),))
     if (root / "magvitv2").is_dir():
         loaded["magvitv2/"] = load_into(model.vq, read_safetensors(root / "magvitv2"), "magvitv2/")
@@ -102,6 +112,9 @@ def load_pretrained(model, directory: str | Path) -> dict[str, int]:
         if not any(k.startswith(PREFIXES) for k in state):
             raise ValueError(f"{files[0].name}: no showo.* or mm_projector.* tensors (not a Show-o checkpoint)")
         name = files[0].name if len(files) == 1 else f"{files[0].name} (+{len(files) - 1} shards)"
+        check_release_config(root / "config.json", {  # Showo's own config (modeling_showo.py register_to_config)
+            "vocab_size": model.layout.size, "llm_vocab_size": model.layout.text, "codebook_size": model.vq.codebook_size,
+            "num_vq_tokens": model.num_codes, "w_clip_vit": model.cfg.visual == "clip"}, "config.json")
         # a Show-o checkpoint holds showo.* and mm_projector.* whole; the CLIP tower and MAGVIT-v2 are their own
         loaded[name] = load_into(model, state, name, unused=(INV_FREQ,),
                                  optional=(lambda k: not k.startswith(PREFIXES),))
