@@ -62,6 +62,8 @@ class DataConfig:
     # where the square of a whole image (crop_scale 1, "crop" views) lies along its long side:
     # "centre", or "random" (OpenUni's crop2square: a uniform offset, from the sample's own draws)
     square_offset: SquareOffset = "centre"
+    # a LLaVA conversation JSON as source: the folder its image paths are relative to ("" = the JSON's)
+    json_image_root: str = ""
     und_downscale: float = 1.0  # < 1 blurs the understanding view on purpose (an information bottleneck)
     min_side: int = 16  # images with a shorter side are skipped as broken
     max_pixels: int = 64_000_000  # header sizes beyond this are skipped unread (decompression bombs)
@@ -114,7 +116,9 @@ class MixConfig:
     SECTION: ClassVar[str] = "mix"
 
     cycle: tuple[str, ...] = ("recon",)  # OBJECTIVES: "recon" (RecA) | "caption" (image-to-text cross-entropy)
-    caption_source: str = ""  # captioned images for "caption" micro-batches (any data.source form)
+    # captioned images for "caption" micro-batches: any data.source form (NAME.txt captions), or a
+    # LLaVA conversation JSON (every assistant turn a target; data.json_image_root)
+    caption_source: str = ""
     caption_prompt: str = "Describe this image in detail."  # the question of a captioning sample
     max_answer_tokens: int = 64  # captions are cut to this many tokens (the end-of-turn included)
 

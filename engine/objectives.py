@@ -67,10 +67,10 @@ def _recon_batch(builder: SampleBuilder, cfg: RunConfig, images, device: torch.d
 
 
 def _caption_batch(builder: SampleBuilder, cfg: RunConfig, images, device: torch.device) -> CaptionBatch:
-    prompt, ids, mask = builder.build_caption(builder.tokenizer, images.captions, cfg.mix.caption_prompt,
-                                              cfg.mix.max_answer_tokens)
+    prompt, ids, mask, target = builder.build_caption(builder.tokenizer, images.captions, cfg.mix.caption_prompt,
+                                                      cfg.mix.max_answer_tokens)
     return CaptionBatch(to_device(images.und, device), prompt_to(prompt, device), to_device(ids, device),
-                        to_device(mask, device))
+                        to_device(mask, device), to_device(target, device))
 
 
 OBJECTIVES: dict[str, Objective] = {

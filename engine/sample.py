@@ -173,29 +173,54 @@ class SampleBuilder:
                 out += part
         return out
 
-    def build_caption(self, tokenizer: TextTokenizer, captions: list[str | None], question: str,
-                      max_answer_tokens: int) -> tuple[PromptBatch, torch.Tensor, torch.Tensor]:
+    def build_caption(self, tokenizer: TextTokenizer, captions: list, question: str, max_answer_tokens: int
+                      ) -> tuple[PromptBatch, torch.Tensor, torch.Tensor, torch.Tensor]:
         """An image-to-text batch: the template with `question` as the instruction, and the
         captions as answers (after the template's `answer_prefix`, ended by its `end_of_turn`),
-        right-padded to `max_answer_tokens`.
+        right-padded to `max_answer_tokens`. A caption may be a conversation's turns ((q, a), ...:
+        a LLaVA source): its first question replaces `question`, and the answer part holds every
+        turn, the later questions laid out by the template's `next_turn`, only the answers (and
+        their end-of-turn tokens) targets; a conversation past `max_answer_tokens` is cut there,
+        as the families' own code cuts it at its max length.
         -> prompt ids/mask [B, P], answer ids [B, A], answer mask [B, A] (all False for an image
-        without a caption: it adds nothing to the loss)."""
-        seq = self._layout(tokenizer.encode(question)[: self.max_text_tokens])
-        prompt = PromptBatch(torch.full((len(captions), self.length), self.pad_id, dtype=torch.long),
-                             torch.zeros(len(captions), self.length, dtype=torch.bool))
-        prompt.input_ids[:, : len(seq)] = torch.tensor(seq)
-        prompt.mask[:, : len(seq)] = True
+        without a caption: it adds nothing to the loss), target mask [B, A] (the tokens scored)."""
+        b = len(captions)
+        prompt = PromptBatch(torch.full((b, self.length), self.pad_id, dtype=torch.long),
+                             torch.zeros(b, self.length, dtype=torch.bool))
         end = tokenizer.token_id(self.template.end_of_turn)
         prefix = self.template.answer_prefix
-        ids = torch.full((len(captions), max_answer_tokens), self.pad_id, dtype=torch.long)
-        mask = torch.zeros(len(captions), max_answer_tokens, dtype=torch.bool)
-        for row, text in enumerate(captions):
-            if not text:
+        ids = torch.full((b, max_answer_tokens), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(b, max_answer_tokens, dtype=torch.bool)
+        target = torch.zeros(b, max_answer_tokens, dtype=torch.bool)
+        for row, caption in enumerate(captions):
+            turns = caption if isinstance(caption, tuple) else ((question, caption),)
+            first = tokenizer.encode(turns[0][0])
+            if len(first) > self.max_text_tokens:
+                first = first[: self.max_text_tokens]  # a dataset's question: cut as the family's code cuts
+            seq = self._layout(first)
+            prompt.input_ids[row, : len(seq)] = torch.tensor(seq)
+            prompt.mask[row, : len(seq)] = True
+            answer, scored = [], []
+            for k, (q, a) in enumerate(turns):
+                if not a:
+                    break
+                if k:
+                    if not self.template.next_turn:
+                        raise UserError("a multi-turn conversation needs the caption template's next_turn "
+                                        "(how the family lays out a later question)")
+                    between = tokenizer.encode(self.template.next_turn.replace("{instruction}", q))
+                    answer, scored = answer + between, scored + [False] * len(between)
+                reply = tokenizer.encode(prefix + a) + [end]
+                answer, scored = answer + reply, scored + [True] * len(reply)
+            if not answer:
                 continue
-            answer = tokenizer.encode(prefix + text)[: max_answer_tokens - 1] + [end]
+            if len(answer) > max_answer_tokens:  # a single caption keeps its end-of-turn token
+                answer = answer[: max_answer_tokens - 1] + [end] if len(turns) == 1 else answer[:max_answer_tokens]
+                scored = scored[: max_answer_tokens]
             ids[row, : len(answer)] = torch.tensor(answer)
             mask[row, : len(answer)] = True
-        return prompt, ids, mask
+            target[row, : len(answer)] = torch.tensor(scored)
+        return prompt, ids, mask, target
 
     def build(self, positions: list[int] | torch.Tensor, fixed: bool = False) -> PromptBatch:
         """Prompts for the samples at these stream positions -> ids [B, P], mask [B, P].

@@ -59,6 +59,10 @@ class PromptTemplate:
     # apart from the fixed one ("" = `text`): Harmon tokenises "\n{instruction}" after its user
     # turn, so the newline before the visual tokens becomes one "\n\n" token for pooled ones.
     pooled_text: str = ""
+    # image-to-text conversations: the text between an answer's end-of-turn token and the next
+    # answer, `{instruction}` the next question (Qwen: "\n<|im_start|>user\n{instruction}<|im_end|>
+    # \n<|im_start|>assistant\n"; Show-o's LLaVA phi1.5: "USER: {instruction} ASSISTANT:")
+    next_turn: str = ""
     # The prompt's text (template and instruction, not the visual tokens) padded to exactly this
     # many tokens, as Show-o pads its recon prompt to 128 (0 = the template plus
     # sample.max_text_tokens); a longer instruction is refused, never cut.
@@ -107,6 +111,13 @@ class CaptionBatch:
     prompt: PromptBatch  # the caption template with the question
     answer_ids: torch.Tensor  # [B, A] int64, right-padded
     answer_mask: torch.Tensor  # [B, A] bool; all False for an image without a caption
+    # [B, A] bool, the tokens scored: a conversation's later questions are in the answer part
+    # (seen, not scored); None = every answer token
+    answer_target: torch.Tensor | None = None
+
+    def targets(self) -> torch.Tensor:
+        """The answer tokens the loss scores (`answer_target`, else `answer_mask`)."""
+        return self.answer_mask if self.answer_target is None else self.answer_target & self.answer_mask
 
 
 @dataclass

@@ -167,7 +167,7 @@ def test_showo_caption_answer_follows_llava_phi_conversation():
     """USER: \\n{q} ASSISTANT: {a}<|endoftext|>: the answer after a space, ended by the eos."""
     m = _showo()
     b = _builder(m, template=m.caption_template, max_text=32)
-    _, ids, mask = b.build_caption(m.tokenizer, ["a red bus", None], "What is it?", 16)
+    _, ids, mask, _ = b.build_caption(m.tokenizer, ["a red bus", None], "What is it?", 16)
     want = m.tokenizer.encode(" a red bus") + [m.tokenizer.token_id("<|endoftext|>")]
     assert ids[0, :len(want)].tolist() == want and int(mask[0].sum()) == len(want) and not mask[1].any()
     assert m.caption_template.text.endswith("USER: \n{instruction} ASSISTANT:")

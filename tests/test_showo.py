@@ -145,7 +145,7 @@ def test_which_parts_learn_from_each_objective():
     assert grads["showo.model.embed_tokens.weight"] is None and grads["mm_projector.0.weight"] is None
     assert grads["showo.lm_head.bias"] is not None and grads["showo.model.layers.0.mlp.fc1.weight"] is not None
     cb = SampleBuilder(m.tokenizer, m.caption_template, m.num_visual_tokens, _fitting(m, 12), max_text_tokens=12)
-    prompt, ids, mask = cb.build_caption(m.tokenizer, ["a red square", None], "Describe it.", 8)
+    prompt, ids, mask, _ = cb.build_caption(m.tokenizer, ["a red square", None], "Describe it.", 8)
     m.zero_grad(set_to_none=True)
     out = m(CaptionBatch(batch.und, prompt, ids, mask), "caption")
     out.loss.backward()

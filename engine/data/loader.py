@@ -93,7 +93,7 @@ class ImageBatch:
     gen: torch.Tensor  # [B, 3, Hg, Wg] float32 in [-1, 1]
     keys: list[str]  # source key of each sample ("S:key" in a mix of sources, S its index)
     positions: torch.Tensor  # [B] int64 stream positions the samples came from
-    captions: list[str | None] | None = None  # text that came with each image (RecA ignores it)
+    captions: list | None = None  # text (or conversation turns) that came with each image (RecA ignores it)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "ImageBatch":
         und = self.und.to(device, non_blocking=non_blocking)
@@ -107,7 +107,7 @@ class Sample(NamedTuple):
     position: int
     item: tuple[int, int]  # (source, index): what bad-sample memos are keyed by
     key: str
-    caption: str | None
+    caption: Any  # str | None, or a conversation's turns (sources.Turns)
     und: np.ndarray | None  # [3, Hu, Wu] (Pillow path) or None
     gen: np.ndarray | None  # [3, Hg, Wg] (Pillow path) or None
     raw: tuple[bytes, tuple[int, int, int, int], bool] | None  # for a batch backend

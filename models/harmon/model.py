@@ -104,8 +104,9 @@ class HarmonModel(RecaModule):
         self.template = PromptTemplate(
             text="<|im_start|>user\n{image}{instruction}<|im_end|>\n<|im_start|>assistant\n",
             pooled_text="<|im_start|>user\n\n{image}{instruction}<|im_end|>\n<|im_start|>assistant\n")
-        self.caption_template = PromptTemplate(
-            text="<|im_start|>user\n{image}\n{instruction}<|im_end|>\n<|im_start|>assistant\n")
+        self.caption_template = PromptTemplate(  # xtuner's qwen_chat: SEP "\n" between turns, not scored
+            text="<|im_start|>user\n{image}\n{instruction}<|im_end|>\n<|im_start|>assistant\n",
+            next_turn="\n<|im_start|>user\n{instruction}<|im_end|>\n<|im_start|>assistant\n")
         self.views = ViewSpec(und_size=cfg.image_size, und_mean=(0.5, 0.5, 0.5), und_std=(0.5, 0.5, 0.5),
                               gen_size=cfg.image_size, gen_resize="stretch")
         self.caption_views = dataclasses.replace(self.views, gen_resize="pad")  # image-to-text: grey-padded
@@ -227,10 +228,11 @@ class HarmonModel(RecaModule):
         j = torch.arange(a, device=answer_ids.device)[None]
         src = torch.where(j == 0, prompt_mask.long().sum(1, keepdim=True) - 1, p + j - 1)  # [B, A]
         h = hidden.gather(1, src[..., None].expand(b, a, d))
-        targets = answer_ids.masked_fill(~answer_mask, -100)
+        scored = batch.targets()  # a conversation's later questions are seen, not scored
+        targets = answer_ids.masked_fill(~scored, -100)
         loss = self.ops.linear_cross_entropy(h.flatten(0, 1), self.llm.lm_head.weight, targets.flatten(),
                                              ignore_index=-100)  # lm_head is the embedding when tied
-        return LossOutput(loss=loss, metrics={"caption_tokens": answer_mask.sum().detach().float()})
+        return LossOutput(loss=loss, metrics={"caption_tokens": scored.sum().detach().float()})
 
     def codec_passes(self, same_pixels: bool) -> int:
         """VAE passes per RecA sample: one when the loader hands the same tensor as both views."""

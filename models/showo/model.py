@@ -147,7 +147,8 @@ class ShowoModel(RecaModule):
             # LLaVA's phi1.5 conversation (llava_instruct_data.py): "USER: \n{q} ASSISTANT: {a}<|endoftext|>"
             self.caption_template = PromptTemplate(text=f"<|mmu|>{SYSTEM}<|soi|>{{image}}<|eoi|>USER: \n"
                                                         "{instruction} ASSISTANT:", image_token=MASK, pad_token="[PAD]",
-                                                   answer_prefix=" ", end_of_turn="<|endoftext|>")
+                                                   answer_prefix=" ", end_of_turn="<|endoftext|>",
+                                                   next_turn="USER: {instruction} ASSISTANT:")
             cap_und = dict(und_size=c.image_size, und_mean=CLIP_MEAN, und_std=CLIP_STD)
         else:
             self.num_visual_tokens = (cfg.vq_input_size // self.vq.downsample) ** 2
@@ -158,7 +159,7 @@ class ShowoModel(RecaModule):
                                            instruction_per="batch")
             self.caption_template = PromptTemplate(text="<|mmu|><|soi|>{image}<|eoi|>USER: \n{instruction} ASSISTANT:",
                                                    image_token=MASK, pad_token="[PAD]", answer_prefix=" ",
-                                                   end_of_turn="<|endoftext|>")
+                                                   end_of_turn="<|endoftext|>", next_turn="USER: {instruction} ASSISTANT:")
             cap_und = und
         freeze_except(self, tuple(modules), tuple(m for m in cfg.trainable if m in modules))
         self.views = ViewSpec(**und, gen_size=cfg.image_size, gen_resize="stretch")
@@ -292,11 +293,11 @@ class ShowoModel(RecaModule):
         j = torch.arange(a, device=ids.device)[None]
         src = torch.where(j == 0, prompt.mask.long().sum(1, keepdim=True) - 1, p + j - 1)  # [B, A]
         h = hidden.gather(1, src[..., None].expand(b, a, hidden.shape[-1]))
-        targets = batch.answer_ids.masked_fill(~batch.answer_mask, -100)
+        targets = batch.answer_ids.masked_fill(~batch.targets(), -100)  # later questions seen, not scored
         head = self.showo.lm_head
         loss = self.ops.linear_cross_entropy(h.flatten(0, 1), head.weight, targets.flatten(), bias=head.bias,
                                              ignore_index=-100)
-        return LossOutput(loss=loss, metrics={"caption_tokens": batch.answer_mask.sum().detach().float()})
+        return LossOutput(loss=loss, metrics={"caption_tokens": batch.targets().sum().detach().float()})
 
     @torch.no_grad()
     def generate(self, batch, generator: torch.Generator | None = None) -> torch.Tensor:
