@@ -354,17 +354,43 @@ def test_a_locked_run_is_refused_by_a_torchrun_job(parity_runs, tmp_path, capsys
     assert (run / "metrics.jsonl").read_bytes() == before and not (run / f"step-{STEPS}").exists()
 
 
-def test_resume_two_ranks_in_one_process(parity_runs, tmp_path):
-    """2 -> 1: the FSDP run's step-10/ continued by a plain `reca train --resume` (a process
-    group of one, FSDP on one rank), against one process that switches world size at step 10."""
+@pytest.mark.parametrize("name,strategy", PAIRS)
+def test_resume_two_ranks_in_one_process(parity_runs, tmp_path, name, strategy):
+    """2 -> 1: each run's step-10/ continued by a plain `reca train --resume` (a process group
+    of one), against one process that switches world size at step 10. BAGEL and Harmon cover
+    frozen parameters (rebuilt, not in the folder) and a trainable one that never had a
+    gradient (Harmon's MAR class table: no AdamW state in the folder)."""
     run = tmp_path / "run"
-    shutil.copytree(parity_runs / "tiny-fsdp", run)
+    shutil.copytree(parity_runs / f"{name}-{strategy}", run)
     shutil.rmtree(run / f"step-{STEPS}")
     proc = run_ok([sys.executable, "-m", "reca.engine", "train", "--quiet", "--resume", str(run)])
     assert not (run / "checkpoint.pt").exists()  # the run stays a torchrun run: step-N/ folders
     assert [row["step"] for row in rows(run)] == list(range(1, STEPS + 1)), proc.stderr
-    assert losses(run)[HALF:] == pytest.approx(simulated("tiny", [2] * HALF + [1] * HALF)[HALF:], rel=TOL)
+    assert losses(run)[HALF:] == pytest.approx(simulated(name, [2] * HALF + [1] * HALF)[HALF:], rel=TOL)
     assert (run / f"step-{STEPS}").is_dir()
+
+
+def test_a_step_folder_lacking_a_tensor_is_refused(parity_runs, tmp_path, capsys):
+    """A folder whose metadata lacks a tensor the run needs (not a never-stepped parameter's
+    whole AdamW state) is one line, nothing written."""
+    import pickle
+
+    from reca.engine.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(parity_runs / "harmon-tiny-fsdp", run)
+    shutil.rmtree(run / f"step-{STEPS}")
+    meta_path = run / f"step-{HALF}" / ".metadata"
+    meta = pickle.loads(meta_path.read_bytes())
+    gone = next(k for k in meta.state_dict_metadata if k.endswith(".exp_avg_sq") and "mar.encoder_blocks" in k)
+    del meta.state_dict_metadata[gone]
+    meta_path.write_bytes(pickle.dumps(meta))
+    before = (run / "metrics.jsonl").read_bytes()
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--quiet", "--resume", str(run)])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and gone in err, err
+    assert (run / "metrics.jsonl").read_bytes() == before
 
 
 @pytest.mark.parametrize("strategy", ["fsdp", "ddp"])

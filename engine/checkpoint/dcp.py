@@ -49,10 +49,35 @@ def step_of(folder: Path) -> int:
     return int(_STEP.fullmatch(folder.name).group(1))
 
 
-def _options():
+def _options(strict: bool = True):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(ignore_frozen_params=True)
+    return StateDictOptions(ignore_frozen_params=True, strict=strict)
+
+
+def _check_loaded(folder: Path, state: dict) -> None:
+    """What a resume read from `folder` is every tensor it needs, but one thing: AdamW keeps no
+    state for a trainable parameter that never had a gradient (Harmon's MAR class table, which
+    RecA never reaches), while a fresh optimizer's state dict lists one for every parameter
+    (torch initialises it with a zero-gradient step): such a parameter, whose state the folder
+    lacks whole, keeps that initial state, as it would have no state in an uninterrupted run
+    (AdamW skips parameters without a gradient). Anything else missing is one line."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+
+    saved = set(FileSystemReader(str(folder)).read_metadata().state_dict_metadata)
+    flat, _ = flatten_state_dict(state)
+    stateful = {k[len("optim.state."):].rsplit(".", 1)[0] for k in saved if k.startswith("optim.state.")}
+    missing = []
+    for key in flat:
+        if key in saved:
+            continue
+        param = key[len("optim.state."):].rsplit(".", 1)[0] if key.startswith("optim.state.") else None
+        if param is None or param in stateful:
+            missing.append(key)
+    if missing:
+        raise UserError(f"cannot resume from {folder}: it lacks {len(missing)} tensor(s) the run needs, e.g. "
+                        f"{sorted(missing)[0]} (a damaged or foreign step folder?)")
 
 
 def save(run: str | Path, step: int, c, r, *, keep: int, frozen: dict[str, str] | None = None) -> Path:
@@ -97,6 +122,7 @@ def load(folder: str | Path, c, r, frozen: dict[str, str] | None = None) -> int:
     refusing (every rank, one line) frozen weights other than the ones the run trained with
     (`frozen`: rank 0's fingerprint of this job's; a folder written before it was kept has none)."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import DefaultLoadPlanner
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     from reca.engine.checkpoint.guard import fingerprint_conflict
@@ -115,9 +141,11 @@ def load(folder: str | Path, c, r, frozen: dict[str, str] | None = None) -> int:
     state = {"model": model, "optim": optim}
     if c.ema is not None and extra.get("ema") is not None:  # loaded in place into this rank's shards
         state["ema"] = dict(zip(c.ema.names, c.ema.shadows))
-    dcp.load(state, checkpoint_id=str(folder))
+    dcp.load(state, checkpoint_id=str(folder), planner=DefaultLoadPlanner(allow_partial_load=True))
+    _check_loaded(folder, state)
+    # frozen parameters are rebuilt, not loaded (set_state_dict's strict check would want them)
     set_state_dict(c.model, c.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                   options=_options())
+                   options=_options(strict=False))
     c.scheduler.load_state_dict(extra["scheduler"])
     ranks, same = extra["ranks"], extra["world_size"] == r.world_size
     mine = ranks[r.rank] if same else ranks[0]
