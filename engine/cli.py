@@ -173,6 +173,10 @@ def _info(args) -> None:
     from reca.engine.presets import preset
 
     cfg = apply_overrides(preset(args.preset), args.set + ([f"train.init_from={args.init_from}"] if args.init_from else []))
+    if cfg.train.init_from:
+        from reca.engine.build import with_release_tokenizer
+
+        cfg = with_release_tokenizer(cfg)  # the release's own tokenizer decides Show-o's vocabulary
     if args.world_size is not None and args.world_size < 1:
         raise UserError("--world-size must be at least 1")
     try:

@@ -188,3 +188,14 @@ def _stack_globals(data: bytes):
             last = (last + [arg])[-2:]
         if op.name == "STACK_GLOBAL" and len(last) == 2:
             yield tuple(last)
+
+
+def test_info_checks_a_release_with_its_own_tokenizer(tmp_path, capsys):
+    """reca info --init-from reads the release's tokenizer too: Show-o's vocabulary depends on it."""
+    donor = _donor("showo-tiny", tmp_path / "tokenizer")
+    release = tmp_path / "release"
+    release.mkdir()
+    write_showo(donor, release)
+    main(["info", "--preset", "showo-tiny", "--init-from", str(release)])
+    out = capsys.readouterr().out
+    assert "config.json agrees with the preset" in out and "phi/ " in out, out
