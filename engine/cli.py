@@ -53,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="write a run's trained weights in the family's original layout")
     e.add_argument("run", help="run directory (config.json + checkpoint.pt)")
     e.add_argument("--to", required=True, metavar="DIR", help="folder that receives model.safetensors")
+    e.add_argument("--overwrite", action="store_true", help="replace the files an earlier export left in DIR")
 
     i = sub.add_parser("info", help="print a preset's resolved config and parameter counts (no weights allocated)",
                        epilog=EPILOG)
@@ -163,7 +164,7 @@ def _export(args) -> None:
     from reca.engine.generate import export, load_model, run_weights
 
     cfg, model = load_model(run=args.run, device="cpu")
-    for path in export(model, cfg, args.to, ema=run_weights(args.run)["ema"]):
+    for path in export(model, cfg, args.to, ema=run_weights(args.run)["ema"], overwrite=args.overwrite):
         print(path)
 
 

@@ -157,7 +157,7 @@ def sample(model, cfg: RunConfig, *, out: str, prompt: str | None = None, images
     """Generate into `out`: `num` images from the text `prompt` alone (text_NN.png), or one per
     image from its visual prompt, with `prompt` (default: the run's fixed instruction) as the
     instruction (NAME.png). -> the files written."""
-    steps = steps or cfg.output.preview_steps
+    steps = cfg.output.preview_steps if steps is None else steps  # 0 is refused, not the default
     if steps < 1 or num < 1:
         raise UserError("--steps and --num must be at least 1")
     if not images and prompt is None:
@@ -193,7 +193,8 @@ def sample(model, cfg: RunConfig, *, out: str, prompt: str | None = None, images
 EXPORT_FILES = {"harmon": "harmon.safetensors", "openuni": "openuni.safetensors"}
 
 
-def export(model, cfg: RunConfig, to: str, *, ema: dict[str, torch.Tensor] | None = None) -> list[Path]:
+def export(model, cfg: RunConfig, to: str, *, ema: dict[str, torch.Tensor] | None = None,
+           overwrite: bool = False) -> list[Path]:
     """The trained weights in the family's original layout: TO/<file the family loads>; with
     `ema` (the run's EMA shadows by parameter name) also the EMA weights in the same layout:
     TO/ema.safetensors for BAGEL (its release's name), TO/ema/<file> for the others. OpenUni also
@@ -205,6 +206,11 @@ def export(model, cfg: RunConfig, to: str, *, ema: dict[str, torch.Tensor] | Non
     paths = [Path(to) / name]
     if ema is not None:
         paths.append(Path(to) / ("ema.safetensors" if cfg.model.family == "bagel" else f"ema/{name}"))
+    planned = paths + ([paths[0].with_suffix(".pth")] if cfg.model.family == "openuni" else [])
+    there = [str(p) for p in planned if p.exists()]
+    if there and not overwrite:  # an earlier export's files are never replaced in silence
+        raise UserError(f"{to} already holds {', '.join(there)}; give --overwrite to replace "
+                        f"{'it' if len(there) == 1 else 'them'}, or another --to")
     try:
         paths[0].parent.mkdir(parents=True, exist_ok=True)
         model.export(str(paths[0]))

@@ -119,6 +119,20 @@ def test_truncated_tar_keeps_its_complete_samples(tmp_path, caplog):
     assert len(batch.keys) == 7  # 5 samples, a second epoch fills the batch
 
 
+def test_a_tar_cut_inside_a_header_warns_as_a_cut_inside_a_member(tmp_path, caplog):
+    """tarfile ends quietly at a header cut short: the shard's tail is looked at, and a cut
+    header is a truncated shard like any other (its complete samples kept, one warning)."""
+    path = shard(tmp_path / "h.tar", 0, 8)
+    data = (tmp_path / "h.tar").read_bytes()
+    image = int(TarSource([path]).off[5])  # sample 5's image data; its header is the 512 bytes before
+    header = image - 512
+    (tmp_path / "h.tar").write_bytes(data[:header + 100])  # inside the 512-byte header
+    with caplog.at_level(logging.WARNING, logger="reca.engine.data"):
+        src = TarSource([path])
+    assert [src.key(i) for i in range(len(src))] == [f"h.tar/s{i:03d}" for i in range(5)]
+    assert any("truncated" in r.getMessage() and "header" in r.getMessage() for r in caplog.records), caplog.text
+
+
 def test_tar_specs_directory_brace_and_glob(tmp_path):
     for k in range(3):
         shard(tmp_path / f"s-{k:03d}.tar", 10 * k, 2)

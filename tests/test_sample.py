@@ -174,3 +174,22 @@ def test_each_real_preset_names_the_authors_instruction_file(name, file):
     from reca.engine.presets import PRESETS
 
     assert f"--prompts {file}" in " ".join(PRESETS[name].__doc__.split())
+
+
+def test_export_never_replaces_an_earlier_export_in_silence_and_sample_refuses_zero_steps(tmp_path, capsys):
+    from reca.engine.cli import main
+
+    run = tmp_path / "run"
+    main(["train", "--preset", "tiny", "--out", str(run), "--steps", "1", "--quiet", "--set", "output.preview_images=0"])
+    main(["export", str(run), "--to", str(tmp_path / "out")])
+    first = (tmp_path / "out" / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(["export", str(run), "--to", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and "already holds" in err and "--overwrite" in err and len(err.splitlines()) == 1
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == first
+    main(["export", str(run), "--to", str(tmp_path / "out"), "--overwrite"])
+    with pytest.raises(SystemExit) as exit_:
+        main(["sample", str(run), "--prompt", "a cat", "--steps", "0", "--out", str(tmp_path / "s")])
+    assert exit_.value.code == 2 and "--steps and --num must be at least 1" in capsys.readouterr().err

@@ -367,7 +367,10 @@ def _scan_shard(path: str) -> tuple[list[str], np.ndarray, str]:
                 except (tarfile.TarError, EOFError, OSError) as e:
                     damaged = f"{type(e).__name__}: {e}"
                     break
-                if m is None:
+                if m is None:  # tarfile also ends here on a header cut short: look at what is left
+                    f.seek(tf.offset)
+                    if f.read(min(end - tf.offset, 1 << 16)).strip(b"\0"):
+                        damaged = f"cut inside a member header at byte {tf.offset}"
                     break
                 if m.offset_data + m.size > end:
                     damaged = f"member {printable(m.name)!r} ends past the end of the file"
