@@ -149,6 +149,11 @@ def _sample(args) -> None:
     weights = args.init_from or any(s.startswith("train.init_from=") for s in args.set)
     if args.preset is not None and not weights:  # a preset alone holds random weights
         raise UserError("--preset needs --init-from WEIGHTS (or give a run directory)")
+    if args.prompt is not None:
+        try:
+            args.prompt.encode("utf-8")
+        except UnicodeEncodeError:  # bytes the shell's locale could not decode arrive as surrogates
+            raise UserError("--prompt is not valid UTF-8 text (check the terminal's encoding)") from None
     if args.prompt is None and not args.image:  # before the model is built: it takes seconds
         raise UserError("give --prompt TEXT (text-to-image) or --image FILE (the image's visual prompt)")
     from reca.engine.generate import load_model, sample  # after the checks: it imports torch (seconds)

@@ -419,6 +419,11 @@ def _from_module(spec: str) -> RunConfig:
         cfg = fn()
     except (UserError, ValueError) as e:  # a config or model shape refusing a value
         raise UserError(f"preset {spec!r}: {e}") from None
+    except TypeError as e:  # most often a function that wants arguments
+        raise UserError(f"preset {spec!r}: {fn_name}() must take no arguments and return a RunConfig "
+                        f"({' '.join(str(e).split())})") from None
+    except Exception as e:  # noqa: BLE001: the user's function failed: its error, on one line
+        raise UserError(f"preset {spec!r}: {fn_name}() raised {type(e).__name__}: {' '.join(str(e).split())}") from None
     if not isinstance(cfg, RunConfig):
         raise UserError(f"preset {spec!r}: {fn_name}() returned {type(cfg).__name__}, not a RunConfig")
     return cfg if cfg.preset else dataclasses.replace(cfg, preset=spec)

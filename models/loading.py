@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import json
+import pickle
 import re
 from pathlib import Path
 from typing import Callable, Iterable, Union
@@ -76,7 +77,24 @@ def note(text: str) -> None:
         record["notes"].append(text)
 
 
+def _first_line(e: BaseException) -> str:
+    """One line for an error: torch's weights-only refusal wraps its cause in a page of advice."""
+    advice = ("Weights only load failed", "Check the documentation", "Please file an issue")
+    lines = [line.strip().removeprefix("WeightsUnpickler error:").strip() for line in str(e).splitlines()]
+    lines = [line for line in lines if line and not line.startswith(advice)]
+    return (lines[0] if lines else type(e).__name__)[:200]
+
+
 def _safetensors_file(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return _read_safetensors_file(path)
+    except Exception as e:  # noqa: BLE001: SafetensorError (a bad or cut header) has no public base class
+        if isinstance(e, (OSError, ValueError)) and not type(e).__name__.startswith("Safetensor"):
+            raise
+        raise ValueError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+
+
+def _read_safetensors_file(path: Path) -> dict[str, torch.Tensor]:
     if not _HEADERS.get():
         return load_file(str(path))
     with safe_open(str(path), framework="pt") as f:
@@ -109,10 +127,16 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if path.suffix == ".safetensors":
         return _safetensors_file(path)
-    if _HEADERS.get():
-        state = torch.load(path, map_location="meta", weights_only=True, mmap=True)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        if _HEADERS.get():
+            state = torch.load(path, map_location="meta", weights_only=True, mmap=True)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, ImportError) as e:
+        # weights_only refuses anything but tensors and plain containers (a hostile pickle, a
+        # pickled model), and a cut or foreign file fails to unpickle: one line, nothing run
+        raise ValueError(f"{path}: not a plain tensor checkpoint (torch.load with weights_only=True: "
+                         f"{_first_line(e)})") from None
     for key in ("model", "state_dict", "module"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

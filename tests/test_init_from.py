@@ -85,3 +85,61 @@ def test_a_whole_file_is_reported_by_info_and_loads(capsys, tmp_path, name):
     cfg = apply_overrides(preset(name), [f"train.init_from={weights}"])
     model = seeded_model(cfg, get_ops("torch"), torch.device("cpu"))
     assert model.init_from_report.startswith(f"--init-from {weights}: {file} ")
+
+
+# --- malformed and hostile files: one line each, nothing run ---------------------------------------
+
+class _Evil:
+    def __reduce__(self):
+        import os
+        return (os.system, ("touch EXECUTED",))
+
+
+def _hostile(d):
+    torch.save({"x": _Evil()}, d / "harmon.pth")
+
+
+def _bytes(name, data):
+    return lambda d: (d / name).write_bytes(data)
+
+
+def _cut_safetensors(d):
+    save_file({"a": torch.zeros(1000)}, str(d / "ema.safetensors"))
+    data = (d / "ema.safetensors").read_bytes()
+    (d / "ema.safetensors").write_bytes(data[:len(data) // 2])
+
+
+@pytest.mark.parametrize("name,write,needle", [
+    ("harmon-tiny", _hostile, "unsupported GLOBAL"),
+    ("harmon-tiny", _bytes("harmon.pth", bytes(range(256)) * 2), "not a plain tensor checkpoint"),
+    ("bagel-tiny", _bytes("ema.safetensors", b"\xff" * 16 + b"{bad"), "not a readable safetensors file"),
+    ("bagel-tiny", _bytes("ema.safetensors", b""), "not a readable safetensors file"),
+    ("bagel-tiny", _cut_safetensors, "not a readable safetensors file"),
+    ("tiny", lambda d: (d / "llm").mkdir() or (d / "llm" / "model.safetensors").write_bytes(
+        b"\x08\x00\x00\x00\x00\x00\x00\x00notjson!"), "not a readable safetensors file"),
+], ids=["hostile-pickle", "garbage-pth", "bad-header", "empty", "cut", "bad-json-header"])
+def test_a_malformed_or_hostile_file_is_one_line(capsys, tmp_path, monkeypatch, name, write, needle):
+    monkeypatch.chdir(tmp_path)
+    weights = tmp_path / "w"
+    weights.mkdir()
+    write(weights)
+    _refused(capsys, tmp_path, weights, name, needle)
+    assert not (tmp_path / "EXECUTED").exists()
+
+
+def test_a_preset_function_that_raises_or_wants_arguments_is_one_line(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mypresets.py").write_text("def broken():\n    raise KeyError('no such thing')\n\n"
+                                            "def needs(size):\n    return None\n")
+    for spec, needle in (("mypresets:broken", "broken() raised KeyError"), ("mypresets:needs", "must take no arguments")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["train", "--preset", spec, "--out", str(tmp_path / "run"), "--steps", "1"])
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert exit_.value.code == 2 and len(lines) == 1 and needle in lines[0], lines
+
+
+def test_a_prompt_that_is_not_utf8_is_one_line(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_:
+        main(["sample", "--preset", "tiny", "--init-from", str(tmp_path), "--prompt", "caf\udce9", "--out", str(tmp_path)])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exit_.value.code == 2 and lines == ["reca: error: --prompt is not valid UTF-8 text (check the terminal's encoding)"]
