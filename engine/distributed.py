@@ -34,6 +34,8 @@ import functools
 import os
 import signal
 import sys
+import threading
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -176,6 +178,22 @@ def any_rank(flag: bool, group) -> bool:
     return bool(t.item())
 
 
+def watch_launcher(interval: float = 1.0) -> None:
+    """torchrun starts its workers in sessions of their own: killing torchrun's process group
+    (a closed terminal, a scheduler's kill of the job script) would leave them training with no
+    one to supervise them, holding the run's lock. A daemon thread notices the launcher's death
+    (this process's parent changes) and sends this worker SIGTERM, which ends the job as a stop
+    request does: every rank agrees at the next step, that step's step-N/ is written."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="reca-launcher-watch", daemon=True).start()
+
+
 def train_distributed(cfg: RunConfig, *, resume: bool = False, stop_after: int | None = None,
                       quiet: bool = False) -> dict:
     """`reca train` on one rank of a torchrun job (or a group of one); returns the last metrics
@@ -187,6 +205,8 @@ def train_distributed(cfg: RunConfig, *, resume: bool = False, stop_after: int |
     from reca.engine.rundir import RunLock, check_run_dir
 
     r, device = init_process_group()
+    if launched():
+        watch_launcher()
     run = Path(cfg.output.dir)
     lock = None
     if r.main:

@@ -549,3 +549,52 @@ if __name__ == "__main__":  # under torchrun: the parity runs (see parity_runs)
         cfg = apply_overrides(preset(name), [*SETS, f"distributed.strategy={strategy}",
                                              f"output.dir={Path(sys.argv[1]) / f'{name}-{strategy}'}"])
         train_distributed(cfg, quiet=True)
+
+
+def _workers_of(run: Path, launcher: int) -> list[int]:
+    """PIDs of the processes training into `run` (their command line names it), the launcher aside."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == launcher:
+            continue
+        try:
+            cmdline = (d / "cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if str(run).encode() in cmdline and b"torch.distributed.run" not in cmdline:
+            found.append(int(d.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc to find the workers")
+def test_a_killed_launcher_leaves_no_worker_running(tmp_path):
+    """torchrun starts its workers in sessions of their own: killing torchrun's process group
+    (SIGKILL: nothing forwarded) used to leave both training, holding the run's lock. Each
+    worker now notices its parent's death, stops as a stop request does, and writes that step's
+    step-N/ folder, within a few seconds."""
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    sets = [s for s in SETS if not s.startswith(("train.steps", "output.ckpt_every"))]
+    proc = subprocess.Popen(torchrun("-m", "reca.engine", "train", "--quiet", "--preset", "tiny", "--out", str(run),
+                                     *(f"--set={s}" for s in sets), "--set=train.steps=100000",
+                                     "--set=output.ckpt_every=100000"),
+                            start_new_session=True, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and not ((run / "metrics.jsonl").exists()
+                                               and len((run / "metrics.jsonl").read_text().splitlines()) >= 3):
+            assert proc.poll() is None, "torchrun ended before training"
+            time.sleep(0.5)
+        assert len(_workers_of(run, proc.pid)) == 2
+        os.killpg(proc.pid, signal.SIGKILL)
+        deadline = time.time() + 20
+        while time.time() < deadline and _workers_of(run, proc.pid):
+            time.sleep(0.5)
+        assert _workers_of(run, proc.pid) == []
+        assert [p.name for p in run.glob("step-*")]  # the stop's checkpoint
+    finally:
+        for pid in _workers_of(run, proc.pid):
+            os.kill(pid, signal.SIGKILL)
+        proc.wait(timeout=10)
