@@ -147,7 +147,7 @@ def understanding_view(model, cfg: RunConfig, path: str) -> torch.Tensor:
         img = PillowDecoder().decode(data, path)
     except BadImage as e:
         raise UserError(f"{path}: {e}") from None
-    views = dataclasses.replace(cfg.data, crop_scale=1.0, hflip=False)
+    views = dataclasses.replace(cfg.data, crop_scale=1.0, hflip=False, square_offset="centre")  # the image's centre
     und, _ = make_views(img, model.views, views, np.random.default_rng(0))
     return torch.from_numpy(np.array(und))
 
@@ -204,18 +204,18 @@ def export(model, cfg: RunConfig, to: str, *, ema: dict[str, torch.Tensor] | Non
                         "(its weights are RUN/checkpoint.pt's 'model' entry)")
     name = EXPORT_FILES.get(cfg.model.family, "model.safetensors")
     paths = [Path(to) / name]
+    if cfg.model.family == "openuni":  # the form OpenUni's pretrained_pth reads (torch.load, torch 2.3 pinned)
+        paths.append(paths[0].with_suffix(".pth"))
     if ema is not None:
         paths.append(Path(to) / ("ema.safetensors" if cfg.model.family == "bagel" else f"ema/{name}"))
-    planned = paths + ([paths[0].with_suffix(".pth")] if cfg.model.family == "openuni" else [])
-    there = [str(p) for p in planned if p.exists()]
+    there = [str(p) for p in paths if p.exists()]
     if there and not overwrite:  # an earlier export's files are never replaced in silence
         raise UserError(f"{to} already holds {', '.join(there)}; give --overwrite to replace "
                         f"{'it' if len(there) == 1 else 'them'}, or another --to")
     try:
         paths[0].parent.mkdir(parents=True, exist_ok=True)
         model.export(str(paths[0]))
-        if cfg.model.family == "openuni":  # the form OpenUni's pretrained_pth reads (torch.load, torch 2.3 pinned)
-            paths.insert(1, paths[0].with_suffix(".pth"))
+        if cfg.model.family == "openuni":
             model.export(str(paths[1]))
         if ema is not None:  # the model's export with the EMA weights swapped in (reca.engine.ema)
             from reca.engine.ema import EMA

@@ -41,7 +41,7 @@ def lr_factor(step: int, cfg: OptimConfig, total_steps: int) -> float:
     warmup, or step / warmup with `warmup_from_zero`: transformers' get_*_schedule_with_warmup),
     then cosine decay to `min_lr_ratio` at `total_steps`, or constant."""
     if step < cfg.warmup_steps:
-        return (step if getattr(cfg, "warmup_from_zero", False) else step + 1) / cfg.warmup_steps
+        return (step if cfg.warmup_from_zero else step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
         return 1.0
     if cfg.schedule != "cosine":

@@ -117,7 +117,7 @@ class CaptionBatch:
 
     def targets(self) -> torch.Tensor:
         """The answer tokens the loss scores (`answer_target`, else `answer_mask`)."""
-        return self.answer_mask if self.answer_target is None else self.answer_target & self.answer_mask
+        return self.answer_mask if self.answer_target is None else self.answer_target  # a subset of the mask
 
 
 @dataclass

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Union
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 Rule = Union[str, Callable[[str], bool]]  # a regular expression (re.search) or a predicate on the key
@@ -88,9 +88,7 @@ def _first_line(e: BaseException) -> str:
 def _safetensors_file(path: Path) -> dict[str, torch.Tensor]:
     try:
         return _read_safetensors_file(path)
-    except Exception as e:  # noqa: BLE001: SafetensorError (a bad or cut header) has no public base class
-        if isinstance(e, (OSError, ValueError)) and not type(e).__name__.startswith("Safetensor"):
-            raise
+    except SafetensorError as e:  # a bad, empty or cut header
         raise ValueError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from reca.engine.data.sources import LlavaSource
+from reca.engine.data.conversations import LlavaSource
 from reca.engine.errors import UserError
 from reca.engine.presets import preset
 from reca.engine.sample import SampleBuilder

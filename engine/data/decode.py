@@ -142,7 +142,7 @@ def crop_box(w: int, h: int, views: ViewSpec, cfg: Any,
         box = (x0, y0, x0 + side, y0 + side)
     elif views.gen_resize in ("stretch", "pad"):  # pad: `make_views` adds the grey bands
         box = (0, 0, w, h)
-    elif getattr(cfg, "square_offset", "centre") == "random":  # OpenUni's crop2square: randint(0, long - short)
+    elif cfg.square_offset == "random":  # OpenUni's crop2square: randint(0, long - short)
         x0, y0 = min(int(u_x * (w - short + 1)), w - short), min(int(u_y * (h - short + 1)), h - short)
         box = (x0, y0, x0 + short, y0 + short)
     else:

@@ -107,7 +107,7 @@ class Sample(NamedTuple):
     position: int
     item: tuple[int, int]  # (source, index): what bad-sample memos are keyed by
     key: str
-    caption: Any  # str | None, or a conversation's turns (sources.Turns)
+    caption: Any  # str | None, or a conversation's turns (conversations.Turns)
     und: np.ndarray | None  # [3, Hu, Wu] (Pillow path) or None
     gen: np.ndarray | None  # [3, Hg, Wg] (Pillow path) or None
     raw: tuple[bytes, tuple[int, int, int, int], bool] | None  # for a batch backend

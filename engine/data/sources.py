@@ -6,7 +6,7 @@ access is what lets the loader's order be a pure function of (seed, position), s
 exact. How each source makes random access cheap:
 
 - folders: one file per sample (an optional sidecar `NAME.txt` is the caption);
-- a LLaVA conversation JSON (`LlavaSource`): an image and its (question, answer) turns a sample;
+- a LLaVA conversation JSON (`conversations.LlavaSource`): an image and its turns a sample;
 - tar shards: each shard is indexed once (tarfile reads the member headers and seeks over the
   data; `TarInfo.offset_data`/`size` give each member's bytes); a sample is then one seek + read
   of the shard file. Nothing is ever extracted: member names are only strings (absolute paths,
@@ -60,8 +60,9 @@ class ImageSource(Protocol):
     def read(self, i: int) -> bytes: ...
 
 
-def caption_of(source: Any, i: int) -> "str | Turns | None":
-    """The caption of sample i, or None (sources without captions need no method)."""
+def caption_of(source: Any, i: int) -> "str | tuple | None":
+    """The caption of sample i (text, or a conversation's turns: `conversations.Turns`), or None
+    (sources without captions need no method)."""
     fn = getattr(source, "caption", None)
     return fn(i) if fn is not None else None
 
@@ -119,80 +120,6 @@ class FolderSource:
             return None
         with open(os.path.join(self.root, txt), "rb") as f:
             return f.read().decode("utf-8", "replace").strip()
-
-
-Turns = tuple  # a conversation: ((question, answer), ...), the first question without its <image> mark
-
-
-class LlavaSource:
-    """A LLaVA-style conversation file (`llava_v1_5_mix665k.json`: a JSON list of {"image":
-    relative path, "conversations": [{"from": "human" | "gpt", "value": ...}, ...]}) as a caption
-    source: sample i is the image, its "caption" the conversation's (question, answer) turns.
-    Image paths are relative to `image_root` (default: the JSON's folder, LLaVA's layout).
-    Entries without an image (text-only conversations) or without a human -> gpt turn are left
-    out, counted in one line; an image file that cannot be read is a bad sample at read time
-    (skipped and counted as any other)."""
-
-    def __init__(self, path: str, image_root: str = ""):
-        self.path = os.path.abspath(os.path.expanduser(path))
-        try:
-            with open(self.path, "rb") as f:
-                entries = json.loads(f.read().decode("utf-8"))
-        except FileNotFoundError:
-            raise UserError(f"data source {path!r}: no such file") from None
-        except (ValueError, UnicodeDecodeError) as e:
-            raise UserError(f"data source {path!r}: not a JSON conversation file ({' '.join(str(e).split())[:120]})") \
-                from None
-        if not isinstance(entries, list):
-            raise UserError(f"data source {path!r}: a LLaVA conversation file is a JSON list of entries")
-        self.root = os.path.abspath(os.path.expanduser(image_root)) if image_root else os.path.dirname(self.path)
-        self.images: list[str] = []
-        self.turns: list[Turns] = []
-        left = 0
-        for entry in entries:
-            turns = _turns(entry.get("conversations")) if isinstance(entry, dict) else None
-            image = entry.get("image") if isinstance(entry, dict) else None
-            if not isinstance(image, str) or not turns:
-                left += 1
-                continue
-            self.images.append(image)
-            self.turns.append(turns)
-        if not self.images:
-            raise UserError(f"data source {path!r}: no entry with an image and a human -> gpt turn")
-        if left:
-            log.warning("%s: %d of %d entries left out (no image, or no human -> gpt turn)", printable(path),
-                        left, len(entries))
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def key(self, i: int) -> str:
-        return self.images[i]
-
-    def read(self, i: int) -> bytes:
-        with open(os.path.join(self.root, self.images[i]), "rb") as f:
-            return f.read()
-
-    def caption(self, i: int) -> Turns:
-        return self.turns[i]
-
-
-def _turns(conversation: Any) -> Turns | None:
-    """[{"from": "human", "value": q}, {"from": "gpt", "value": a}, ...] -> ((q, a), ...); the
-    first question without LLaVA's <image> mark (the family's template places the image)."""
-    if not isinstance(conversation, list):
-        return None
-    out, question = [], None
-    for turn in conversation:
-        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
-            return None
-        who, text = turn.get("from"), turn["value"]
-        if who == "human":
-            question = text.replace("<image>", "").strip() if not out else text.strip()
-        elif who == "gpt" and question is not None:
-            out.append((question, text.strip()))
-            question = None
-    return tuple(out) or None
 
 
 # (key, skimage.data function, tuple item or None): the photographs that ship inside
@@ -588,6 +515,8 @@ def open_one(spec: str, cfg: Any = None) -> ImageSource:
     if spec == "demo":
         return DemoSource()
     if spec.endswith(".json"):
+        from reca.engine.data.conversations import LlavaSource
+
         return LlavaSource(spec, getattr(cfg, "json_image_root", ""))
     index_cache = tar_index_dir(getattr(cfg, "tar_index_cache", TAR_INDEX_CACHE))
     image_col = getattr(cfg, "parquet_image_column", "image")

@@ -192,7 +192,8 @@ class OpenUniModel(RecaModule):
             caption_channels=s.caption_channels, mlp_ratio=s.mlp_ratio, attention_bias=False,
             sample_size=self.latent_grid, patch_size=1, norm_elementwise_affine=False, norm_eps=1e-6,
             interpolation_scale=None, qk_norm=s.qk_norm or None)
-        self.set_vit_drop_path(max(v.drop_path_rate, 0.0))
+        if v.drop_path_rate:  # -1: built at 0, set from the release's config when it is loaded
+            self.set_vit_drop_path(max(v.drop_path_rate, 0.0), install=True)
         self.lmm.requires_grad_(False)
         self.vae.requires_grad_(False)
         freeze_except(self, MODULES, cfg.trainable)
@@ -215,12 +216,14 @@ class OpenUniModel(RecaModule):
 
     # --- recon -----------------------------------------------------------------------------
     @torch.no_grad()
-    def set_vit_drop_path(self, rate: float) -> None:
+    def set_vit_drop_path(self, rate: float, install: bool = False) -> None:
         """InternViT's drop path on both residual branches of every layer, rates spaced 0 .. `rate`
         (InternVL's `InternVisionEncoder`). transformers' `InternVLVisionLayer` has none: the
         attention branch gets it by a hook on the attention's output (its layer scale commutes
         with a per-sample factor), the MLP branch in place of the layer's zero-rate dropout."""
         layers = self.lmm.vision_tower.encoder.layer
+        if not (rate or install or hasattr(layers[0], "drop_path1")):
+            return  # none asked for: transformers' layers as they are, no hooks
         n = len(layers)
         rates = [rate * i / (n - 1) for i in range(n)] if n > 1 else [rate]  # torch.linspace(0, rate, n)
         for layer, r in zip(layers, rates):
