@@ -541,16 +541,6 @@ def test_a_killed_rank_restarts_from_the_last_checkpoint(reference, tmp_path):
     assert sorted(p.name for p in run.glob("step-*")) == [f"step-{HALF}", f"step-{STEPS}"]
 
 
-if __name__ == "__main__":  # under torchrun: the parity runs (see parity_runs)
-    from reca.engine.config import apply_overrides
-    from reca.engine.distributed import train_distributed
-
-    for name, strategy in PAIRS:
-        cfg = apply_overrides(preset(name), [*SETS, f"distributed.strategy={strategy}",
-                                             f"output.dir={Path(sys.argv[1]) / f'{name}-{strategy}'}"])
-        train_distributed(cfg, quiet=True)
-
-
 def _workers_of(run: Path, launcher: int) -> list[int]:
     """PIDs of the processes training into `run` (their command line names it), the launcher aside."""
     found = []
@@ -598,3 +588,13 @@ def test_a_killed_launcher_leaves_no_worker_running(tmp_path):
         for pid in _workers_of(run, proc.pid):
             os.kill(pid, signal.SIGKILL)
         proc.wait(timeout=10)
+
+
+if __name__ == "__main__":  # under torchrun: the parity runs (see parity_runs)
+    from reca.engine.config import apply_overrides
+    from reca.engine.distributed import train_distributed
+
+    for name, strategy in PAIRS:
+        cfg = apply_overrides(preset(name), [*SETS, f"distributed.strategy={strategy}",
+                                             f"output.dir={Path(sys.argv[1]) / f'{name}-{strategy}'}"])
+        train_distributed(cfg, quiet=True)

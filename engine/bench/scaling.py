@@ -102,4 +102,7 @@ def bench_scaling(preset: str, *, batch: int | None, steps: int, warmup: int, mo
         write_report(report, out, RESULTS if device.type == "cuda" else Path(tempfile.mkdtemp(prefix="reca-bench-")),
                      f"step_scaling_{preset}_{r.world_size}x")
     dist.barrier()
+    # the job ends here: leaving the group to the interpreter's exit once aborted a rank on CI
+    # ("terminate called without an active exception" from a gloo thread, exit -6)
+    dist.destroy_process_group()
     return report
