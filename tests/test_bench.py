@@ -132,3 +132,15 @@ def test_data_benchmark_scripts_run(tmp_path):
           "--set", f"mix.caption_source={corpus}", "--out", str(out / "mix.json")])
     row = json.loads((out / "mix.json").read_text())["modes"][0]
     assert row["flop_count"].startswith("FlopCounterMode") and row["tflops"] > 0
+
+
+def test_gpu_results_default_to_the_checkouts_benchmarks_results():
+    """Without --out a GPU run's JSON lands beside the committed ones (it resolved to
+    engine/benchmarks/results, a folder nobody reads, before)."""
+    from pathlib import Path
+
+    import reca
+    from reca.engine.bench.step import RESULTS
+
+    root = Path(reca.__file__).resolve().parents[2]  # <checkout>/src/reca/__init__.py
+    assert RESULTS == root / "benchmarks" / "results" and (RESULTS / "PENDING.md").is_file()

@@ -30,7 +30,19 @@ from reca.engine.train import next_batches
 # Published RecA budgets: the images a recipe trains on come from the preset (steps x accum x batch).
 PAPER_GPU_HOURS = {"flow-7b": (27.0, "BAGEL RecA: 6 x A100-80GB x 4.5 h"),
                    "bagel-7b-mot": (27.0, "BAGEL RecA: 6 x A100-80GB x 4.5 h")}
-RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+
+
+def _results_dir() -> Path:
+    """Where a GPU run's JSON goes without --out: the checkout's benchmarks/results/ (this file is
+    engine/bench/step.py), else reca-bench-results/ under the working directory (an installed
+    wheel has no checkout to write into)."""
+    root = Path(__file__).resolve().parents[2]
+    if (root / "setup.py").is_file() and (root / "benchmarks" / "results").is_dir():
+        return root / "benchmarks" / "results"
+    return Path("reca-bench-results")
+
+
+RESULTS = _results_dir()
 
 
 class SyntheticLoader:
