@@ -170,10 +170,10 @@ def simulated(name: str, worlds: list[int]) -> list[float]:
     return simulate(name, worlds)[0]
 
 
-def simulate(name: str, worlds: list[int]) -> tuple[list[float], dict[str, torch.Tensor]]:
+def simulate(name: str, worlds: list[int], sets: list[str] = SETS) -> tuple[list[float], dict[str, torch.Tensor]]:
     """The losses of `len(worlds)` steps in one process, step s at world size worlds[s], rank by
-    rank: each rank's loader share and noise stream, gradients of the mean over the global
-    batch, one clipped AdamW step. At a change of world size the state moves as a checkpoint
+    rank (the run's config: the preset with `sets`): each rank's loader share and noise stream,
+    gradients of the mean over the global batch, one clipped AdamW step. At a change of world size the state moves as a checkpoint
     moves it (`checkpoint.dcp`): weights, AdamW, EMA, schedule, rank 0's data position, and every
     rank's noise reseeded from (seed, rank, step). -> (losses, the EMA's shadows at the end:
     empty without `train.ema`)."""
@@ -181,7 +181,7 @@ def simulate(name: str, worlds: list[int]) -> tuple[list[float], dict[str, torch
     from reca.engine.config import apply_overrides
     from reca.engine.train import next_batches
 
-    cfg = apply_overrides(preset(name), SETS)
+    cfg = apply_overrides(preset(name), sets)
     cs, out = [], []
     for step, world in enumerate(worlds):
         if len(cs) != world:
