@@ -234,11 +234,11 @@ def train_distributed(cfg: RunConfig, *, resume: bool = False, stop_after: int |
     if launched():
         watch_launcher()
     if elastic_restart():
-        from reca.engine.ending import earlier_refusal
+        from reca.engine.ending import REFUSED, earlier_refusal, end
 
         earlier = earlier_refusal()
-        if earlier is not None:  # torchrun restarts on any failure: a refused job stays refused
-            raise UserError(earlier)
+        if earlier is not None:  # torchrun restarts on any failure: a refused job stays refused, said once
+            end(f"reca: error: {earlier}", REFUSED, say=False)
     run = Path(cfg.output.dir)
     # a busy or unwritable run directory: refused on every rank alike (`on_rank0`), not only on rank 0
     lock = on_rank0(lambda: (check_run_dir(run), RunLock(run))[1], r)

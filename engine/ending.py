@@ -88,26 +88,27 @@ def _said(store, wait: float = 0.0) -> tuple[int, int, str] | None:
         return None
 
 
-def end(line: str, status: int) -> NoReturn:
-    """End this rank with `line` said once for the job (the first rank to claim it prints it)
-    and `status`; another rank's earlier claim wins, its status with it. Never returns."""
+def end(line: str, status: int, *, say: bool = True) -> NoReturn:
+    """End this rank with `line` said once for the job (the first rank to claim it prints it,
+    unless `say` is False: an earlier attempt said it) and `status`; another rank's earlier
+    claim wins, its status with it. Never returns."""
     try:  # torchrun's SIGTERM to the ranks still running once one has exited: this rank is ending
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     except ValueError:  # not the main thread
         pass
     store = _store()
-    say = _rank() == 0  # no store (before the group, or the group of one): the ranks' lines are alike
+    first = _rank() == 0  # no store (before the group, or the group of one): the ranks' lines are alike
     if store is not None:
         mine = f"{_rank()}\n{status}\n{line}"
         try:
             got = store.compare_set(KEY, "", mine).decode()
         except Exception:
             got = mine
-        say = got == mine
-        if not say:
+        first = got == mine
+        if not first:
             _, status, line = got.split("\n", 2)
             status = int(status)
-    _leave(line if say else None, line, status)
+    _leave(line if first and say else None, line, status)
 
 
 def earlier_refusal() -> str | None:

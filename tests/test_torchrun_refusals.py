@@ -101,6 +101,25 @@ def test_a_busy_run_is_one_line_under_torchrun(finished, tmp_path):
     assert (run / "metrics.jsonl").read_bytes() == before and not (run / "step-6").exists()
 
 
+def test_a_refused_job_is_never_resumed_by_a_restart(finished, tmp_path):
+    """`--out RUN` of a run that holds one, under `--max-restarts 1`: torchrun restarts the
+    refused job, and the restarted ranks (an elastic restart resumes RUN's newest step-N/ by
+    itself) used to train on the run they were refused; now they refuse again, quietly (the
+    line was said), and nothing is written."""
+    run = _copy(finished, tmp_path)
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in run.rglob("*"))
+    proc = subprocess.run(torchrun("-m", "reca.engine", "train", "--quiet", "--preset", "tiny", "--out", str(run),
+                                   "--steps", "6", *(f"--set={s}" for s in SETS), restarts=1),
+                          capture_output=True, text=True, timeout=300, env=_env())
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "/attempt_1/" in out, out  # torchrun restarted the job once
+    line = _said_once(out, 2)
+    assert line == (f"reca: error: {run} already holds a run; continue it with --resume {run}, or replace it with "
+                    "--overwrite")
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in run.rglob("*") if p.name != ".lock") == \
+        [b for b in before if b[0] != ".lock"]
+
+
 def test_a_missing_shard_is_one_line_under_torchrun(finished, tmp_path):
     """A step folder missing a shard: DCP's load fails on every rank (before: a page of
     CheckpointException per rank, exit 1); now one line naming the file and the older folder."""
