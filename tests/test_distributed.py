@@ -363,9 +363,11 @@ def test_resume_two_ranks_in_one_process(parity_runs, tmp_path, name, strategy):
     run = tmp_path / "run"
     shutil.copytree(parity_runs / f"{name}-{strategy}", run)
     shutil.rmtree(run / f"step-{STEPS}")
-    proc = run_ok([sys.executable, "-m", "reca.engine", "train", "--quiet", "--resume", str(run)])
+    from reca.engine.cli import main
+
+    main(["train", "--quiet", "--resume", str(run)])  # in this process: a Python and torch start costs more
     assert not (run / "checkpoint.pt").exists()  # the run stays a torchrun run: step-N/ folders
-    assert [row["step"] for row in rows(run)] == list(range(1, STEPS + 1)), proc.stderr
+    assert [row["step"] for row in rows(run)] == list(range(1, STEPS + 1))
     assert losses(run)[HALF:] == pytest.approx(simulated(name, [2] * HALF + [1] * HALF)[HALF:], rel=TOL)
     assert (run / f"step-{STEPS}").is_dir()
 
