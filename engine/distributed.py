@@ -48,6 +48,7 @@ from reca.engine.errors import UserError
 
 T = TypeVar("T")
 
+
 @dataclass(frozen=True)
 class Rank:
     rank: int
@@ -225,10 +226,11 @@ def train_distributed(cfg: RunConfig, *, resume: bool = False, stop_after: int |
     run's RUN/checkpoint.pt, at any world size. After an elastic restart (torchrun
     `--max-restarts`) the job resumes from its own newest step-N/ on its own, `--resume` or not.
     Rank 0 proves the run directory writable and locks it for the job's life (`rundir.RunLock`:
-    a second job or process on it fails at once, in one line; torchrun then stops the others)."""
-    from reca.engine.rundir import RunLock, check_run_dir
-
+    a second job or process on it fails at once, every rank with the same one line). Refusals
+    are agreed by every rank (`agreed`, `fsdp.on_rank0`) where they can be, and otherwise end the
+    job through `reca.engine.ending`, as do the ranks a lost rank leaves behind."""
     from reca.engine.fsdp import on_rank0
+    from reca.engine.rundir import RunLock, check_run_dir
 
     r, device = init_process_group()
     if launched():
