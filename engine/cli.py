@@ -136,7 +136,12 @@ def _train(args) -> None:
     from reca.engine.train import Stopped
 
     try:
-        train(cfg, resume=bool(args.resume), quiet=args.quiet)
+        if launched():  # a refusal, a lost rank: one line for the job (`reca.engine.ending`)
+            from reca.engine.ending import ended
+
+            ended(cfg.output.dir, lambda: train(cfg, resume=bool(args.resume), quiet=args.quiet))
+        else:
+            train(cfg, resume=bool(args.resume), quiet=args.quiet)
     except Stopped as e:  # checkpoint written, message printed: exit as a shell expects (130, 143)
         sys.exit(e.exit_status)
 
@@ -249,11 +254,21 @@ def _bench(args) -> None:
                sets=args.set, out=args.out)
 
 
+def _under_torchrun() -> bool:
+    import os
+
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ  # distributed.launched
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     try:
         {"train": _train, "sample": _sample, "export": _export, "info": _info, "bench": _bench}[args.command](args)
     except UserError as e:
+        if args.command == "train" and _under_torchrun():  # the job's ranks refuse together, one line
+            from reca.engine.ending import refuse
+
+            refuse(str(e))
         print(f"reca: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -38,12 +38,15 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from reca.engine.config import RunConfig
 from reca.engine.errors import UserError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -101,7 +104,12 @@ def _attempt_store(r: Rank):
     agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # else rank 0 hosts the store
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), r.world_size,
                           is_master=not agent and r.rank == 0, timeout=timedelta(minutes=10))
+    global job_store
+    job_store = store  # shared by every attempt: a refusal is remembered across restarts (`reca.engine.ending`)
     return dist.PrefixStore(f"reca/attempt-{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
+
+
+job_store = None  # torchrun's store without an attempt's prefix, once this rank has joined
 
 
 def build_on_ranks(cfg: RunConfig, r: Rank, whole: torch.nn.Module | None):
@@ -171,6 +179,23 @@ def mean_over_ranks(values: dict[str, torch.Tensor], world_size: int) -> dict[st
     return dict(zip(names, stacked.unbind()))
 
 
+def agreed(fn: Callable[[], T], r: Rank) -> T:
+    """`fn()` on every rank; a `UserError` on any rank is raised on every rank (the lowest
+    rank's), so that the job's ranks refuse together at this point and none is left waiting in a
+    later collective (`reca.engine.ending`: the line is then printed once, every rank exits 2)."""
+    out, msg = None, None
+    try:
+        out = fn()
+    except UserError as e:
+        msg = str(e)
+    msgs: list = [None] * r.world_size
+    dist.all_gather_object(msgs, msg)
+    first = next((m for m in msgs if m is not None), None)
+    if first is not None:
+        raise UserError(first)
+    return out
+
+
 def any_rank(flag: bool, group) -> bool:
     """Whether `flag` holds on some rank (a host all-reduce over the gloo group `group`)."""
     t = torch.tensor([int(flag)])
@@ -201,17 +226,24 @@ def train_distributed(cfg: RunConfig, *, resume: bool = False, stop_after: int |
     run's RUN/checkpoint.pt, at any world size. After an elastic restart (torchrun
     `--max-restarts`) the job resumes from its own newest step-N/ on its own, `--resume` or not.
     Rank 0 proves the run directory writable and locks it for the job's life (`rundir.RunLock`:
-    a second job or process on it fails at once, in one line; torchrun then stops the others)."""
+    a second job or process on it fails at once, every rank with the same one line). Refusals
+    are agreed by every rank (`agreed`, `fsdp.on_rank0`) where they can be, and otherwise end the
+    job through `reca.engine.ending`, as do the ranks a lost rank leaves behind."""
+    from reca.engine.fsdp import on_rank0
     from reca.engine.rundir import RunLock, check_run_dir
 
     r, device = init_process_group()
     if launched():
         watch_launcher()
+    if elastic_restart():
+        from reca.engine.ending import REFUSED, earlier_refusal, end
+
+        earlier = earlier_refusal()
+        if earlier is not None:  # torchrun restarts on any failure: a refused job stays refused, said once
+            end(f"reca: error: {earlier}", REFUSED, say=False)
     run = Path(cfg.output.dir)
-    lock = None
-    if r.main:
-        check_run_dir(run)
-        lock = RunLock(run)
+    # a busy or unwritable run directory: refused on every rank alike (`on_rank0`), not only on rank 0
+    lock = on_rank0(lambda: (check_run_dir(run), RunLock(run))[1], r)
     try:
         return _train_ranks(cfg, r, device, run, resume, stop_after, quiet)
     finally:
@@ -228,22 +260,30 @@ def _train_ranks(cfg: RunConfig, r: Rank, device: torch.device, run: Path, resum
     from reca.engine.logger import Logger
     from reca.engine.optim import lr_factor
     from reca.engine.rundir import read_run_config, replace_run
-    from reca.engine.train import StopFlag, next_batches
+    from reca.engine.train import StopFlag, next_batches, write_config
 
     cfg = replace(cfg, train=replace(cfg.train, device=str(device)))
     folder, single = dcp.latest(run), (run / "checkpoint.pt").is_file()
     if elastic_restart() and folder is not None:
         resume = True  # our own first attempt's checkpoint: the steps after it are taken again
-    if resume and folder is None and not single:
-        raise UserError(f"nothing to resume: {run} holds no step-N/ folder and no checkpoint.pt")
-    if resume and folder is not None and dcp.step_of(folder) > cfg.train.steps:
-        raise UserError(f"{run} is at step {dcp.step_of(folder)}, past train.steps={cfg.train.steps}; give "
-                        f"--steps {dcp.step_of(folder)} or more (the run is left as it was)")
     fresh = not resume and not elastic_restart()
-    if fresh and (folder is not None or single) and not cfg.output.overwrite:
-        raise UserError(f"{run} already holds a run; continue it with --resume {run}, or replace it with --overwrite")
-    if resume:  # before anything is loaded: a changed model would otherwise fail on a tensor's shape
-        refuse_conflicts(read_run_config(run), resolve_mode(cfg, device).to_dict(), run)
+
+    def check() -> None:
+        if resume and folder is None and not single:
+            raise UserError(f"nothing to resume: {run} holds no step-N/ folder and no checkpoint.pt")
+        if resume and folder is not None and dcp.step_of(folder) > cfg.train.steps:
+            raise UserError(f"{run} is at step {dcp.step_of(folder)}, past train.steps={cfg.train.steps}; give "
+                            f"--steps {dcp.step_of(folder)} or more (the run is left as it was)")
+        if fresh and (folder is not None or single) and not cfg.output.overwrite:
+            raise UserError(f"{run} already holds a run; continue it with --resume {run}, or replace it with "
+                            "--overwrite")
+        if resume and folder is not None and not (folder / ".metadata").is_file():  # DCP would log pages first
+            raise UserError(f"cannot resume from {folder}: its .metadata is missing (a damaged or half-copied "
+                            f"step folder){_older(folder)}")
+        if resume:  # before anything is loaded: a changed model would otherwise fail on a tensor's shape
+            refuse_conflicts(read_run_config(run), resolve_mode(cfg, device).to_dict(), run)
+
+    agreed(check, r)  # every rank reads the run; should one read it otherwise, they still end alike
     whole = whole_on_rank0(cfg, r)
     full = None  # a one-process checkpoint.pt: under fsdp into rank 0's copy, before sharding
     if resume and folder is None and cfg.distributed.strategy == "fsdp":
@@ -269,7 +309,7 @@ def _train_ranks(cfg: RunConfig, r: Rank, device: torch.device, run: Path, resum
         c.generator.manual_seed(cfg.train.seed + 1 + (r.rank << 32))
         torch.manual_seed(cfg.train.seed + 2 + r.rank)
         if folder is not None and resume:
-            start = dcp.load(folder, c, r, frozen)
+            start = _load(folder, c, r, frozen)
         elif resume:
             start = dcp.finish_single(full, c, r)
         else:
@@ -280,7 +320,7 @@ def _train_ranks(cfg: RunConfig, r: Rank, device: torch.device, run: Path, resum
                   f"{f'resuming at step {start}' if start else 'starting again'} in {run}", file=sys.stderr, flush=True)
         if r.main:
             run.mkdir(parents=True, exist_ok=True)
-            (run / "config.json").write_text(cfg.to_json())
+            write_config(run, cfg)  # rank 0 alone: a refusal here reaches the others through `reca.engine.ending`
             logger = Logger(c, run, start, resume=start > 0, quiet=quiet)
             if not quiet:
                 print(f"reca: {cfg.preset or cfg.model.family}: {r.world_size} ranks, "
@@ -318,3 +358,28 @@ def _train_ranks(cfg: RunConfig, r: Rank, device: torch.device, run: Path, resum
         signum = stop.signum or signal.SIGTERM  # another rank's request: as a scheduler stops a job
         raise stopped(signum, run, done, cfg.train.steps, last, say=r.main)
     return last
+
+
+def _older(folder: Path) -> str:
+    from reca.engine.checkpoint.dcp import folders
+
+    older = [f for f in folders(folder.parent) if f != folder]
+    return f"; move it aside to resume from {older[-1]}" if older else ""
+
+
+def _load(folder: Path, c, r: Rank, frozen) -> int:
+    """`dcp.load`, a file of the folder missing said in one line: DCP raises it on every rank
+    alike (its exception gathers each rank's failure), so every rank refuses together."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from reca.engine.checkpoint import dcp
+
+    try:
+        return dcp.load(folder, c, r, frozen)
+    except CheckpointException as e:
+        failures = [f[0] if isinstance(f, tuple) else f for f in e.failures.values()]  # (exception, trace)
+        gone = sorted({Path(f.filename).name for f in failures if isinstance(f, FileNotFoundError) and f.filename})
+        if gone:
+            raise UserError(f"cannot resume from {folder}: {gone[0]} is missing (a damaged or half-copied step "
+                            f"folder){_older(folder)}") from None
+        raise

@@ -18,7 +18,7 @@ from reca.engine.build import Components, autocast, build, resolve_device, resol
 from reca.engine.checkpoint import (CHECKPOINT, checkpoint_bytes, fingerprint_conflict, frozen_fingerprint,
                                     load_checkpoint, refuse_conflicts, restore, save_checkpoint)
 from reca.engine.config import RunConfig
-from reca.engine.errors import UserError
+from reca.engine.errors import UserError, os_reason
 from reca.engine.logger import Logger
 from reca.engine.metrics import plot_loss
 from reca.engine.optim import lr_factor
@@ -134,8 +134,10 @@ def stopped(signum: int, run: Path, step: int, steps: int, last: dict, *, say: b
     """After a stop request's checkpoint: the line that says where the run stands (`say`: this
     process prints; under torchrun rank 0 alone) and the `Stopped` to raise."""
     if say and step < steps:
+        from reca.engine.ending import resume_command  # under torchrun: the torchrun command
+
         _say(f"interrupted ({signal.Signals(signum).name}) after step {step}, its checkpoint written; "
-             f"continue with: reca train --resume {run}")
+             f"continue with: {resume_command(run)}")
     elif say:
         _say(f"stop requested ({signal.Signals(signum).name}) after the last step, {step}: the run is complete")
     return Stopped(signum, step, last)
@@ -210,9 +212,21 @@ def _say(message: str) -> None:
     print(f"reca: {message}", file=sys.stderr, flush=True)
 
 
+def write_config(run: Path, cfg: RunConfig) -> None:
+    """RUN/config.json, resolved (`train.mode` applied), or one line: a resumed run's file may
+    have been made read-only, or the disk filled, since the run began."""
+    try:
+        (run / "config.json").write_text(cfg.to_json())
+    except OSError as e:
+        raise UserError(f"cannot write {run / 'config.json'}: {os_reason(e)}") from None
+
+
 def _prepare_run_dir(c: Components, run: Path, resume: bool, start: int, quiet: bool) -> None:
-    (run / "config.json").write_text(c.cfg.to_json())  # resolved: train.mode applied
-    c.model.tokenizer.save(str(run / "tokenizer"))
+    write_config(run, c.cfg)
+    try:
+        c.model.tokenizer.save(str(run / "tokenizer"))
+    except OSError as e:
+        raise UserError(f"cannot write {run / 'tokenizer'}: {os_reason(e)}") from None
     if quiet:
         return
     n_train = sum(p.numel() for p in c.params)

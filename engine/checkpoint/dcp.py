@@ -235,8 +235,11 @@ def finish_single(full: dict | None, c, r) -> int:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         optim = full.pop("optim") if r.main else {}
-        set_optimizer_state_dict(c.model, c.optimizer, optim,
-                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        # strict=False: a parameter that never had a gradient (Harmon's MAR class table) has no
+        # AdamW state in the file and keeps the fresh one, as `_check_loaded` explains; the rest of
+        # the state was proven to fit on rank 0 (`single_into_copy`'s load_state_dict)
+        set_optimizer_state_dict(c.model, c.optimizer, optim, options=StateDictOptions(
+            full_state_dict=True, broadcast_from_rank0=True, strict=False))
         ema = full.pop("ema") if r.main else None
         box = [full if r.main else None, ema is not None]
         dist.broadcast_object_list(box, src=0)

@@ -38,7 +38,7 @@ import numpy as np
 from PIL import Image
 
 from reca.engine.data.decode import IMAGE_EXTENSIONS
-from reca.engine.errors import UserError
+from reca.engine.errors import UserError, os_reason
 
 log = logging.getLogger("reca.engine.data")
 
@@ -86,8 +86,10 @@ class FolderSource:
             raise UserError(f"data source {root!r}: no such folder (give an image folder or 'demo')")
         if not os.path.isdir(self.root):
             raise UserError(f"data source {root!r} is a file, not a folder of images")
-        found, texts = [], set()
-        for folder, dirs, files in os.walk(self.root):
+        found, texts, unreadable = [], set(), []
+        # os.walk skips a folder it cannot list without a word: a folder without read permission
+        # would read as one without images, or drop its images from the data silently
+        for folder, dirs, files in os.walk(self.root, onerror=unreadable.append):
             dirs[:] = [d for d in dirs if not d.startswith(".")]
             rel = os.path.relpath(folder, self.root)
             for name in files:
@@ -98,6 +100,10 @@ class FolderSource:
                     found.append(path)
                 elif name.endswith(".txt"):
                     texts.add(path)
+        if unreadable:
+            e = unreadable[0]
+            raise UserError(f"data source {root!r}: cannot list the folder {e.filename}: {os_reason(e)}"
+                            f"{f' (and {len(unreadable) - 1} more)' if len(unreadable) > 1 else ''}")
         if not found:
             exts = " ".join(IMAGE_EXTENSIONS)
             raise UserError(f"data source {root!r}: no image files ({exts}) found")
