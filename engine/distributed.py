@@ -244,6 +244,7 @@ def _train_ranks(cfg: RunConfig, r: Rank, device: torch.device, run: Path, resum
         raise UserError(f"{run} already holds a run; continue it with --resume {run}, or replace it with --overwrite")
     if resume:  # before anything is loaded: a changed model would otherwise fail on a tensor's shape
         refuse_conflicts(read_run_config(run), resolve_mode(cfg, device).to_dict(), run)
+    extra = dcp.verify(folder, r) if resume and folder is not None else None  # every file's sha256, first
     whole = whole_on_rank0(cfg, r)
     full = None  # a one-process checkpoint.pt: under fsdp into rank 0's copy, before sharding
     if resume and folder is None and cfg.distributed.strategy == "fsdp":
@@ -256,6 +257,7 @@ def _train_ranks(cfg: RunConfig, r: Rank, device: torch.device, run: Path, resum
         full = dcp.load_single(run, c)  # every rank holds the whole model: loaded as one process does
     if frozen is None and r.main:
         frozen = frozen_fingerprint(c.model)
+    dcp.check_space(run, c, r, keep=cfg.distributed.keep_checkpoints, fresh=fresh)
     if r.main and fresh and cfg.output.overwrite:
         moved = replace_run(run)  # old step-N/ folders too: never `latest` beside a new run
         if moved is not None and not quiet:
@@ -269,7 +271,7 @@ def _train_ranks(cfg: RunConfig, r: Rank, device: torch.device, run: Path, resum
         c.generator.manual_seed(cfg.train.seed + 1 + (r.rank << 32))
         torch.manual_seed(cfg.train.seed + 2 + r.rank)
         if folder is not None and resume:
-            start = dcp.load(folder, c, r, frozen)
+            start = dcp.load(folder, c, r, frozen, extra)
         elif resume:
             start = dcp.finish_single(full, c, r)
         else:
