@@ -173,8 +173,9 @@ def _sample(args) -> None:
 def _export(args) -> None:
     from reca.engine.generate import export, load_model, run_weights
 
-    cfg, model = load_model(run=args.run, device="cpu")
-    for path in export(model, cfg, args.to, ema=run_weights(args.run)["ema"], overwrite=args.overwrite):
+    weights = run_weights(args.run) if (Path(args.run) / "config.json").is_file() else None  # read once
+    cfg, model = load_model(run=args.run, device="cpu", weights=weights)
+    for path in export(model, cfg, args.to, ema=weights["ema"], overwrite=args.overwrite):
         print(path)
 
 

@@ -284,6 +284,7 @@ def _train_ranks(cfg: RunConfig, r: Rank, device: torch.device, run: Path, resum
             refuse_conflicts(read_run_config(run), resolve_mode(cfg, device).to_dict(), run)
 
     agreed(check, r)  # every rank reads the run; should one read it otherwise, they still end alike
+    extra = dcp.verify(folder, r) if resume and folder is not None else None  # every file's sha256, first
     whole = whole_on_rank0(cfg, r)
     full = None  # a one-process checkpoint.pt: under fsdp into rank 0's copy, before sharding
     if resume and folder is None and cfg.distributed.strategy == "fsdp":
@@ -296,6 +297,7 @@ def _train_ranks(cfg: RunConfig, r: Rank, device: torch.device, run: Path, resum
         full = dcp.load_single(run, c)  # every rank holds the whole model: loaded as one process does
     if frozen is None and r.main:
         frozen = frozen_fingerprint(c.model)
+    dcp.check_space(run, c, r, keep=cfg.distributed.keep_checkpoints, fresh=fresh)
     if r.main and fresh and cfg.output.overwrite:
         moved = replace_run(run)  # old step-N/ folders too: never `latest` beside a new run
         if moved is not None and not quiet:
@@ -309,7 +311,7 @@ def _train_ranks(cfg: RunConfig, r: Rank, device: torch.device, run: Path, resum
         c.generator.manual_seed(cfg.train.seed + 1 + (r.rank << 32))
         torch.manual_seed(cfg.train.seed + 2 + r.rank)
         if folder is not None and resume:
-            start = _load(folder, c, r, frozen)
+            start = _load(folder, c, r, frozen, extra)
         elif resume:
             start = dcp.finish_single(full, c, r)
         else:
@@ -367,7 +369,7 @@ def _older(folder: Path) -> str:
     return f"; move it aside to resume from {older[-1]}" if older else ""
 
 
-def _load(folder: Path, c, r: Rank, frozen) -> int:
+def _load(folder: Path, c, r: Rank, frozen, extra: dict | None = None) -> int:
     """`dcp.load`, a file of the folder missing said in one line: DCP raises it on every rank
     alike (its exception gathers each rank's failure), so every rank refuses together."""
     from torch.distributed.checkpoint.api import CheckpointException
@@ -375,7 +377,7 @@ def _load(folder: Path, c, r: Rank, frozen) -> int:
     from reca.engine.checkpoint import dcp
 
     try:
-        return dcp.load(folder, c, r, frozen)
+        return dcp.load(folder, c, r, frozen, extra)
     except CheckpointException as e:
         failures = [f[0] if isinstance(f, tuple) else f for f in e.failures.values()]  # (exception, trace)
         gone = sorted({Path(f.filename).name for f in failures if isinstance(f, FileNotFoundError) and f.filename})

@@ -33,9 +33,11 @@ _WRAPPERS = ("<|vision_start|><|vision_end|>", "<img></img>\n", "<img></img>", "
 
 
 def load_model(*, run: str | None = None, preset: str | None = None, init_from: str | None = None,
-               sets: tuple[str, ...] = (), device: str = "auto") -> tuple[RunConfig, torch.nn.Module]:
-    """The model of a run (RUN/config.json + RUN/checkpoint.pt), or of a preset with `init_from`
-    weights -> (config, model in eval mode on the device)."""
+               sets: tuple[str, ...] = (), device: str = "auto", weights: dict | None = None
+               ) -> tuple[RunConfig, torch.nn.Module]:
+    """The model of a run (RUN/config.json + RUN/checkpoint.pt or its newest step-N/), or of a
+    preset with `init_from` weights -> (config, model in eval mode on the device). `weights`: the
+    run's `run_weights`, when the caller has read them already."""
     from reca.engine.config import apply_overrides, load_config
     from reca.engine.presets import preset as named
 
@@ -50,7 +52,7 @@ def load_model(*, run: str | None = None, preset: str | None = None, init_from: 
     overrides = list(sets) + ([f"train.init_from={init_from}"] if init_from else [])
     cfg = apply_overrides(cfg, overrides)
     dev = resolve_device(device)
-    ckpt = run_weights(run) if run is not None else None
+    ckpt = (weights or run_weights(run)) if run is not None else None
     drawn_on = torch.device("cpu") if ckpt is not None and ckpt["drawn_on"] == "cpu" else None
     model = seeded_model(cfg, get_ops("torch"), dev, draw_on=drawn_on)  # as training built it
     if ckpt is not None:
@@ -67,29 +69,35 @@ def run_weights(run: str | Path) -> dict:
     """A run's trained tensors -> {"model", "ema" (None without train.ema), "frozen" (the
     fingerprint; {} where not stored), "drawn_on" (the device type that drew the random weights,
     None: the run's device), "source"}: from RUN/checkpoint.pt (checksum verified), else from a
-    torchrun run's newest RUN/step-N/ (DCP, read whole by this one process)."""
+    torchrun run's newest RUN/step-N/ (every file's sha256 verified first, `checkpoint.sums`;
+    DCP, read whole by this one process). Weights or EMA shadows holding NaN or inf are refused
+    in one line naming the tensor: nothing is sampled or exported from them."""
     from reca.engine.checkpoint import load_checkpoint
     from reca.engine.checkpoint.dcp import latest
+    from reca.engine.checkpoint.integrity import refuse_nonfinite
 
     run = Path(run)
     folder = latest(run)
     if (run / "checkpoint.pt").is_file() or folder is None:
         ckpt = load_checkpoint(run)  # a missing file is one line
         ema = ckpt.get("extra", {}).get("ema")
-        return {"model": ckpt["model"], "ema": ema["shadows"] if ema else None, "frozen": ckpt["frozen"],
-                "drawn_on": None, "source": str(run / "checkpoint.pt")}
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+        out = {"model": ckpt["model"], "ema": ema["shadows"] if ema else None, "frozen": ckpt["frozen"],
+               "drawn_on": None, "source": str(run / "checkpoint.pt")}
+    else:
+        import tempfile
 
-    from reca.engine.checkpoint import verified_load
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    extra = verified_load(folder / "extra.pt")  # the folder is whole (written through a temp folder and renamed)
-    import tempfile
+        from reca.engine.checkpoint.sums import verify
 
-    with tempfile.TemporaryDirectory() as tmp:
-        dcp_to_torch_save(folder, Path(tmp) / "whole.pt")
-        whole = torch.load(Path(tmp) / "whole.pt", map_location="cpu", weights_only=True)
-    return {"model": whole["model"], "ema": whole.get("ema"), "frozen": extra.get("frozen") or {},
-            "drawn_on": extra.get("drawn_on"), "source": str(folder)}
+        extra = verify(folder, what=f"cannot read the weights of {run}")  # before DCP reads a byte
+        with tempfile.TemporaryDirectory() as tmp:
+            dcp_to_torch_save(folder, Path(tmp) / "whole.pt")
+            whole = torch.load(Path(tmp) / "whole.pt", map_location="cpu", weights_only=True)
+        out = {"model": whole["model"], "ema": whole.get("ema"), "frozen": extra.get("frozen") or {},
+               "drawn_on": extra.get("drawn_on"), "source": str(folder)}
+    refuse_nonfinite({**out["model"], **{f"ema.{n}": t for n, t in (out["ema"] or {}).items()}}, out["source"])
+    return out
 
 
 def text_prompt(model, cfg: RunConfig, texts: list[str]) -> PromptBatch:

@@ -45,12 +45,13 @@ def check_run_dir(path: str | Path) -> Path:
     return path
 
 
-def check_free_space(path: str | Path, need: int) -> None:
+def check_free_space(path: str | Path, need: int, *, what: str = "a checkpoint of this run") -> None:
     """Refuse at start a run whose checkpoint (`need` bytes, `checkpoint.checkpoint_bytes`) would
-    not fit beside the previous one: a write needs room for both until its rename."""
+    not fit beside the previous one: a write needs room for both until its rename. `what` names
+    what needs the room (a torchrun job: its step-N/ folders, `checkpoint.dcp.check_space`)."""
     free = shutil.disk_usage(path).free
     if free < need:
-        raise UserError(f"run directory {path} has {free / 2**30:.2f} GiB free; a checkpoint of this run needs "
+        raise UserError(f"run directory {path} has {free / 2**30:.2f} GiB free; {what} needs "
                         f"about {need / 2**30:.2f} GiB (no space left on device would end the run later)")
 
 

@@ -387,12 +387,24 @@ def test_a_step_folder_lacking_a_tensor_is_refused(parity_runs, tmp_path, capsys
     gone = next(k for k in meta.state_dict_metadata if k.endswith(".exp_avg_sq") and "mar.encoder_blocks" in k)
     del meta.state_dict_metadata[gone]
     meta_path.write_bytes(pickle.dumps(meta))
+    _reseal(meta_path.parent)  # a foreign folder, not a damaged one: its checksums fit
     before = (run / "metrics.jsonl").read_bytes()
     with pytest.raises(SystemExit) as e:
         main(["train", "--quiet", "--resume", str(run)])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and gone in err, err
     assert (run / "metrics.jsonl").read_bytes() == before
+
+
+def _reseal(folder: Path) -> None:
+    """SHA256SUMS and extra.pt's record of it made to fit the folder's files as they are now."""
+    from reca.engine.checkpoint import atomic_save, verified_load
+    from reca.engine.checkpoint.sums import SUMS, file_sha256, write_sums
+
+    names = [line.split("  ", 1)[1] for line in (folder / SUMS).read_text().splitlines()]
+    extra = verified_load(folder / "extra.pt")
+    extra["sums"] = write_sums(folder, {n: file_sha256(folder / n) for n in names})
+    atomic_save(extra, folder / "extra.pt")
 
 
 @pytest.mark.parametrize("strategy", ["fsdp", "ddp"])

@@ -1,14 +1,22 @@
 """Sharded checkpoints of a torchrun job: RUN/step-N/, written with `torch.distributed.checkpoint`.
 
-    RUN/step-N/            a DCP folder: the trainable weights and AdamW state, each rank
-                           writing its own shard (FSDP) or rank 0 the replicated tensors (DDP)
-    RUN/step-N/extra.pt    the step, the schedule, and every rank's data position and RNG
-                           states (`integrity.atomic_save`: checksummed)
+    RUN/step-N/            a DCP folder: the trainable weights and AdamW state in each rank's
+                           files (__R_K.distcp: its shards under FSDP; under DDP DCP shares the
+                           replicated tensors out between the ranks) and .metadata
+    RUN/step-N/SHA256SUMS  the sha256 of every one of those files (`sums`)
+    RUN/step-N/extra.pt    the step, the schedule, every rank's data position and RNG states,
+                           and SHA256SUMS's own sha256 (`integrity.atomic_save`: checksummed)
 
-A folder is written as `RUN/.step-N.tmp/` and renamed by rank 0 once every rank has finished,
-so a `step-N/` folder is always whole: a job killed mid-save leaves only a temp folder, which
-the next save removes. The newest `keep` folders are kept. Frozen parameters are not saved
-(rebuilt from the seed or `train.init_from`, as in the single-file checkpoint).
+A folder is written as `RUN/.step-N.tmp/` and renamed by rank 0 once every rank has written its
+files and read them back against the digests taken while writing (`sums`: what "verified"
+means), so a `step-N/` folder is always whole: a job killed mid-save leaves only a temp folder,
+which the next save removes. The newest `keep` folders are kept; an older one goes only after
+a newer one is in place, verified. A save that fails on any rank (a full disk, a file that does
+not read back) removes its temp folder and is one line on every rank, the earlier folders left
+as they were. A load verifies every file before DCP reads any (`verify`), and refuses weights,
+AdamW moments or EMA shadows holding NaN or inf. Frozen parameters are not saved (rebuilt from
+the seed or `train.init_from`, as in the single-file checkpoint). At start `check_space` wants
+room for `keep` + 1 folders, less those already there.
 
 Resharding: DCP loads into whatever layout this job has (another world size, DDP <-> FSDP).
 The data position moves with the global stream (rank 0's next position is the number of
@@ -26,9 +34,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from reca.engine.checkpoint.integrity import atomic_save, fsync_dir, verified_load
+from reca.engine.checkpoint.integrity import atomic_save, first_nonfinite, fsync_dir, nonfinite_line
 from reca.engine.checkpoint.single import rng_state, set_rng_state
-from reca.engine.errors import UserError
+from reca.engine.errors import UserError, os_reason
 
 _STEP = re.compile(r"step-(\d+)")
 
@@ -83,44 +91,125 @@ def _check_loaded(folder: Path, state: dict) -> None:
 def save(run: str | Path, step: int, c, r, *, keep: int, frozen: dict[str, str] | None = None) -> Path:
     """Every rank: write step `step` of the components `c` into RUN/step-N/ (see the module).
     `frozen`: rank 0's fingerprint of the frozen weights (`guard.frozen_fingerprint` of the whole
-    model), kept in extra.pt so that a resume proves it rebuilt the same ones."""
+    model), kept in extra.pt so that a resume proves it rebuilt the same ones. A failure on any
+    rank (a full disk, a file that does not read back) removes the temporary folder and is the
+    same one-line `UserError` on every rank; the earlier folders are left as they were."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from reca.engine.checkpoint import sums
+    from reca.engine.fsdp import on_rank0
 
     run = Path(run)
     tmp, final = run / f".step-{step}.tmp", run / f"step-{step}"
-    if r.main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
+
+    def prepare():
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        except OSError as e:
+            raise UserError(_save_failed(run, step, os_reason(e), tmp)) from None
+
+    on_rank0(prepare, r)  # every rank waits for the folder
     model, optim = get_state_dict(c.model, c.optimizer, options=_options())
     state = {"model": model, "optim": optim}
     if c.ema is not None:  # each rank's shards of the shadows, as the weights
         state["ema"] = dict(zip(c.ema.names, c.ema.shadows))
-    dcp.save(state, checkpoint_id=str(tmp))
+    writer, error, mine, fault = sums.writer(tmp), None, {}, None
+    try:
+        dcp.save(state, storage_writer=writer)  # every rank raises alike on a failure on any
+        mine = sums.read_back(tmp, r.rank, writer)
+    except (CheckpointException, OSError, sums.Fault) as e:
+        fault = sums.save_fault(writer, e)
+        error = e if fault is None else None  # not the file system's doing: a bug, raised as it is
     ranks: list = [None] * r.world_size
-    dist.all_gather_object(ranks, {"data": c.data_state(), "rng": rng_state(c.generator)})
-    if r.main:
-        atomic_save({"step": step, "scheduler": c.scheduler.state_dict(), "world_size": r.world_size,
-                     "ranks": ranks, "ema": c.ema.decay if c.ema is not None else None, "frozen": frozen or {},
-                     # where the random weights were drawn (`build.seeded_model`), for `reca sample`
-                     "drawn_on": "cpu" if c.cfg.distributed.strategy == "fsdp" else c.device.type},
-                    tmp / "extra.pt")
-        shutil.rmtree(final, ignore_errors=True)  # a stop right after the same step's save
-        os.replace(tmp, final)
-        fsync_dir(run)
+    dist.all_gather_object(ranks, {"data": c.data_state(), "rng": rng_state(c.generator), "sums": mine,
+                                   "fault": fault, "error": error is not None})
+
+    def finish():
+        failed = [(k, x["fault"]) for k, x in enumerate(ranks) if x["fault"] is not None]
+        if failed or any(x["error"] for x in ranks):
+            shutil.rmtree(tmp, ignore_errors=True)
+            if failed:
+                k, why = failed[0]
+                raise UserError(_save_failed(run, step, f"{why} on rank {k}" if r.world_size > 1 else why, tmp))
+            return
+        try:
+            digest = sums.write_sums(tmp, {n: d for x in ranks for n, d in x["sums"].items()})
+            atomic_save({"step": step, "scheduler": c.scheduler.state_dict(), "world_size": r.world_size,
+                         "ranks": [{"data": x["data"], "rng": x["rng"]} for x in ranks],
+                         "ema": c.ema.decay if c.ema is not None else None, "frozen": frozen or {},
+                         # where the random weights were drawn (`build.seeded_model`), for `reca sample`
+                         "drawn_on": "cpu" if c.cfg.distributed.strategy == "fsdp" else c.device.type,
+                         "sums": digest}, tmp / sums.EXTRA)
+            shutil.rmtree(final, ignore_errors=True)  # a stop right after the same step's save
+            os.replace(tmp, final)
+            fsync_dir(run)
+        except (OSError, UserError) as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            why = os_reason(e) if isinstance(e, OSError) else str(e).split(": ", 1)[-1].split(";")[0]
+            raise UserError(_save_failed(run, step, why, tmp)) from None
+        # The new folder was read back whole on every rank (`sums.read_back`): only now may an
+        # older one go, so the newest verified folder is never rotated out for an unverified one.
         for old in folders(run)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
         for stale in run.glob(".step-*.tmp"):  # a killed job's half-written save
             shutil.rmtree(stale, ignore_errors=True)
-    dist.barrier()
+
+    on_rank0(finish, r)
+    if error is not None:
+        raise error
     return final
 
 
-def load(folder: str | Path, c, r, frozen: dict[str, str] | None = None) -> int:
+def _save_failed(run: Path, step: int, why: str, tmp: Path) -> str:
+    kept = [f.name for f in folders(run)]
+    if len(kept) == 1:
+        left = f"{kept[0]} is kept as it was"
+    elif kept:
+        left = f"{', '.join(kept)} are kept as they were"
+    else:
+        left = "no earlier step-N/ folder exists"
+    return (f"cannot write step-{step} of {run}: {why}; its temporary folder {tmp.name} is removed, {left}; "
+            f"continue with: reca train --resume {run}")
+
+
+def folder_bytes(c) -> int:
+    """About how many bytes one RUN/step-N/ takes, all ranks together: the trainable weights,
+    AdamW's two moments and the EMA's shadows (fp32, `checkpoint_bytes`), and 1 MiB for the
+    .metadata, extra.pt and SHA256SUMS. A DTensor counts whole (its global numel)."""
+    from reca.engine.checkpoint.single import checkpoint_bytes
+
+    ema = sum(4 * p.numel() for p in c.params) if c.ema is not None else 0
+    return checkpoint_bytes(c.params) + ema + (1 << 20)
+
+
+def check_space(run: Path, c, r, *, keep: int, fresh: bool) -> None:
+    """Every rank, at start: refuse (one line, every rank) a run directory without room for the
+    step folders this job will hold at once: `keep` kept and the one a save writes before the
+    oldest goes, less those already there (none for a new run: an earlier run's are moved aside)."""
+    from reca.engine.fsdp import on_rank0
+    from reca.engine.rundir import check_free_space
+
+    size = folder_bytes(c)
+    have = 0 if fresh else min(len(folders(run)), keep)
+
+    def check():
+        n = max(1, keep + 1 - have)
+        check_free_space(run, n * size, what=f"a save with distributed.keep_checkpoints={keep} ({keep + 1} step-N/ "
+                         f"folders at once, the next written before the oldest goes: {n} more of about "
+                         f"{size / 2**30:.2f} GiB)")
+
+    on_rank0(check, r)
+
+
+def load(folder: str | Path, c, r, frozen: dict[str, str] | None = None, extra: dict | None = None) -> int:
     """Every rank: load RUN/step-N/ into the components `c` (any world size) -> N, after
     refusing (every rank, one line) frozen weights other than the ones the run trained with
-    (`frozen`: rank 0's fingerprint of this job's; a folder written before it was kept has none)."""
+    (`frozen`: rank 0's fingerprint of this job's; a folder written before it was kept has none)
+    and a weight, AdamW moment or EMA shadow holding NaN or inf. `extra`: the folder's extra.pt
+    from `verify` (every file checked); None: verified here first."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import DefaultLoadPlanner
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -129,7 +218,8 @@ def load(folder: str | Path, c, r, frozen: dict[str, str] | None = None) -> int:
     from reca.engine.fsdp import on_rank0
 
     folder = Path(folder)
-    extra = verified_load(folder / "extra.pt")
+    if extra is None:
+        extra = verify(folder, r)
 
     def check():
         conflict = fingerprint_conflict(extra.get("frozen") or {}, frozen or {})
@@ -143,6 +233,7 @@ def load(folder: str | Path, c, r, frozen: dict[str, str] | None = None) -> int:
         state["ema"] = dict(zip(c.ema.names, c.ema.shadows))
     dcp.load(state, checkpoint_id=str(folder), planner=DefaultLoadPlanner(allow_partial_load=True))
     _check_loaded(folder, state)
+    _refuse_nonfinite(folder, state, r)
     # frozen parameters are rebuilt, not loaded (set_state_dict's strict check would want them)
     set_state_dict(c.model, c.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=_options(strict=False))
@@ -160,6 +251,29 @@ def load(folder: str | Path, c, r, frozen: dict[str, str] | None = None) -> int:
     else:
         reseed(c, r, extra["step"])
     return extra["step"]
+
+
+def verify(folder: str | Path, r) -> dict:
+    """Every rank: every file of RUN/step-N/ checked against its sha256 before anything reads
+    it (`sums.verify`) -> its extra.pt; a fault is one line on every rank."""
+    from reca.engine.checkpoint import sums
+
+    folder = Path(folder)
+    return sums.verify(folder, r, what=f"cannot resume {folder.parent}")
+
+
+def _refuse_nonfinite(folder: Path, state: dict, r) -> None:
+    """A NaN or inf in what a resume loaded (this rank's shards), agreed across ranks."""
+    from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+
+    flat, _ = flatten_state_dict(state)
+    found: list = [None] * r.world_size
+    dist.all_gather_object(found, first_nonfinite(flat))
+    name = next((n for n in found if n is not None), None)
+    if name is not None:
+        earlier = [f.name for f in folders(folder.parent) if step_of(f) < step_of(folder)]
+        hint = f"; move {folder.name} out of {folder.parent} to resume from {earlier[-1]}" if earlier else ""
+        raise UserError(nonfinite_line(f"cannot resume {folder.parent}: {folder.name}", name) + hint)
 
 
 def reseed(c, r, step: int) -> None:
@@ -192,7 +306,7 @@ def single_into_copy(run: Path, whole: torch.nn.Module, cfg) -> dict:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     from reca.engine.checkpoint import fingerprint_conflict, frozen_fingerprint, load_checkpoint
-    from reca.engine.checkpoint.single import CHECKPOINT, load_trainable
+    from reca.engine.checkpoint.single import CHECKPOINT, load_trainable, refuse_nonfinite_state
     from reca.engine.optim import build_optimizer
 
     ckpt = load_checkpoint(run)
@@ -204,6 +318,7 @@ def single_into_copy(run: Path, whole: torch.nn.Module, cfg) -> dict:
     load_trainable(whole, ckpt["model"], source=source)
     optimizer = build_optimizer(whole, cfg.optim, torch.device("cpu"), capturable=False,
                                 exempt=tuple(whole.no_weight_decay_modules()))
+    refuse_nonfinite_state(ckpt, whole, optimizer, source)
     try:
         optimizer.load_state_dict(ckpt["optimizer"])
     except (ValueError, KeyError, TypeError) as e:

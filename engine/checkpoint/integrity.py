@@ -24,7 +24,7 @@ import pickle
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
@@ -195,3 +195,27 @@ def _load_window(f, size: int, path: Path, map_location) -> Any:
             zipfile.BadZipFile) as e:  # what torch raises for archives and pickles it will not read
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise UserError(f"{path} cannot be read as a checkpoint: {first}") from None
+
+
+def first_nonfinite(tensors: Mapping[str, Any]) -> str | None:
+    """The name of the first floating-point tensor in `tensors` holding a NaN or an inf, or None
+    (a DTensor: this rank's shard of it; entries that are not tensors are passed over)."""
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            continue
+        local = t.to_local() if hasattr(t, "to_local") else t
+        if not bool(torch.isfinite(local).all()):
+            return name
+    return None
+
+
+def refuse_nonfinite(tensors: Mapping[str, Any], source: str) -> None:
+    """One line naming the first tensor of `source` that holds a NaN or an inf: weights like
+    that would make every sample noise, every export useless, and a resume's first loss nan."""
+    name = first_nonfinite(tensors)
+    if name is not None:
+        raise UserError(nonfinite_line(source, name))
+
+
+def nonfinite_line(source: str, name: str) -> str:
+    return f"{source}: tensor {name} holds NaN or inf values (a run that diverged, or an edited file); refused"

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from reca.engine.checkpoint.integrity import atomic_save, verified_load
+from reca.engine.checkpoint.integrity import atomic_save, refuse_nonfinite, verified_load
 from reca.engine.errors import UserError
 
 CHECKPOINT = "checkpoint.pt"
@@ -43,8 +43,8 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor], *, source: str = "the checkpoint") -> None:
     """Copy `state` into the model's trainable parameters. Every name and shape is checked
-    before anything is copied: a mismatch raises a `UserError` naming the tensor, and the
-    model is left as it was."""
+    before anything is copied: a mismatch, or a tensor holding NaN or inf, raises a `UserError`
+    naming the tensor, and the model is left as it was."""
     params = dict(model.named_parameters())
     for name, value in state.items():
         p = params.get(name)
@@ -63,6 +63,7 @@ def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor], *, so
     if missing:
         raise UserError(f"{source} lacks {len(missing)} trainable tensor(s) of this model, e.g. {missing[0]} "
                         "(a checkpoint of another preset or model config?)")
+    refuse_nonfinite(state, source)
     with torch.no_grad():
         for name, value in state.items():
             params[name].copy_(value)
@@ -119,6 +120,7 @@ def restore(ckpt: dict[str, Any], *, model, optimizer, scheduler, generator, sou
     """Load weights, optimizer, scheduler and RNG states from a `load_checkpoint` dict; returns
     its step. The data position is the caller's (`Components.load_data_state(ckpt["data"])`)."""
     load_trainable(model, ckpt["model"], source=source)
+    refuse_nonfinite_state(ckpt, model, optimizer, source)
     try:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -131,6 +133,20 @@ def restore(ckpt: dict[str, Any], *, model, optimizer, scheduler, generator, sou
         raise UserError(f"{source}: its random-number state does not fit this device ({first}); "
                         "resume on the device type that wrote it") from None
     return ckpt["step"]
+
+
+def refuse_nonfinite_state(ckpt: dict[str, Any], model, optimizer, source: str) -> None:
+    """One line for a NaN or inf in AdamW's state (named `optimizer.<parameter>.<key>`) or the
+    EMA's shadows (`ema.<parameter>`): a resume would carry it into the weights at once."""
+    names = {p: n for n, p in model.named_parameters()}
+    order = [names.get(p, str(k)) for k, p in enumerate(p for g in optimizer.param_groups for p in g["params"])]
+    state = ckpt["optimizer"].get("state", {}) if isinstance(ckpt["optimizer"], dict) else {}
+    flat = {f"optimizer.{order[i] if isinstance(i, int) and i < len(order) else i}.{key}": t
+            for i, entry in state.items() if isinstance(entry, dict) for key, t in entry.items()}
+    ema = (ckpt.get("extra") or {}).get("ema")
+    if isinstance(ema, dict) and isinstance(ema.get("shadows"), dict):
+        flat.update({f"ema.{n}": t for n, t in ema["shadows"].items()})
+    refuse_nonfinite(flat, source)
 
 
 def checkpoint_bytes(params: list[torch.nn.Parameter]) -> int:
