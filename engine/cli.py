@@ -1,5 +1,5 @@
 """`reca` command line: `reca train`, `reca sample`, `reca export`, `reca info`, `reca bench step`,
-`reca bench batch`.
+`reca bench batch`, and `reca launch` (torchrun with reca's endings: `reca.engine.launch`).
 
 User errors (a missing folder, an unknown preset or config key, a GPU asked for and absent)
 print one line on stderr and exit with status 2; no traceback.
@@ -65,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--init-from", metavar="DIR",
                    help="check a weights directory against the preset (keys and shapes only, nothing read whole): "
                         "the tensors each file supplies, or the one line that refuses it")
+
+    sub.add_parser("launch", help="torchrun in this process, with reca's exit statuses and its line last: reca "
+                                  "launch [torchrun options] train ... (see `reca launch --help`)", add_help=False)
 
     b = sub.add_parser("bench", help="benchmarks: `reca bench step` times whole training steps", epilog=EPILOG)
     bsub = b.add_subparsers(dest="bench", required=True)
@@ -262,6 +265,12 @@ def _under_torchrun() -> bool:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["launch"]:  # torchrun's own options follow: not for this parser
+        from reca.engine.launch import main as launch
+
+        launch(argv[1:])
+        return
     args = _parser().parse_args(argv)
     try:
         {"train": _train, "sample": _sample, "export": _export, "info": _info, "bench": _bench}[args.command](args)

@@ -51,9 +51,12 @@ def resume_command(run: str | Path) -> str:
     if not launched():
         return f"reca train --resume {run}"
     world, local = int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+    ours = bool(os.environ.get("RECA_LAUNCHER"))  # started by `reca launch` (reca.engine.launch)
     if world == local:
-        return f"torchrun --nproc-per-node {world} -m reca.engine train --resume {run}"
-    return f"the same torchrun launch on every node, with -m reca.engine train --resume {run}"
+        return (f"reca launch --nproc-per-node {world} train --resume {run}" if ours else
+                f"torchrun --nproc-per-node {world} -m reca.engine train --resume {run}")
+    return (f"the same reca launch on every node, with train --resume {run}" if ours else
+            f"the same torchrun launch on every node, with -m reca.engine train --resume {run}")
 
 
 def _store():
@@ -127,17 +130,19 @@ def earlier_refusal() -> str | None:
 
 
 def _leave(printed: str | None, line: str, status: int) -> NoReturn:
-    if printed is not None:
-        print(printed, file=sys.stderr, flush=True)
-    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    path, recorded = os.environ.get("TORCHELASTIC_ERROR_FILE"), False
     if path:  # torchrun's report then shows reca's line as this rank's cause
         try:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             # torchrun's own layout (`ErrorHandler.record_exception`): its report prints py_callstack
             Path(path).write_text(json.dumps({"message": {"message": line, "extraInfo": {
                 "py_callstack": line, "timestamp": str(int(time.time()))}}}))
+            recorded = True
         except OSError:
             pass
+    # under `reca launch` the launcher prints the recorded line last, after torchrun's own logs
+    if printed is not None and not (recorded and os.environ.get("RECA_LAUNCHER")):
+        print(printed, file=sys.stderr, flush=True)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)
