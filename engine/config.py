@@ -254,10 +254,10 @@ class RunConfig:
         # Each section checked itself when it was built; what spans two sections goes here. (Today
         # none does: warm-up longer than train.steps is allowed, and mix.cycle's "caption" needing
         # mix.caption_source and a family with that objective is checked by the engine.)
-        configs = tuple(f.config for f in FAMILIES.values())
-        if not isinstance(self.model, configs):
-            raise UserError(f"model must be one of {', '.join(c.__name__ for c in configs)}, "
-                            f"got {type(self.model).__name__}")
+        family = FAMILIES.get(getattr(self.model, "family", None))
+        if family is None or not isinstance(self.model, family.config):
+            raise UserError(f"model must be the config of a registered family (known: {', '.join(sorted(FAMILIES))}; "
+                            f"reca.models.register_family adds one), got {type(self.model).__name__}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
