@@ -54,8 +54,11 @@ class RecaModule(nn.Module):
     conditioning: Conditioning
     caption_template: PromptTemplate | None = None  # the image-to-text prompt; None: `template`
     caption_views: ViewSpec | None = None  # the image-to-text input view; None: `views`
-    # `reca sample --prompt`: True where the family's text-to-image prompt keeps the RecA
-    # template's visual slots (BAGEL drops its vit split by position), False: they are removed
+    # `reca sample --prompt` (RecA's inference): the family's text-to-image prompt around
+    # `{instruction}`, special tokens included; None: `template.text` with `{image}` removed
+    text_prompt: str | None = None
+    # True where the text-to-image prompt is the RecA template itself, visual slots kept
+    # (BAGEL's `generate` drops its vit split by position); `text_prompt` is then unused
     text_prompt_keeps_image: bool = False
 
     def forward(self, batch: Any, objective: str = "recon", generator: torch.Generator | None = None):
