@@ -34,6 +34,7 @@ OBJECTIVES: tuple[str, ...] = ("recon", "caption")
 
 Decoder = Literal["auto", "dali", "nvjpeg", "pil"]
 SquareOffset = Literal["centre", "random"]
+UndResize = Literal["auto", "same", "pad"]
 Schedule = Literal["cosine", "constant"]
 Backend = Literal["auto", "torch", "triton"]
 Mode = Literal["custom", "fast", "reference"]
@@ -65,6 +66,10 @@ class DataConfig:
     # a LLaVA conversation JSON as source: the folder its image paths are relative to ("" = the JSON's)
     json_image_root: str = ""
     und_downscale: float = 1.0  # < 1 blurs the understanding view on purpose (an information bottleneck)
+    # the understanding view: "auto" (the family's ViewSpec.und_resize), "same" (the generation
+    # view's region), "pad" (the whole image padded to a square with the understanding mean,
+    # int(255 x mean) per channel, as Janus's and LLaVA's image processors pad)
+    und_resize: UndResize = "auto"
     min_side: int = 16  # images with a shorter side are skipped as broken
     max_pixels: int = 64_000_000  # header sizes beyond this are skipped unread (decompression bombs)
     parquet_image_column: str = "image"  # raw bytes, or the HF datasets struct {bytes, path}

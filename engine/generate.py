@@ -135,7 +135,7 @@ def _padded(rows: list[list[int]], pad_id: int) -> PromptBatch:
 def understanding_view(model, cfg: RunConfig, path: str) -> torch.Tensor:
     """An image file -> its understanding view [3, Hu, Wu], whole and unflipped, as the
     previews see their images."""
-    from reca.engine.data.decode import BadImage, PillowDecoder, make_views
+    from reca.engine.data.decode import BadImage, PillowDecoder, make_views, views_for
 
     try:
         data = Path(path).read_bytes()
@@ -146,7 +146,7 @@ def understanding_view(model, cfg: RunConfig, path: str) -> torch.Tensor:
     except BadImage as e:
         raise UserError(f"{path}: {e}") from None
     views = dataclasses.replace(cfg.data, crop_scale=1.0, hflip=False, square_offset="centre")  # the image's centre
-    und, _ = make_views(img, model.views, views, np.random.default_rng(0))
+    und, _ = make_views(img, views_for(model.views, cfg.data), views, np.random.default_rng(0))
     return torch.from_numpy(np.array(und))
 
 
