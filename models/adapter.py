@@ -95,7 +95,9 @@ class PromptBatch:
 @dataclass
 class LossOutput:
     loss: torch.Tensor  # scalar, what backward() is called on
-    metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # detached scalars, read back lazily
+    # detached scalars, read back lazily; the engine logs each as "OBJECTIVE/KEY" (a key that
+    # already starts with "OBJECTIVE/" is logged as it is: "recon/mse", never "recon/recon/mse")
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -128,10 +130,16 @@ class CaptionBatch:
 @dataclass
 class SampleBatch:
     """What to generate from: an image's visual prompt (`und`) or, with `und` None, the text
-    prompt alone (RecA's inference); `steps` sampling steps."""
+    prompt alone (RecA's inference); `steps` sampling steps.
+
+    A sampler's shapes may change from step to step (a token-by-token sampler's sequence grows
+    each token): the engine draws previews with every compiled block and op run eagerly, and
+    `reca sample` never compiles."""
 
     und: torch.Tensor | None  # [B, 3, Hu, Wu] or None
     prompt: PromptBatch
+    # denoising steps, MaskGIT rounds, ... (`output.preview_steps`, `reca sample --steps`); a
+    # token-by-token sampler, whose step count is its token count, may ignore it
     steps: int
 
 
