@@ -1,0 +1,80 @@
+"""The README's complete adapter (tests/readme_example.py takes it from the README), used as a
+user of another repository uses it: `reca train --preset my_adapter:preset` in its folder, then
+`reca train --resume`, `reca sample`, `reca export` from elsewhere, with plain `reca`; under
+`train.compile` with its token-by-token sampler; `reca bench step` without a `flop_plan`."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from readme_example import captioned_images, write_example
+
+
+def reca_cli(*args, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("PYTHONPATH", None)  # plain `reca`: nothing but the installed package on sys.path
+    return subprocess.run([sys.executable, "-m", "reca.engine", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def ok(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+
+
+SETS = ["--set", "output.tensorboard=false", "--set", "output.log_every=1", "--set", "output.preview_images=2",
+        "--set", "data.batch_size=4", "--set", "optim.warmup_steps=2", "--set", "train.device=cpu"]
+
+
+def test_the_readme_adapter_resumes_samples_and_exports_through_plain_reca(tmp_path):
+    """A `--preset my_adapter:preset` run (recon and captions, frozen parts, a tied LM head)
+    continued, sampled and exported by plain `reca` from another folder: config.json's
+    `code.modules` names my_adapter and reca imports it again (before: "unknown model family
+    'toy'"). A module that is gone is one line naming it."""
+    project, elsewhere, run = tmp_path / "project", tmp_path / "elsewhere", tmp_path / "run"
+    write_example(project)
+    elsewhere.mkdir()
+    captions = captioned_images(tmp_path / "captions")
+    ok(reca_cli("train", "--quiet", "--preset", "my_adapter:preset", "--out", run, "--steps", 30, *SETS,
+                "--set", "mix.cycle=recon,caption", "--set", f"mix.caption_source={captions}", cwd=project))
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["code"]["modules"] == ["my_adapter"] and saved["code"]["paths"] == [str(project)]
+    assert saved["preset"] == "my_adapter:preset" and saved["model"]["family"] == "toy"
+    first = rows(run)
+    recon = [r["loss/recon"] for r in first if "loss/recon" in r]  # odd steps recon, even ones captions
+    caption = [r["loss/caption"] for r in first if "loss/caption" in r]
+    assert len(recon) == len(caption) == 15
+    assert sum(recon[-4:]) < 0.8 * sum(recon[:4]) and sum(caption[-4:]) < 0.8 * sum(caption[:4]), (recon, caption)
+    assert "caption/tokens" in first[-1] and not any("caption/caption" in k for k in first[-1])
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert "embed.weight" in ckpt["model"] and "lm_head.weight" not in ckpt["model"]  # the tied tensor once
+    assert not any(k.startswith(("vision.", "codebook.")) for k in ckpt["model"])  # frozen: rebuilt, not saved
+
+    ok(reca_cli("train", "--quiet", "--resume", run, "--steps", 34, cwd=elsewhere))
+    assert [r["step"] for r in rows(run)] == list(range(1, 35))
+    out = ok(reca_cli("sample", run, "--prompt", "a red picture", "--num", 2, "--out", tmp_path / "text", cwd=elsewhere))
+    assert [Path(p).name for p in out.split()] == ["text_00.png", "text_01.png"]
+    out = ok(reca_cli("sample", run, "--image", captions / "0.png", "--out", tmp_path / "image", cwd=elsewhere))
+    assert [Path(p).name for p in out.split()] == ["0.png"]
+    ok(reca_cli("export", run, "--to", tmp_path / "export", cwd=elsewhere))
+    from safetensors.torch import load_file
+
+    exported = load_file(str(tmp_path / "export" / "model.safetensors"))
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert torch.equal(exported["lm_head.weight"], exported["embed.weight"])
+    assert torch.equal(exported["embed.weight"], ckpt["model"]["embed.weight"])
+
+    (project / "my_adapter.py").rename(project / "moved.py")
+    proc = reca_cli("sample", run, "--prompt", "x", "--out", tmp_path / "gone", cwd=elsewhere)
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and len(err.splitlines()) == 1 and "my_adapter" in err, err
