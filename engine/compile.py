@@ -38,11 +38,27 @@ def _repeated(m: nn.ModuleList) -> bool:
 
 
 def apply_compile(model: nn.Module) -> list[str]:
-    """Compile every block in place (fullgraph: a graph break is an error, not a slow path)."""
+    """Compile every block in place (fullgraph: a graph break is an error, not a slow path). A
+    block of torch.nn's own classes is refused in one line: dynamo starts no frame in torch's
+    files, so fullgraph would fail at the first step with "found no compiled frames"."""
     blocks = find_blocks(model)
-    for _, block in blocks:
+    for name, block in blocks:
+        kind = type(block)
+        if kind.__module__.split(".")[0] == "torch":
+            raise UserError(f"train.compile: block {name} is a {kind.__module__}.{kind.__name__}, which torch.compile "
+                            "does not trace at the top of a frame; wrap it in a module class of your own (or return "
+                            "other modules from the model's blocks())")
         block.compile(fullgraph=True, dynamic=False)
     return [n for n, _ in blocks]
+
+
+def eager():
+    """A context in which every compiled block and op runs as plain PyTorch
+    (`torch.compiler.set_stance("force_eager")`; the compiled code is kept for later). Previews
+    draw under it: a sampler's shapes may change every call (a token-by-token sampler's sequence
+    grows each token), and blocks compiled for fixed shapes would recompile at every length up
+    to dynamo's limit, then fail. FLOP counting too: compiled frames refuse FlopCounterMode."""
+    return torch.compiler.set_stance("force_eager")
 
 
 def compile_ops(ops: KernelOps) -> KernelOps:

@@ -78,3 +78,15 @@ def test_the_readme_adapter_resumes_samples_and_exports_through_plain_reca(tmp_p
     proc = reca_cli("sample", run, "--prompt", "x", "--out", tmp_path / "gone", cwd=elsewhere)
     err = proc.stderr.strip()
     assert proc.returncode == 2 and len(err.splitlines()) == 1 and "my_adapter" in err, err
+
+
+def test_the_readme_adapter_compiles_and_samples_token_by_token(tmp_path):
+    """`train.compile` compiles its blocks for the step's fixed shapes; the final preview's
+    token-by-token sampler calls them with a longer sequence every token and runs them eagerly
+    (before: FailOnRecompileLimitHit after training, exit 1)."""
+    project, run = tmp_path / "project", tmp_path / "run"
+    write_example(project)
+    ok(reca_cli("train", "--quiet", "--preset", "my_adapter:preset", "--out", run, "--steps", 3, *SETS,
+                "--set", "train.compile=true", cwd=project))
+    assert (run / "recon_step3.png").is_file() and [r["step"] for r in rows(run)] == [1, 2, 3]
+    assert json.loads((run / "config.json").read_text())["train"]["compile"] is True
