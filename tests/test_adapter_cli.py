@@ -90,3 +90,81 @@ def test_the_readme_adapter_compiles_and_samples_token_by_token(tmp_path):
                 "--set", "train.compile=true", cwd=project))
     assert (run / "recon_step3.png").is_file() and [r["step"] for r in rows(run)] == [1, 2, 3]
     assert json.loads((run / "config.json").read_text())["train"]["compile"] is True
+
+
+HELD = '''
+import dataclasses
+
+import torch
+import torch.nn as nn
+
+from my_adapter import ToyConfig, ToyUMM, preset as toy_preset
+from reca.models import register_family
+
+
+@dataclasses.dataclass(kw_only=True)
+class HeldConfig(ToyConfig):
+    family: str = "toy-held"
+
+
+class Held(ToyUMM):
+    """The README's adapter with its layers in a container that blocks() names, but whose own
+    forward never runs: the model indexes into it, as a VQ encoder calls down[i].block[j]."""
+
+    def __init__(self, cfg, ops=None):
+        super().__init__(cfg, ops)
+        self.holder = nn.Module()
+        self.holder.pair = self.layers
+        del self.layers
+
+    def blocks(self):
+        return [self.holder]
+
+    def run(self, x, keep):
+        causal = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool, device=x.device).tril()
+        for block in self.holder.pair:
+            x = block(x, causal & keep[:, None, :])
+        return self.norm(x)
+
+
+register_family("toy-held", HeldConfig, Held)
+
+
+def preset():
+    return dataclasses.replace(toy_preset(), model=HeldConfig())
+'''
+
+
+def test_a_block_whose_own_forward_never_runs_stops_the_first_step(tmp_path, monkeypatch):
+    """Activation checkpointing (and compile, and FSDP) wrap a block's forward: a block whose
+    submodules run without it is one line naming it at the first step (before: checkpointing
+    silently did nothing; FSDP failed on "mixed torch.Tensor and DTensor")."""
+    project = tmp_path / "project"
+    write_example(project)
+    (project / "held.py").write_text(HELD, encoding="utf-8")
+    proc = reca_cli("train", "--quiet", "--preset", "held:preset", "--out", tmp_path / "run", "--steps", 2, *SETS,
+                    "--set", "train.checkpoint_every=1", cwd=project)
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and len(err.splitlines()) == 1, err
+    assert "block holder never ran its own forward" in err and "holder.pair.0" in err, err
+
+    # FSDP: a torchrun job's ranks meet it the same way (here a group of one, in this process)
+    import importlib
+
+    import torch.distributed as dist
+
+    from reca.engine.config import apply_overrides
+    from reca.engine.distributed import train_distributed
+    from reca.engine.errors import UserError
+    from reca.engine.presets import preset
+
+    monkeypatch.syspath_prepend(str(project))
+    importlib.import_module("held")
+    cfg = apply_overrides(preset("held:preset"), [f"output.dir={tmp_path / 'fsdp'}", "output.tensorboard=false",
+                                                  "train.steps=1", "data.batch_size=2", "distributed.strategy=fsdp"])
+    try:
+        with pytest.raises(UserError, match="block holder never ran its own forward"):
+            train_distributed(cfg, quiet=True)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
