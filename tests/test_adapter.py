@@ -4,7 +4,9 @@ calls the model through its forward only."""
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -78,6 +80,10 @@ def test_a_toy_adapter_trains_through_the_engine(tmp_path):
     losses = [r["loss"] for r in read_metrics(tmp_path / "run")]
     assert len(losses) == 40 and sum(losses[-5:]) < 0.5 * sum(losses[:5]), losses
     assert (tmp_path / "run" / "recon_step40.png").exists()  # previews through model(batch, "sample")
+    import json  # the run names the module that registered its family: reading it back imports it
+
+    code = json.loads((tmp_path / "run" / "config.json").read_text())["code"]
+    assert code["modules"] == [__name__] and code["paths"] == [str(Path(__file__).resolve().parent)]
 
 
 def test_the_engine_reaches_the_model_only_through_forward(tmp_path):
@@ -132,3 +138,76 @@ def test_every_family_declares_its_objectives_and_capabilities():
         assert isinstance(model.conditioning, Conditioning), name
         for member in ("input_embeddings", "lm_head_weight"):  # the engine reads no raw weight
             assert not hasattr(model, member), (name, member)
+
+
+def test_frozen_parts_the_family_names_stay_in_eval_mode():
+    """`model.train()` (the engine's, at build and after each preview) puts every submodule in
+    training mode, as PyTorch does, except those the family's `eval_modules()` names."""
+    class Frozen(RecaModule):
+        def __init__(self):
+            super().__init__()
+            self.vision = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5)).requires_grad_(False)
+            self.head = nn.Dropout(0.5)
+
+        def eval_modules(self):
+            return ("vision",)
+
+    m = Frozen()
+    for _ in range(2):
+        assert m.train() is m and m.training and m.head.training
+        assert not m.vision.training and not m.vision[1].training
+        m.eval()
+        assert not m.head.training
+    x = torch.randn(3, 4)
+    m.train()
+    assert torch.equal(m.vision(x), m.vision(x))  # its dropout is off
+
+
+def test_a_metric_is_named_once_with_its_objective():
+    """The engine logs a model metric KEY as OBJECTIVE/KEY, and one already named OBJECTIVE/KEY
+    as it is (it was "recon/recon/acc")."""
+    from types import SimpleNamespace
+
+    from reca.engine.train import MicroBatch, train_step
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(()))
+
+        def forward(self, batch, objective, generator=None):
+            loss = 2 * self.w
+            return LossOutput(loss, {"mse": loss.detach(), f"{objective}/acc": loss.detach()})
+
+    m = M()
+    c = SimpleNamespace(model=m, cfg=reca.preset("tiny"), device=torch.device("cpu"), objectives=["recon"],
+                        params=[m.w], optimizer=torch.optim.AdamW([m.w], fused=True), ema=None, generator=None)
+    out = train_step(c, [MicroBatch("recon", None)])
+    assert {"recon/mse", "recon/acc"} <= set(out) and not any(k.count("recon/") > 1 for k in out), sorted(out)
+
+
+def test_flops_are_counted_eagerly_through_compiled_blocks():
+    """`reca bench step` counts the FLOPs of an adapter without `flop_plan` with FlopCounterMode;
+    compiled frames refuse it (it failed with "fullgraph=True found no compiled frames"), so
+    compiled blocks run eagerly while it counts. A block of torch.nn's own classes, which
+    torch.compile cannot trace at the top of a frame, is refused when compiled, in one line."""
+    from reca.engine.bench.flops import counted_flops
+    from reca.engine.compile import apply_compile
+    from reca.engine.errors import UserError
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return torch.relu(self.lin(x))
+
+    model = nn.Module()
+    model.layers = nn.ModuleList([Block(), Block()])
+    assert apply_compile(model) == ["layers.0", "layers.1"]
+    x = torch.randn(4, 8)
+    assert counted_flops(lambda: model.layers[1](model.layers[0](x))) == 2 * (2 * 4 * 8 * 8)
+    model.layers = nn.ModuleList([nn.TransformerEncoderLayer(8, 2, 16, batch_first=True) for _ in range(2)])
+    with pytest.raises(UserError, match="layers.0 is a torch.nn.modules.transformer.TransformerEncoderLayer"):
+        apply_compile(model)
