@@ -15,11 +15,15 @@ from reca.engine.cli import main
 from reca.engine.config import apply_overrides, load_config
 from reca.engine.presets import preset
 from reca.kernels import get_ops
+from reca.models.janus.vocab import SPECIALS, janus_tokenizer
 from reca.models.tokenizer import tiny_tokenizer
 
 
 def _donor(name: str, tokenizer_dir):
-    tiny_tokenizer(512).save(str(tokenizer_dir))
+    tokenizer = tiny_tokenizer(512)
+    if name == "janus-tiny":  # a Janus release's tokenizer has Janus's special tokens
+        tokenizer = janus_tokenizer(tokenizer)
+    tokenizer.save(str(tokenizer_dir))
     cfg = preset(name)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, tokenizer=str(tokenizer_dir)))
     return seeded_model(cfg, get_ops("torch"), torch.device("cpu"))
@@ -107,8 +111,23 @@ def write_showo(m, d):
     return d / "phi"
 
 
+def write_janus(m, d):
+    """deepseek-community/Janus-Pro-*B as on the hub: what transformers' save_pretrained writes
+    (config.json, generation_config.json, model-0000k-of-0000n.safetensors with
+    model.safetensors.index.json; a tied lm_head left out), the tokenizer's files and the processor's."""
+    m.janus.save_pretrained(str(d), max_shard_size="300KB")
+    m.tokenizer.save(str(d))
+    (d / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "JanusImageProcessor", "size": {"height": 32, "width": 32}, "image_mean": [0.5] * 3,
+        "image_std": [0.5] * 3, "background_color": [127] * 3, "min_size": 14, "processor_class": "JanusProcessor"}))
+    (d / "processor_config.json").write_text(json.dumps({"num_image_tokens": 16, "processor_class": "JanusProcessor"}))
+    assert len(list(d.glob("model-*-of-*.safetensors"))) > 1 and (d / "model.safetensors.index.json").exists()
+    return d
+
+
 LAYOUTS = {"tiny": write_flow, "harmon-tiny": write_harmon, "bagel-tiny": write_bagel,
-           "openuni-tiny": write_openuni, "showo-tiny": write_showo}
+           "openuni-tiny": write_openuni, "showo-tiny": write_showo, "janus-tiny": write_janus}
+VOCAB = {"janus-tiny": 512 + len(SPECIALS)}  # Janus's special tokens are the release tokenizer's own
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
@@ -122,7 +141,7 @@ def test_release_directory_as_downloaded_trains(tmp_path, capsys, name):
     cfg = apply_overrides(preset(name), [f"train.init_from={release}"])
     loaded = seeded_model(cfg, get_ops("torch"), torch.device("cpu"))
     base = getattr(loaded.tokenizer, "base", loaded.tokenizer)  # Show-o extends its text tokenizer
-    assert base.vocab_size == 512  # the release's tokenizer, found without --set model.tokenizer
+    assert base.vocab_size == VOCAB.get(name, 512)  # the release's tokenizer, found without --set model.tokenizer
     want = donor.state_dict()
     for key, value in loaded.state_dict().items():
         assert torch.equal(value, want[key]), key

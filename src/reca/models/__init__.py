@@ -20,6 +20,7 @@ from reca.models.base import Conditioning, RecaModule
 from reca.models.bagel import BagelConfig, BagelModel
 from reca.models.flow import FlowConfig, FlowModel
 from reca.models.harmon import HarmonConfig, HarmonModel
+from reca.models.janus import JanusConfig, JanusModel
 from reca.models.openuni import OpenUniConfig, OpenUniModel
 from reca.models.showo import ShowoConfig, ShowoModel
 
@@ -36,9 +37,10 @@ FAMILIES: dict[str, Family] = {
     "bagel": Family(BagelConfig, BagelModel),
     "openuni": Family(OpenUniConfig, OpenUniModel),
     "showo": Family(ShowoConfig, ShowoModel),
+    "janus": Family(JanusConfig, JanusModel),
 }
 
-ModelConfig = Union[FlowConfig, HarmonConfig, BagelConfig, OpenUniConfig, ShowoConfig]
+ModelConfig = Union[FlowConfig, HarmonConfig, BagelConfig, OpenUniConfig, ShowoConfig, JanusConfig]
 
 
 def register_family(name: str, config: type, build: Callable) -> None:
@@ -57,5 +59,5 @@ __all__ = [
     "FAMILIES", "Family", "ModelConfig", "build_model", "register_family", "RecaModule", "Conditioning",
     "ReconBatch", "CaptionBatch", "SampleBatch", "RecaAdapter", "ViewSpec",
     "PromptTemplate", "PromptBatch", "LossOutput", "TextTokenizer", "FlowConfig", "FlowModel",
-    "HarmonConfig", "HarmonModel", "OpenUniConfig", "OpenUniModel",
+    "HarmonConfig", "HarmonModel", "OpenUniConfig", "OpenUniModel", "JanusConfig", "JanusModel",
 ]

@@ -1,0 +1,293 @@
+"""Janus family on transformers' own JanusForConditionalGeneration: the published shapes' counts
+per part (meta device), sampling against transformers' generate(generation_mode="image") code for
+code, the recon and caption losses against transformers' forward, the unconditional rows, which
+parts learn, the release layout in and out, and the CLI path (train, resume, sample, export)."""
+import dataclasses
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from reca.engine.build import seeded_model
+from reca.engine.cli import main
+from reca.engine.config import apply_overrides
+from reca.engine.presets import preset
+from reca.engine.sample import SampleBuilder, load_instructions
+from reca.kernels import get_ops
+from reca.models.adapter import CaptionBatch, PromptBatch, ReconBatch, SampleBatch
+from reca.models.janus import JanusModel
+
+
+def _model(**kw) -> JanusModel:
+    cfg = preset("janus-tiny").model
+    torch.manual_seed(0)
+    return JanusModel(dataclasses.replace(cfg, **kw))
+
+
+def _builder(m, template=None, text=16) -> SampleBuilder:
+    pool = [s for s in load_instructions() if len(m.tokenizer.encode(s)) <= text]  # short: fast; never cut
+    return SampleBuilder(m.tokenizer, template or m.template, m.num_visual_tokens, pool, max_text_tokens=text, seed=0)
+
+
+def _images(b=2, seed=0) -> torch.Tensor:
+    return torch.rand(b, 3, 32, 32, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def _spread(m) -> None:
+    """Matrices at 1/sqrt(fan-in) (transformers' 0.02 makes a tiny model emit one code over and over)."""
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if p.dim() == 2 and "vision_model" not in name and "vqmodel" not in name:
+                p.normal_(0, p.shape[1] ** -0.5)
+
+
+def test_reca_info_prints_the_published_shapes_counts(capsys):
+    """Janus-Pro-1B / -7B as released. Sources of the shapes: transformers' configuration_janus.py
+    (JanusVisionConfig defaults = SigLIP-Large-Patch16-384: 1024 wide, 24 layers, 16 heads, MLP
+    ratio 4, 384 px / 16; aligner depth 2; JanusVQVAEConfig defaults = VQ-16: codebook 16,384 x 8,
+    latent 256, base 128, multipliers (1, 1, 2, 2, 4), 2 ResNet blocks), convert_janus_weights_to_hf.py
+    (projection_dim and image_token_embed_dim = the aligners' n_embed = the LLM width; text_config
+    from the original language_config), the releases' text_config (deepseek-community/Janus-Pro-1B:
+    2048 wide, MLP 5632, 24 layers, 16 heads, vocabulary 102,400; Janus-Pro-7B's language_config
+    gives 30 layers and 102,400 and LlamaConfig's defaults the rest: 4096, 11008, 32 heads), and the
+    Janus-Pro report's Table 1 (embedding 2048 / 4096, 16 / 32 heads, 24 / 30 layers)."""
+    def layer(d, ff):  # q, k, v, o (no bias, as many KV heads as heads) + gate, up, down + 2 RMSNorms
+        return 4 * d * d + 3 * d * ff + 2 * d
+
+    siglip = 303_688_704  # 24 x (4 (1024^2 + 1024) + 2 (1024 x 4096) + 4096 + 1024 + 4 x 1024) + patch + 576 pos + norm
+    vq = 71_883_403
+    want = {
+        "janus-pro-1b": {"language_model.layers": 24 * layer(2048, 5632), "language_model.embed_tokens": 102_400 * 2048,
+                         "lm_head": 102_400 * 2048, "aligner": (1024 * 2048 + 2048) + (2048 * 2048 + 2048),
+                         "generation_head": (2048 * 2048 + 2048) + (2048 * 16_384 + 16_384),
+                         "generation_aligner": (8 * 2048 + 2048) + (2048 * 2048 + 2048),
+                         "generation_embeddings": 16_384 * 8, "total": 2_076_636_811},
+        "janus-pro-7b": {"language_model.layers": 30 * layer(4096, 11008), "language_model.embed_tokens": 102_400 * 4096,
+                         "lm_head": 102_400 * 4096, "aligner": (1024 * 4096 + 4096) + (4096 * 4096 + 4096),
+                         "generation_head": (4096 * 4096 + 4096) + (4096 * 16_384 + 16_384),
+                         "generation_aligner": (8 * 4096 + 4096) + (4096 * 4096 + 4096),
+                         "generation_embeddings": 16_384 * 8, "total": 7_407_773_323},
+    }
+    assert want["janus-pro-7b"]["language_model.layers"] == 6_071_500_800
+    for name, parts in want.items():
+        main(["info", "--preset", name])
+        out = capsys.readouterr().out
+        printed = {line.strip().split(": ")[0]: int(line.split(": ")[1].replace(",", ""))
+                   for line in out.splitlines() if line.startswith("    ")}
+        assert printed["vision_model (frozen)"] == siglip and printed["vqmodel (frozen)"] == vq, out
+        for part, n in parts.items():
+            if part != "total":
+                assert printed[part] == n, (name, part)
+        total = next(line for line in out.splitlines() if line.strip().startswith("total"))
+        assert f"{parts['total']:,}" in total
+        assert "384 px -> 576 visual tokens" in out and "384 px -> 576 generation tokens" in out
+    with torch.device("meta"):
+        m = JanusModel(preset("janus-pro-7b").model)
+    frozen = {n.split(".")[2] for n, p in m.named_parameters() if not p.requires_grad}
+    assert frozen == {"vision_model", "vqmodel"}
+    assert m.janus.lm_head.weight is not m.lm.embed_tokens.weight  # Janus-Pro's head is its own
+
+
+def _generate_reference(m, ids: torch.Tensor) -> torch.Tensor:
+    """transformers' own image generation, greedy, CFG at the model's scale. The cache is given:
+    transformers 5.17's generate fails preparing its own (_prepare_static_cache lacks
+    prefill_chunk_size); this is the one generate would make (prompt + N positions)."""
+    import inspect
+
+    from transformers import GenerationConfig, StaticCache
+
+    gc = GenerationConfig(guidance_scale=m.cfg.guidance_scale, do_sample=False, bos_token_id=m.bos_id,
+                          pad_token_id=m.pad_id, generation_kwargs={"boi_token_id": m.boi_id}, max_new_tokens=m.num_codes)
+    key = "cache" if "cache" in inspect.signature(type(m.lm).forward).parameters else "past_key_values"
+    cache = StaticCache(config=m.janus.config.get_text_config(), max_cache_len=ids.shape[1] + m.num_codes)
+    return m.janus.generate(ids, attention_mask=torch.ones_like(ids), generation_mode="image", generation_config=gc,
+                            **{key: cache})
+
+
+def _text_rows(m, texts, same_length=True):
+    rows = [m.tokenizer.encode(f"<｜begin▁of▁sentence｜><|User|>: {t}\n\n<|Assistant|>:<begin_of_image>") for t in texts]
+    assert not same_length or len({len(r) for r in rows}) == 1
+    return rows
+
+
+def test_sample_equals_transformers_generate_code_for_code():
+    """Greedy with CFG (scale 5): `reca`'s text-to-image sample (the RecA template without its
+    visual block: Janus's own text-to-image prompt) gives transformers' generate(generation_mode=
+    "image") codes exactly, on the same weights and ids; guidance changes them (so the
+    unconditional rows are in play)."""
+    m = _model(sample_temperature=0.0).eval()
+    _spread(m)
+    texts = ["a red bus on a bridge", "two cats asleep in the"]
+    prompt = _builder(m).build([0, 1], fixed=True)  # right-padded to P, as previews and `reca sample` have it
+    for row, t in enumerate(texts):  # these instructions in the RecA template
+        ids = SampleBuilder(m.tokenizer, m.template, m.num_visual_tokens, [t], fixed_instruction=t,
+                            max_text_tokens=16).ids(-1)
+        prompt.input_ids[row], prompt.mask[row] = m.pad_id, False
+        prompt.input_ids[row, :len(ids)], prompt.mask[row, :len(ids)] = torch.tensor(ids), True
+    text = m.text_to_image(prompt)
+    rows = [text.input_ids[i][text.mask[i]] for i in range(2)]
+    for r, t in zip(rows, texts):
+        assert m.tokenizer.decode(r.tolist()) == f"<｜begin▁of▁sentence｜><|User|>: {t}\n\n<|Assistant|>:<begin_of_image>"
+    assert rows[0].shape == rows[1].shape  # one length with the tiny BPE: no padding for transformers either
+    mine = m.generate_codes(SampleBatch(None, prompt, 1))
+    ref = _generate_reference(m, torch.stack(rows))
+    assert torch.equal(mine, ref), (mine, ref)
+    assert mine.unique().numel() > 3  # not one code repeated
+    images = m(SampleBatch(None, prompt, 1), "sample")
+    assert images.shape == (2, 3, 32, 32) and torch.equal(images, m.janus.model.vqmodel.decode(ref).clamp(-1, 1))
+    m.cfg = dataclasses.replace(m.cfg, guidance_scale=1.0)
+    assert not torch.equal(m.generate_codes(SampleBatch(None, prompt, 1)), ref)
+
+
+def test_rows_of_different_lengths_sample_as_they_do_alone():
+    """A batch's shorter prompt is left-padded for sampling, its positions counting its own
+    tokens: each row gets the codes it gets alone (where transformers would shift its positions)."""
+    m = _model(sample_temperature=0.0).eval()
+    _spread(m)
+    rows = _text_rows(m, ["a dog", "green fields at dawn under a pale sky"], same_length=False)
+    p = max(map(len, rows)) + 3
+    ids = torch.full((2, p), m.pad_id)
+    mask = torch.zeros(2, p, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), True
+    from reca.models.janus.sampling import sample_codes
+
+    both = sample_codes(m, m.lm.embed_tokens(ids), PromptBatch(ids, mask))
+    for i, r in enumerate(rows):
+        alone = torch.tensor([r])
+        assert torch.equal(both[i:i + 1], sample_codes(m, m.lm.embed_tokens(alone), PromptBatch(alone, alone > -1)))
+    assert torch.equal(both[1:], _generate_reference(m, torch.tensor(rows[1:])))
+
+
+def _recon(m, b=3):
+    """b images and prompts of b different lengths (right-padded to one P)."""
+    sb = _builder(m)
+    by_length = {len(sb.ids(sb.choose(pos))): pos for pos in range(200)}
+    x = _images(b)
+    return ReconBatch(x, x, sb.build(sorted(by_length.values())[:b]))
+
+
+def test_recon_loss_equals_transformers_forward_per_row():
+    """The teacher-forced loss of a right-padded batch = the mean over rows of transformers'
+    own forward on each row's unpadded sequence (prompt with its visual prompt, then the codes'
+    generation embeddings), the generation head's logits at the N positions before each code."""
+    m = _model(cfg_dropout=0.0)
+    batch = _recon(m)
+    assert batch.prompt.mask.sum(1).unique().numel() > 1  # rows of different lengths
+    out = m(batch, "recon", generator=torch.Generator().manual_seed(0))
+    codes = m.make_target(batch.gen)
+    visual = m.encode_visual_prompt(batch.und)
+    ces = []
+    for row in range(3):
+        n_valid = int(batch.prompt.mask[row].sum())
+        ids = batch.prompt.input_ids[row:row + 1, :n_valid]
+        embeds = m.lm.embed_tokens(ids).masked_scatter((ids == m.image_token_id)[..., None], visual[row:row + 1])
+        full = torch.cat([embeds, m.janus.prepare_embeddings_for_image_generation(codes[row:row + 1, :-1])], 1)
+        hidden = m.janus.model(inputs_embeds=full).last_hidden_state
+        logits = m.janus.model.generation_head(hidden[:, n_valid - 1:])
+        ces.append(F.cross_entropy(logits[0], codes[row], reduction="none"))
+    torch.testing.assert_close(out.loss, torch.cat(ces).mean(), rtol=1e-5, atol=1e-6)
+
+
+def test_unconditional_rows_drop_the_prompt_and_its_visual_prompt():
+    m = _model(cfg_dropout=0.999)
+    batch = _recon(m)
+    ids = m.unconditional(batch.prompt.input_ids)
+    kept = ids != m.pad_id
+    assert (ids[kept] == m.bos_id).sum() == 3 and (ids[kept] == m.boi_id).sum() == 6  # the image's and the last
+    a = m(batch, "recon", generator=torch.Generator().manual_seed(0))
+    other = ReconBatch(_images(3, seed=5), batch.gen, batch.prompt)  # another visual prompt, the same target
+    b = m(other, "recon", generator=torch.Generator().manual_seed(0))
+    assert a.metrics["unconditional"] == 1 and torch.equal(a.loss, b.loss)
+    m.cfg = dataclasses.replace(m.cfg, cfg_dropout=0.0)
+    assert not torch.equal(m(other, "recon").loss, m(batch, "recon").loss)
+
+
+def test_which_parts_learn_and_the_caption_loss():
+    """recon: the LLM, the understanding aligner (the visual prompt's path) and the generation
+    side, never SigLIP or the VQ model; caption: lm_head (tied: the embedding table), never the
+    generation head; its loss is transformers' LM logits' cross-entropy on the answer."""
+    m = _model(cfg_dropout=0.0)
+    m(_recon(m), "recon").loss.backward()
+    learnt = {n.split(".")[2] for n, p in m.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert learnt == {"language_model", "aligner", "generation_embeddings", "generation_aligner", "generation_head"}
+    m.zero_grad(set_to_none=True)
+    cb = _builder(m, m.caption_template)
+    prompt, ids, mask, target = cb.build_caption(m.tokenizer, ["a red square", "a blue sky"], "Describe it.", 8)
+    x = _images(2)
+    out = m(CaptionBatch(x, prompt, ids, mask, target), "caption")
+    out.loss.backward()
+    grads = {n: p.grad for n, p in m.named_parameters()}
+    assert grads["janus.model.language_model.embed_tokens.weight"] is not None  # lm_head is this table (tied)
+    assert all(grads[n] is None for n in grads if "generation_" in n or "vision_model" in n or "vqmodel" in n)
+    visual = m.encode_visual_prompt(x)
+    ces = []
+    for row in range(2):
+        n_valid, n_answer = int(prompt.mask[row].sum()), int(mask[row].sum())
+        seq = torch.cat([prompt.input_ids[row, :n_valid], ids[row, :n_answer]])[None]
+        embeds = m.lm.embed_tokens(seq).masked_scatter((seq == m.image_token_id)[..., None], visual[row:row + 1])
+        logits = m.janus(inputs_embeds=embeds).logits[0, n_valid - 1:-1]
+        ces.append(F.cross_entropy(logits, ids[row, :n_answer], reduction="none"))
+    torch.testing.assert_close(out.loss, torch.cat(ces).mean(), rtol=1e-5, atol=1e-6)
+    assert ids[0, int(mask[0].sum()) - 1] == m.eos_id  # an answer ends with <｜end▁of▁sentence｜>
+
+
+def test_a_tied_preset_refuses_a_release_with_its_own_head(tmp_path, capsys):
+    """Janus-Pro's releases hold an lm_head apart from the embedding table; the tied tiny preset
+    refuses it in one line (transformers would warn and untie), --set model.tie_word_embeddings=false
+    loads it."""
+    cfg = apply_overrides(preset("janus-tiny"), ["model.tie_word_embeddings=false"])
+    donor = seeded_model(cfg, get_ops("torch"), torch.device("cpu"))
+    with torch.no_grad():
+        donor.janus.lm_head.weight.normal_()
+    donor.export(str(tmp_path / "w" / "model.safetensors"))
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--preset", "janus-tiny", "--init-from", str(tmp_path / "w"), "--out", str(tmp_path / "run"),
+              "--steps", "1", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "tie_word_embeddings=false" in err, err
+    loaded = seeded_model(apply_overrides(cfg, [f"train.init_from={tmp_path / 'w'}"]), get_ops("torch"),
+                          torch.device("cpu"))
+    assert torch.equal(loaded.janus.lm_head.weight, donor.janus.lm_head.weight)
+
+
+def _rows(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+
+
+def test_cli_trains_resumes_samples_and_exports_a_transformers_release(tmp_path):
+    """The user's path, `reca train --preset janus-tiny --data demo` (loss falls), `--resume`,
+    `reca sample` (text and image), `reca export`: a directory transformers' from_pretrained
+    loads with the trained weights, and `--init-from` reads back."""
+    from transformers import JanusForConditionalGeneration
+
+    run = tmp_path / "run"
+    sets = ["data.batch_size=4", "optim.warmup_steps=2", "output.log_every=1", "output.preview_images=0",
+            "output.tensorboard=false"]
+    main(["train", "--quiet", "--preset", "janus-tiny", "--data", "demo", "--steps", "14", "--out", str(run),
+          *(f"--set={s}" for s in sets)])
+    losses = [r["loss"] for r in _rows(run)]
+    assert len(losses) == 14 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05, losses
+    main(["train", "--quiet", "--resume", str(run), "--steps", "16"])
+    assert [r["step"] for r in _rows(run)] == list(range(1, 17))
+    main(["sample", str(run), "--prompt", "a red bus", "--num", "2", "--out", str(tmp_path / "s")])
+    photo = tmp_path / "photo.png"
+    from PIL import Image
+
+    Image.new("RGB", (48, 40), (200, 30, 30)).save(photo)
+    main(["sample", str(run), "--image", str(photo), "--out", str(tmp_path / "s")])
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["photo.png", "text_00.png", "text_01.png"]
+    main(["export", str(run), "--to", str(tmp_path / "release")])
+    from reca.engine.generate import load_model
+
+    _, trained = load_model(run=str(run), device="cpu")
+    hf = JanusForConditionalGeneration.from_pretrained(str(tmp_path / "release"))
+    theirs = hf.state_dict()
+    for key, value in trained.janus.state_dict().items():
+        assert torch.equal(theirs[key], value), key
+    again = seeded_model(apply_overrides(preset("janus-tiny"), [f"train.init_from={tmp_path / 'release'}"]),
+                         get_ops("torch"), torch.device("cpu"))
+    for key, value in trained.state_dict().items():
+        assert torch.equal(again.state_dict()[key], value), key
+    assert "agrees with the preset" in again.init_from_report
