@@ -34,6 +34,7 @@ OBJECTIVES: tuple[str, ...] = ("recon", "caption")
 
 Decoder = Literal["auto", "dali", "nvjpeg", "pil"]
 SquareOffset = Literal["centre", "random"]
+UndResize = Literal["auto", "same", "pad"]
 Schedule = Literal["cosine", "constant"]
 Backend = Literal["auto", "torch", "triton"]
 Mode = Literal["custom", "fast", "reference"]
@@ -65,6 +66,10 @@ class DataConfig:
     # a LLaVA conversation JSON as source: the folder its image paths are relative to ("" = the JSON's)
     json_image_root: str = ""
     und_downscale: float = 1.0  # < 1 blurs the understanding view on purpose (an information bottleneck)
+    # the understanding view: "auto" (the family's ViewSpec.und_resize), "same" (the generation
+    # view's region), "pad" (the whole image padded to a square with the understanding mean,
+    # int(255 x mean) per channel, as Janus's and LLaVA's image processors pad)
+    und_resize: UndResize = "auto"
     min_side: int = 16  # images with a shorter side are skipped as broken
     max_pixels: int = 64_000_000  # header sizes beyond this are skipped unread (decompression bombs)
     parquet_image_column: str = "image"  # raw bytes, or the HF datasets struct {bytes, path}
@@ -254,10 +259,10 @@ class RunConfig:
         # Each section checked itself when it was built; what spans two sections goes here. (Today
         # none does: warm-up longer than train.steps is allowed, and mix.cycle's "caption" needing
         # mix.caption_source and a family with that objective is checked by the engine.)
-        configs = tuple(f.config for f in FAMILIES.values())
-        if not isinstance(self.model, configs):
-            raise UserError(f"model must be one of {', '.join(c.__name__ for c in configs)}, "
-                            f"got {type(self.model).__name__}")
+        family = FAMILIES.get(getattr(self.model, "family", None))
+        if family is None or not isinstance(self.model, family.config):
+            raise UserError(f"model must be the config of a registered family (known: {', '.join(sorted(FAMILIES))}; "
+                            f"reca.models.register_family adds one), got {type(self.model).__name__}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

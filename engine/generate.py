@@ -27,10 +27,6 @@ from reca.engine.sample import SampleBuilder
 from reca.kernels import get_ops
 from reca.models.adapter import PromptBatch, SampleBatch
 
-# Markers that only wrap the image in a family's RecA template: a text-only prompt drops them
-# with the image (Harmon, flow, OpenUni and Show-o have no image in their text-to-image prompts).
-_WRAPPERS = ("<|vision_start|><|vision_end|>", "<img></img>\n", "<img></img>", "<|soi|><|eoi|>")
-
 
 def load_model(*, run: str | None = None, preset: str | None = None, init_from: str | None = None,
                sets: tuple[str, ...] = (), device: str = "auto") -> tuple[RunConfig, torch.nn.Module]:
@@ -93,15 +89,17 @@ def run_weights(run: str | Path) -> dict:
 
 
 def text_prompt(model, cfg: RunConfig, texts: list[str]) -> PromptBatch:
-    """Text-only prompts [B, P] in the family's template: the image and its markers dropped, the
-    text as the instruction. A family whose `generate` leaves the visual positions out itself
-    (`text_prompt_keeps_image`: BAGEL drops its vit split by position) gets the full template."""
-    if model.text_prompt_keeps_image:
+    """Text-only prompts [B, P]: the family's text-to-image prompt (`model.text_prompt`; without
+    one, `template.text` with `{image}` removed) with the text as the instruction. A family whose
+    `generate` leaves the visual positions out itself (`text_prompt_keeps_image`: BAGEL drops its
+    vit split by position) gets the full template."""
+    if getattr(model, "text_prompt_keeps_image", False):
         return image_prompt(model, cfg, texts)
     tok, template = model.tokenizer, model.template
-    layout = template.text.replace("{image}", "")
-    for wrapper in _WRAPPERS:
-        layout = layout.replace(wrapper, "")
+    layout = getattr(model, "text_prompt", None) or template.text.replace("{image}", "")
+    if layout.count("{instruction}") != 1 or "{image}" in layout:
+        raise UserError(f"the {cfg.model.family} family's text prompt must hold {{instruction}} once and no "
+                        f"{{image}}: {layout!r}")
     head, tail = layout.split("{instruction}")
     rows = []
     for t in texts:
@@ -137,7 +135,7 @@ def _padded(rows: list[list[int]], pad_id: int) -> PromptBatch:
 def understanding_view(model, cfg: RunConfig, path: str) -> torch.Tensor:
     """An image file -> its understanding view [3, Hu, Wu], whole and unflipped, as the
     previews see their images."""
-    from reca.engine.data.decode import BadImage, PillowDecoder, make_views
+    from reca.engine.data.decode import BadImage, PillowDecoder, make_views, views_for
 
     try:
         data = Path(path).read_bytes()
@@ -148,7 +146,7 @@ def understanding_view(model, cfg: RunConfig, path: str) -> torch.Tensor:
     except BadImage as e:
         raise UserError(f"{path}: {e}") from None
     views = dataclasses.replace(cfg.data, crop_scale=1.0, hflip=False, square_offset="centre")  # the image's centre
-    und, _ = make_views(img, model.views, views, np.random.default_rng(0))
+    und, _ = make_views(img, views_for(model.views, cfg.data), views, np.random.default_rng(0))
     return torch.from_numpy(np.array(und))
 
 

@@ -9,23 +9,19 @@ from typing import Callable
 
 from reca.engine.config import DataConfig, MixConfig, OptimConfig, OutputConfig, RunConfig, SampleConfig, TrainConfig
 from reca.engine.errors import UserError
-from reca.models.bagel import BagelConfig, VitShape
-from reca.models.harmon.diffhead import DiffHeadShape
-from reca.models.flow import FlowConfig, SiglipShape
 from reca.models.layers import Qwen2Shape
-from reca.models.harmon import HarmonConfig
-from reca.models.harmon.mar import MARShape
-from reca.models.janus import JanusConfig, JanusVisionShape, JanusVQShape, LlamaShape
-from reca.models.openuni import ConnectorShape, DCAEShape, InternViTShape, OpenUniConfig, SanaShape
-from reca.models.showo import ClipShape, PhiShape, ShowoConfig
-from reca.models.showo import CodecConfig as ShowoCodecConfig
-from reca.models.vae import VAEConfig, flux_vae_config, kl16_config
+
+# Each preset imports its family where it is called: reading this module imports no family
+# (a family imports transformers and its model code, seconds on a cold start).
 
 
 def tiny() -> RunConfig:
     """The embedded default: a ~3M-parameter flow-matching model, 32 px images, a pixel-patch
     "VAE" (reconstructions are viewable), trained on photographs bundled with scikit-image.
     Several steps per second on two CPU cores."""
+    from reca.models.flow import FlowConfig, SiglipShape
+    from reca.models.vae import VAEConfig
+
     return RunConfig(
         preset="tiny",
         model=FlowConfig(
@@ -70,6 +66,9 @@ def flow_7b() -> RunConfig:
     at 224 px (256 visual tokens), FLUX-shaped VAE (16 latent channels, /8) at 512 px, 2 x 2
     latent patches (1024 generation tokens). BAGEL's optimiser: lr 4e-5, eps 1e-15, no weight
     decay, constant after 1000 warm-up steps. Understanding encoder, connector and VAE frozen."""
+    from reca.models.flow import FlowConfig, SiglipShape
+    from reca.models.vae import VAEConfig, flux_vae_config
+
     return RunConfig(
         preset="flow-7b",
         model=FlowConfig(
@@ -94,6 +93,11 @@ def harmon_tiny() -> RunConfig:
     """Harmon (AR + MAR) at CPU scale: a 2-layer Qwen2, a 2 + 2-block MAR of width 64 with 8
     buffers, a 2-block head, 32 px images through the pixel-patch "VAE" (4 x 4 patches: an 8 x 8
     grid of 48-channel tokens, 72 visual-prompt tokens). Several steps per second on two cores."""
+    from reca.models.harmon import HarmonConfig
+    from reca.models.harmon.diffhead import DiffHeadShape
+    from reca.models.harmon.mar import MARShape
+    from reca.models.vae import VAEConfig
+
     return RunConfig(
         preset="harmon-tiny",
         model=HarmonConfig(
@@ -119,6 +123,9 @@ def _harmon(name: str, llm: Qwen2Shape, mar: MARShape, head: DiffHeadShape, batc
     visual-prompt tokens), AdamW lr 1e-5, betas (0.9, 0.95), weight decay 0.02, clip 1.0, 1 %
     warm-up then cosine to 0, accumulation 4, 12,500 updates, gradient checkpointing; bf16 on
     CUDA (precision auto). Everything but the VAE trains."""
+    from reca.models.harmon import HarmonConfig
+    from reca.models.vae import VAEConfig, kl16_config
+
     steps = 12_500
     return RunConfig(
         preset=name,
@@ -142,6 +149,9 @@ def harmon_0_5b() -> RunConfig:
     (768 wide, 12 + 12 blocks, 12 heads), head 6 x 1024; batch 96. The published run's
     instructions: `--prompts Harmon/src/datasets/text2image/consts.py` from the RecA authors'
     repository (HorizonWind2004/reconstruction-alignment)."""
+    from reca.models.harmon.diffhead import DiffHeadShape
+    from reca.models.harmon.mar import MARShape
+
     return _harmon(
         "harmon-0.5b",
         Qwen2Shape(vocab_size=151_936, hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
@@ -157,6 +167,9 @@ def harmon_1_5b() -> RunConfig:
     (1280 wide, 20 + 20 blocks, 16 heads), head 12 x 1536; batch 48. The published run's
     instructions: `--prompts Harmon/src/datasets/text2image/consts.py` from the RecA authors'
     repository (HorizonWind2004/reconstruction-alignment)."""
+    from reca.models.harmon.diffhead import DiffHeadShape
+    from reca.models.harmon.mar import MARShape
+
     return _harmon(
         "harmon-1.5b",
         Qwen2Shape(vocab_size=151_936, hidden_size=1536, intermediate_size=8960, num_layers=28, num_heads=12,
@@ -173,6 +186,8 @@ def openuni_tiny() -> RunConfig:
     patches, pixel shuffle: 16 visual tokens), 16 queries, a 2-block connector, a 2-block SANA on
     a 3-stage DC-AE (8 x 8 x 4 latents), all random (nothing downloaded). MLLM and DC-AE frozen,
     as in the recipe; no instruction dropout. The DC-AE is untrained: previews are not images."""
+    from reca.models.openuni import ConnectorShape, DCAEShape, InternViTShape, OpenUniConfig, SanaShape
+
     return RunConfig(
         preset="openuni-tiny",
         model=OpenUniConfig(
@@ -204,6 +219,8 @@ def _openuni(name: str, llm: Qwen2Shape, connector: ConnectorShape, sana: SanaSh
     frozen; queries, connector, projector and SANA train. AdamW lr 1e-5, betas (0.9, 0.95), weight
     decay 0.05 (>= 2-D tensors, the queries included), clip 1.0, 1 % warm-up then cosine to 0,
     batch 42; mmengine's `max_iters` counts micro-batches, so updates = micro_iters / accum."""
+    from reca.models.openuni import DCAEShape, InternViTShape, OpenUniConfig
+
     steps = micro_iters // accum
     return RunConfig(
         preset=name,
@@ -233,6 +250,8 @@ def openuni_b_512() -> RunConfig:
     SANA 0.6B (28 layers, 36 x 32 self-attention, 16 x 72 cross-attention); accumulation 4,
     10,000 micro-batches = 2,500 updates. The published run's instructions: `--prompts
     OpenUni/src/datasets/image2image/consts.py` from the RecA authors' repository."""
+    from reca.models.openuni import ConnectorShape, SanaShape
+
     return _openuni(
         "openuni-b-512",
         Qwen2Shape(vocab_size=151_674, hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
@@ -249,6 +268,8 @@ def openuni_l_512() -> RunConfig:
     SANA 1.6B (20 layers, 70 x 32 self-attention, 20 x 112 cross-attention); accumulation 16,
     5,000 micro-batches = 312 updates. The published run's instructions: `--prompts
     OpenUni/src/datasets/image2image/consts.py` from the RecA authors' repository."""
+    from reca.models.openuni import ConnectorShape, SanaShape
+
     return _openuni(
         "openuni-l-512",
         Qwen2Shape(vocab_size=151_674, hidden_size=1536, intermediate_size=8960, num_layers=28, num_heads=12,
@@ -265,6 +286,9 @@ def bagel_tiny() -> RunConfig:
     into one 1024-token sequence with the split-mode mask, text dropped with p 0.1. The VAE is the
     pixel-patch stand-in of `tiny` (a random frozen KL would make previews unreadable). BAGEL's
     RecA split: ViT, connector and understanding expert frozen; the generation side learns."""
+    from reca.models.bagel import BagelConfig, VitShape
+    from reca.models.vae import VAEConfig
+
     return RunConfig(
         preset="bagel-tiny",
         model=BagelConfig(
@@ -293,6 +317,9 @@ def bagel_7b_mot() -> RunConfig:
     on every block; EMA 0.9999 of the trained weights, updated every step. The public script
     sets no step count (A9): 5,000 is our choice. The published run's instructions: `--prompts
     BAGEL/data/consts.py` from the RecA authors' repository (HorizonWind2004/reconstruction-alignment)."""
+    from reca.models.bagel import BagelConfig, VitShape
+    from reca.models.vae import VAEConfig, flux_vae_config
+
     return RunConfig(
         preset="bagel-7b-mot",
         model=BagelConfig(
@@ -319,6 +346,9 @@ def showo_tiny() -> RunConfig:
     patches: 16 visual tokens) and the pixel-patch codebook fitted on the demo photographs (4 x 4
     patches: 64 codes, previews viewable). Show-o's recipe otherwise: stretched, unflipped, no
     instruction dropout; CLIP tower and codebook frozen. About a second a step on two cores."""
+    from reca.models.showo import ClipShape, PhiShape, ShowoConfig
+    from reca.models.showo import CodecConfig as ShowoCodecConfig
+
     return RunConfig(
         preset="showo-tiny",
         model=ShowoConfig(
@@ -348,6 +378,9 @@ def _showo(name: str, size: int, batch: int, schedule: str) -> RunConfig:
     real tokenizer is Phi-1.5's: --set model.tokenizer=DIR; captioned images: mix.caption_source.
     Steps: 10,000 (the 256 config; the 512 config sets 1,000,000 and the published runs' count
     is not stated)."""
+    from reca.models.showo import ClipShape, PhiShape, ShowoConfig
+    from reca.models.showo import CodecConfig as ShowoCodecConfig
+
     return RunConfig(
         preset=name,
         model=ShowoConfig(llm=PhiShape(), llm_vocab_size=50295, clip=ClipShape(),
@@ -385,6 +418,8 @@ def janus_tiny() -> RunConfig:
     256-entry codebook). Janus-Pro's recipe otherwise (janus_pro_1b): the crop unflipped, SigLIP
     and the VQ model frozen, 10 % unconditional rows. The VQ model is random: previews are not
     images."""
+    from reca.models.janus import JanusConfig, JanusVisionShape, JanusVQShape, LlamaShape
+
     return RunConfig(
         preset="janus-tiny",
         model=JanusConfig(
@@ -419,6 +454,8 @@ def _janus(name: str, llm: LlamaShape, batch: int) -> RunConfig:
     unconditional prompt, so classifier-free guidance (scale 5, generation_inference.py)
     keeps working. Steps: Janus-Pro publishes none for RecA; 5,000 is our choice. SigLIP and
     the VQ model frozen. The real tokenizer comes with --init-from the release directory."""
+    from reca.models.janus import JanusConfig, JanusVisionShape, JanusVQShape
+
     return RunConfig(
         preset=name,
         model=JanusConfig(llm=llm, vision=JanusVisionShape(), vq=JanusVQShape(), tie_word_embeddings=False),
@@ -435,6 +472,8 @@ def _janus(name: str, llm: LlamaShape, batch: int) -> RunConfig:
 def janus_pro_1b() -> RunConfig:
     """Janus-Pro-1B (deepseek-community/Janus-Pro-1B): DeepSeek-LLM-1.5B (2048 wide, 24 layers,
     16 heads, MLP 5632, vocabulary 102,400, its own lm_head), aligners to 2048."""
+    from reca.models.janus import LlamaShape
+
     return _janus("janus-pro-1b", LlamaShape(hidden_size=2048, intermediate_size=5632, num_layers=24, num_heads=16,
                                              num_kv_heads=16), batch=16)
 
@@ -442,6 +481,8 @@ def janus_pro_1b() -> RunConfig:
 def janus_pro_7b() -> RunConfig:
     """Janus-Pro-7B (deepseek-community/Janus-Pro-7B): DeepSeek-LLM-7B (4096 wide, 30 layers,
     32 heads, MLP 11008, vocabulary 102,400, its own lm_head), aligners to 4096."""
+    from reca.models.janus import LlamaShape
+
     return _janus("janus-pro-7b", LlamaShape(hidden_size=4096, intermediate_size=11008, num_layers=30, num_heads=32,
                                              num_kv_heads=32), batch=16)
 

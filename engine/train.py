@@ -50,7 +50,7 @@ def train_step(c: Components, batches: list[MicroBatch]) -> dict[str, torch.Tens
         (result.loss / n).backward()
         loss = result.loss.detach().float()
         out["loss"] += loss / n
-        per = {f"{b.objective}/{k}": v for k, v in result.metrics.items()}
+        per = {k if k.startswith(f"{b.objective}/") else f"{b.objective}/{k}": v for k, v in result.metrics.items()}
         if len(c.objectives) > 1:  # with one objective its loss is `loss`
             per[f"loss/{b.objective}"] = loss
         for name, value in per.items():

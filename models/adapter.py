@@ -34,13 +34,18 @@ class ViewSpec:
     gen_size: int  # generation target's square side, pixels; values in [-1, 1]
     gen_resize: str = "crop"  # "crop": aspect-preserving resize + centre crop | "stretch": to square (Harmon)
     #                           | "pad": to square with grey (127) bands (Harmon's image-to-text input)
+    # "same": the understanding view shows the generation view's region | "pad": the whole image
+    # padded to a square with the understanding mean, int(255 x und_mean) per channel (0 after
+    # normalisation), as Janus's and LLaVA's expand2square; a random crop (data.crop_scale < 1)
+    # is square and shared by both views either way. `data.und_resize` overrides it.
+    und_resize: str = "same"
 
     def same_pixels(self, und_downscale: float = 1.0) -> bool:
-        """Both views hold the same pixels: equal sides, no deliberate downscale, and an
-        understanding normalisation that maps [0, 1] to [-1, 1] as the generation view does
+        """Both views hold the same pixels: equal sides, no deliberate downscale, one region, and
+        an understanding normalisation that maps [0, 1] to [-1, 1] as the generation view does
         (Harmon, whose visual prompt is the image's own latents). The loader then hands ONE
         tensor as both views (one resize, one copy), and `encode_views` may encode it once."""
-        return (self.und_size == self.gen_size and und_downscale == 1.0
+        return (self.und_size == self.gen_size and und_downscale == 1.0 and self.und_resize == "same"
                 and tuple(self.und_mean) == (0.5,) * 3 and tuple(self.und_std) == (0.5,) * 3)
 
 
@@ -90,7 +95,9 @@ class PromptBatch:
 @dataclass
 class LossOutput:
     loss: torch.Tensor  # scalar, what backward() is called on
-    metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # detached scalars, read back lazily
+    # detached scalars, read back lazily; the engine logs each as "OBJECTIVE/KEY" (a key that
+    # already starts with "OBJECTIVE/" is logged as it is: "recon/mse", never "recon/recon/mse")
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -123,10 +130,16 @@ class CaptionBatch:
 @dataclass
 class SampleBatch:
     """What to generate from: an image's visual prompt (`und`) or, with `und` None, the text
-    prompt alone (RecA's inference); `steps` sampling steps."""
+    prompt alone (RecA's inference); `steps` sampling steps.
+
+    A sampler's shapes may change from step to step (a token-by-token sampler's sequence grows
+    each token): the engine draws previews with every compiled block and op run eagerly, and
+    `reca sample` never compiles."""
 
     und: torch.Tensor | None  # [B, 3, Hu, Wu] or None
     prompt: PromptBatch
+    # denoising steps, MaskGIT rounds, ... (`output.preview_steps`, `reca sample --steps`); a
+    # token-by-token sampler, whose step count is its token count, may ignore it
     steps: int
 
 

@@ -54,9 +54,32 @@ class RecaModule(nn.Module):
     conditioning: Conditioning
     caption_template: PromptTemplate | None = None  # the image-to-text prompt; None: `template`
     caption_views: ViewSpec | None = None  # the image-to-text input view; None: `views`
-    # `reca sample --prompt`: True where the family's text-to-image prompt keeps the RecA
-    # template's visual slots (BAGEL drops its vit split by position), False: they are removed
+    # `reca sample --prompt` (RecA's inference): the family's text-to-image prompt around
+    # `{instruction}`, special tokens included; None: `template.text` with `{image}` removed
+    text_prompt: str | None = None
+    # True where the text-to-image prompt is the RecA template itself, visual slots kept
+    # (BAGEL's `generate` drops its vit split by position); `text_prompt` is then unused
     text_prompt_keeps_image: bool = False
+    # side of the generation target's token grid (latent_grid**2 generation tokens a sample):
+    # `reca info` and the memory projection read it; 0 where the target is no square grid
+    latent_grid: int = 0
+
+    def train(self, mode: bool = True) -> "RecaModule":
+        """`nn.Module.train`, then the submodules `eval_modules()` names back in eval mode: the
+        engine calls `model.train()` once at build and after each preview, and PyTorch would put
+        every submodule, frozen ones included, into training mode."""
+        super().train(mode)
+        if mode:
+            for name in self.eval_modules():
+                self.get_submodule(name).eval()
+        return self
+
+    def eval_modules(self) -> tuple[str, ...]:
+        """Names of submodules (`named_modules` names) that stay in eval mode while the model
+        trains: frozen parts whose dropout, drop path or batch-norm statistics the family's own
+        trainer switches off. Default none: every submodule trains, frozen ones included, as
+        `nn.Module.train()` sets them (OpenUni's frozen InternViT keeps its drop path so)."""
+        return ()
 
     def forward(self, batch: Any, objective: str = "recon", generator: torch.Generator | None = None):
         if objective not in self.objectives:

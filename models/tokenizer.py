@@ -2,14 +2,17 @@
 
 * `BPETokenizer`: a byte-level BPE trained with the `tokenizers` library. Any text encodes
   (the full 256-byte alphabet is always in the vocabulary), training is deterministic, and the
-  special tokens of `SPECIAL_TOKENS` take ids 0..5 and are matched literally inside text.
-* `tiny_tokenizer(vocab_size)`: the no-download tokenizer of the tiny presets, trained on the
-  shipped instruction pool (`reca.engine` package data `prompts/instructions.txt`).
+  special tokens (`SPECIAL_TOKENS` unless a family names its own) take ids 0, 1, ... in their
+  order and are matched literally inside text.
+* `tiny_tokenizer(vocab_size, special_tokens)`: the no-download tokenizer of the tiny presets,
+  trained on the shipped instruction pool (`reca.engine` package data `prompts/instructions.txt`).
 * `HFTokenizer`: a transformers tokenizer loaded from a local directory (never the hub).
-* `load_tokenizer(path, vocab_size)`: the first when `path` holds tokenizer files, else the tiny one.
+* `load_tokenizer(path, vocab_size, special_tokens)`: the first when `path` holds tokenizer
+  files, else the tiny one with these special tokens.
 
-Special-token names follow Qwen2, so a real Qwen tokenizer and ours agree on what the prompt
-templates use.
+The default special tokens follow Qwen2, so a real Qwen tokenizer and ours agree on what the
+built-in families' prompt templates use; another family names its own (its template's image,
+pad and end-of-turn tokens), the first being the pad / end-of-text token of the saved config.
 """
 from __future__ import annotations
 
@@ -53,11 +56,22 @@ class BPETokenizer:
         """The wrapped `tokenizers.Tokenizer` (e.g. for `PreTrainedTokenizerFast(tokenizer_object=...)`)."""
         return self._tok
 
+    @property
+    def special_tokens(self) -> tuple[str, ...]:
+        """The special tokens, in id order (id 0 first)."""
+        added = self._tok.get_added_tokens_decoder()
+        return tuple(added[i].content for i in sorted(added) if added[i].special)
+
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int) -> "BPETokenizer":
+    def train(cls, texts: Iterable[str], vocab_size: int,
+              special_tokens: tuple[str, ...] = SPECIAL_TOKENS) -> "BPETokenizer":
         """Train a byte-level BPE on `texts`; `vocab_size` counts specials, bytes and merges (an upper
-        bound: a small corpus may run out of merges first). Same inputs give the same vocabulary."""
-        floor = len(SPECIAL_TOKENS) + _BYTE_ALPHABET_SIZE
+        bound: a small corpus may run out of merges first). `special_tokens` take ids 0, 1, ... in
+        their order. Same inputs give the same vocabulary."""
+        special_tokens = tuple(special_tokens)
+        if not special_tokens or len(set(special_tokens)) != len(special_tokens) or not all(special_tokens):
+            raise ValueError(f"special_tokens must be distinct non-empty strings, got {special_tokens!r}")
+        floor = len(special_tokens) + _BYTE_ALPHABET_SIZE
         if vocab_size < floor:
             raise ValueError(f"vocab_size must be at least {floor} (special tokens + 256 bytes), got {vocab_size}")
         tok = Tokenizer(models.BPE())
@@ -66,13 +80,13 @@ class BPETokenizer:
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size,
-            special_tokens=list(SPECIAL_TOKENS),  # ids 0..5, in this order; added as special tokens
+            special_tokens=list(special_tokens),  # ids 0, 1, ... in this order; added as special tokens
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: any text encodes
             min_frequency=0,
             show_progress=False,
         )
         tok.train_from_iterator(list(texts), trainer=trainer)
-        for i, t in enumerate(SPECIAL_TOKENS):  # guaranteed by the trainer; cheap to make sure
+        for i, t in enumerate(special_tokens):  # guaranteed by the trainer; cheap to make sure
             if tok.token_to_id(t) != i:
                 raise RuntimeError(f"special token {t!r} got id {tok.token_to_id(t)}, expected {i}")
         return cls(tok)
@@ -90,8 +104,8 @@ class BPETokenizer:
             "tokenizer_class": "PreTrainedTokenizerFast",
             "add_prefix_space": False,
             "clean_up_tokenization_spaces": False,
-            "eos_token": SPECIAL_TOKENS[0],
-            "pad_token": SPECIAL_TOKENS[0],
+            "eos_token": self.special_tokens[0],
+            "pad_token": self.special_tokens[0],
             "model_max_length": 1 << 30,
         }
         config_path = os.path.join(directory, "tokenizer_config.json")
@@ -126,11 +140,12 @@ def instruction_pool() -> list[str]:
 
 
 @functools.lru_cache(maxsize=None)
-def tiny_tokenizer(vocab_size: int = 1024) -> BPETokenizer:
+def tiny_tokenizer(vocab_size: int = 1024, special_tokens: tuple[str, ...] = SPECIAL_TOKENS) -> BPETokenizer:
     """The no-download tokenizer of the tiny presets: a byte-level BPE trained on the instruction
-    pool, the fixed instruction and the chat-template words. Cached per `vocab_size`."""
+    pool, the fixed instruction and the chat-template words, with `special_tokens` (a family's
+    own: its template's image, pad and end-of-turn tokens) at ids 0, 1, ... Cached per arguments."""
     texts = instruction_pool() + [FIXED_INSTRUCTION, *TEMPLATE_STRINGS]
-    return BPETokenizer.train(texts, vocab_size)
+    return BPETokenizer.train(texts, vocab_size, tuple(special_tokens))
 
 
 class HFTokenizer:
@@ -178,11 +193,13 @@ def is_tokenizer_dir(path: str | None) -> bool:
     )
 
 
-def load_tokenizer(path: str | None, vocab_size: int):
-    """`HFTokenizer(path)` for a directory holding tokenizer files; `tiny_tokenizer(vocab_size)`
-    when no path is given. A path without tokenizer files is an error, never the tiny one."""
-    if not path:
-        return tiny_tokenizer(vocab_size)
+def load_tokenizer(path: str | None, vocab_size: int, special_tokens: tuple[str, ...] = SPECIAL_TOKENS):
+    """`HFTokenizer(path)` for a directory holding tokenizer files; `tiny_tokenizer(vocab_size,
+    special_tokens)` when no path is given (a family names the special tokens its templates use).
+    A path without tokenizer files is an error, never the tiny one."""
+    if not path:  # (the default called as tiny_tokenizer(n): one cache entry for both spellings)
+        special_tokens = tuple(special_tokens)
+        return tiny_tokenizer(vocab_size) if special_tokens == SPECIAL_TOKENS else tiny_tokenizer(vocab_size, special_tokens)
     if not is_tokenizer_dir(path):
         raise ValueError(f"model.tokenizer={path}: " + ("no such directory" if not os.path.isdir(path) else
                          f"no tokenizer files there ({', '.join(_HF_TOKENIZER_FILES)})"))

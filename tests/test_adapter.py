@@ -132,3 +132,49 @@ def test_every_family_declares_its_objectives_and_capabilities():
         assert isinstance(model.conditioning, Conditioning), name
         for member in ("input_embeddings", "lm_head_weight"):  # the engine reads no raw weight
             assert not hasattr(model, member), (name, member)
+
+
+def test_frozen_parts_the_family_names_stay_in_eval_mode():
+    """`model.train()` (the engine's, at build and after each preview) puts every submodule in
+    training mode, as PyTorch does, except those the family's `eval_modules()` names."""
+    class Frozen(RecaModule):
+        def __init__(self):
+            super().__init__()
+            self.vision = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5)).requires_grad_(False)
+            self.head = nn.Dropout(0.5)
+
+        def eval_modules(self):
+            return ("vision",)
+
+    m = Frozen()
+    for _ in range(2):
+        assert m.train() is m and m.training and m.head.training
+        assert not m.vision.training and not m.vision[1].training
+        m.eval()
+        assert not m.head.training
+    x = torch.randn(3, 4)
+    m.train()
+    assert torch.equal(m.vision(x), m.vision(x))  # its dropout is off
+
+
+def test_a_metric_is_named_once_with_its_objective():
+    """The engine logs a model metric KEY as OBJECTIVE/KEY, and one already named OBJECTIVE/KEY
+    as it is (it was "recon/recon/acc")."""
+    from types import SimpleNamespace
+
+    from reca.engine.train import MicroBatch, train_step
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(()))
+
+        def forward(self, batch, objective, generator=None):
+            loss = 2 * self.w
+            return LossOutput(loss, {"mse": loss.detach(), f"{objective}/acc": loss.detach()})
+
+    m = M()
+    c = SimpleNamespace(model=m, cfg=reca.preset("tiny"), device=torch.device("cpu"), objectives=["recon"],
+                        params=[m.w], optimizer=torch.optim.AdamW([m.w], fused=True), ema=None, generator=None)
+    out = train_step(c, [MicroBatch("recon", None)])
+    assert {"recon/mse", "recon/acc"} <= set(out) and not any(k.count("recon/") > 1 for k in out), sorted(out)

@@ -550,3 +550,33 @@ def test_draft_decode_differs_from_a_whole_decode_by_less_than_a_grey_level():
     assert max(drafted.size) < 2400  # the draft path was taken
     diff = np.abs(np.asarray(whole, dtype=float) - np.asarray(drafted.resize((512, 512), Image.BICUBIC), dtype=float))
     assert diff.mean() < 0.5 and diff.max() <= 8, (diff.mean(), diff.max())
+
+
+def test_the_understanding_view_pads_to_a_square_with_the_image_mean():
+    """`und_resize="pad"` (the family's ViewSpec, or `data.und_resize=pad`): the understanding
+    view shows the whole image padded to a square with int(255 x und_mean) per channel (0 after
+    normalisation), as Janus's and LLaVA's expand2square; the generation view keeps its crop."""
+    wide = np.zeros((20, 40, 3), np.uint8)
+    wide[..., 0] = 255  # a red 40 x 20 image
+    img = Image.fromarray(wide)
+    views = ViewSpec(und_size=16, und_mean=(0.5, 0.4, 0.3), und_std=(0.25, 0.25, 0.25), gen_size=16, und_resize="pad")
+    und, gen = make_views(img, views, cfg("x", crop_scale=1.0, hflip=False), np.random.default_rng(0))
+    fill = (np.array([127, 102, 76]) / 255 - np.array(views.und_mean)) / np.array(views.und_std)
+    np.testing.assert_allclose(und[:, :2, :], np.broadcast_to(fill[:, None, None], (3, 2, 16)), atol=1e-5)  # bands
+    np.testing.assert_allclose(und[:, -2:, :], np.broadcast_to(fill[:, None, None], (3, 2, 16)), atol=1e-5)
+    red = (np.array([1.0, 0.0, 0.0]) - np.array(views.und_mean)) / np.array(views.und_std)
+    np.testing.assert_allclose(und[:, 6:10, :], np.broadcast_to(red[:, None, None], (3, 4, 16)), atol=1e-5)
+    np.testing.assert_allclose(gen, np.broadcast_to(np.array([1.0, -1.0, -1.0])[:, None, None], (3, 16, 16)))
+    same = make_views(img, ViewSpec(**{**views.__dict__, "und_resize": "same"}), cfg("x", crop_scale=1.0, hflip=False),
+                      np.random.default_rng(0))[0]
+    np.testing.assert_allclose(same, np.broadcast_to(red[:, None, None], (3, 16, 16)), atol=1e-5)  # the centre crop
+    # data.und_resize overrides the family's choice, through the loader; a bad value is one line
+    from reca.engine.config import apply_overrides
+    from reca.engine.data.decode import views_for
+    import reca
+
+    data = apply_overrides(reca.preset("tiny"), ["data.und_resize=pad"]).data
+    assert views_for(VIEWS, data).und_resize == "pad" and not views_for(VIEWS, data).same_pixels()
+    assert views_for(VIEWS, DataConfig()) is VIEWS
+    with pytest.raises(UserError, match="und_resize"):
+        apply_overrides(reca.preset("tiny"), ["data.und_resize=letterbox"])

@@ -43,3 +43,19 @@ def test_transformers_version_is_the_one_asked_for():
         pytest.skip("not the compat tier")
     import transformers
     assert transformers.__version__ == want
+
+
+def test_importing_the_model_package_imports_no_family():
+    """`import reca.models` (and the config, the presets, the build) binds the protocol and the
+    family registry, not the families: each is imported when a run builds it (transformers and
+    the five families took seconds before; `python -X importtime -c "import reca.models"`)."""
+    import subprocess
+
+    code = ("import sys, reca.models, reca.engine.presets, reca.engine.build\n"
+            "families = sorted(m for m in sys.modules if m.split('.')[:2] == ['reca', 'models'] and m.count('.') >= 2 "
+            "and m.split('.')[2] in ('flow', 'harmon', 'bagel', 'openuni', 'showo'))\n"
+            "assert not families and 'transformers' not in sys.modules, (families, 'transformers' in sys.modules)\n"
+            "import reca\n"
+            "reca.preset('harmon-tiny')\n"
+            "assert 'reca.models.harmon' in sys.modules and 'reca.models.bagel' not in sys.modules\n")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -35,11 +35,12 @@ def _images(b=2, seed=0) -> torch.Tensor:
 
 
 def _spread(m) -> None:
-    """Matrices at 1/sqrt(fan-in) (transformers' 0.02 makes a tiny model emit one code over and over)."""
+    """Weights that vary the codes (at transformers' 0.02 a tiny model emits one code over and
+    over): embedding tables at 1, the LLM's matrices at 2 / sqrt(fan-in), the rest at 1 / sqrt(fan-in)."""
     with torch.no_grad():
         for name, p in m.named_parameters():
             if p.dim() == 2 and "vision_model" not in name and "vqmodel" not in name:
-                p.normal_(0, p.shape[1] ** -0.5)
+                p.normal_(0, 1.0 if "embed" in name else (2 if ".layers." in name else 1) * p.shape[1] ** -0.5)
 
 
 def test_reca_info_prints_the_published_shapes_counts(capsys):
@@ -112,26 +113,21 @@ def _text_rows(m, texts, same_length=True):
 
 
 def test_sample_equals_transformers_generate_code_for_code():
-    """Greedy with CFG (scale 5): `reca`'s text-to-image sample (the RecA template without its
-    visual block: Janus's own text-to-image prompt) gives transformers' generate(generation_mode=
+    """Greedy with CFG (scale 5): the prompt `reca sample --prompt` lays out (Janus's own
+    text-to-image prompt) sampled by the model gives transformers' generate(generation_mode=
     "image") codes exactly, on the same weights and ids; guidance changes them (so the
     unconditional rows are in play)."""
+    from reca.engine.generate import text_prompt
+
     m = _model(sample_temperature=0.0).eval()
     _spread(m)
     texts = ["a red bus on a bridge", "two cats asleep in the"]
-    prompt = _builder(m).build([0, 1], fixed=True)  # right-padded to P, as previews and `reca sample` have it
-    for row, t in enumerate(texts):  # these instructions in the RecA template
-        ids = SampleBuilder(m.tokenizer, m.template, m.num_visual_tokens, [t], fixed_instruction=t,
-                            max_text_tokens=16).ids(-1)
-        prompt.input_ids[row], prompt.mask[row] = m.pad_id, False
-        prompt.input_ids[row, :len(ids)], prompt.mask[row, :len(ids)] = torch.tensor(ids), True
-    text = m.text_to_image(prompt)
-    rows = [text.input_ids[i][text.mask[i]] for i in range(2)]
-    for r, t in zip(rows, texts):
-        assert m.tokenizer.decode(r.tolist()) == f"<｜begin▁of▁sentence｜><|User|>: {t}\n\n<|Assistant|>:<begin_of_image>"
-    assert rows[0].shape == rows[1].shape  # one length with the tiny BPE: no padding for transformers either
+    prompt = text_prompt(m, preset("janus-tiny"), texts)
+    for ids, t in zip(prompt.input_ids, texts):
+        assert m.tokenizer.decode(ids.tolist()) == f"<｜begin▁of▁sentence｜><|User|>: {t}\n\n<|Assistant|>:<begin_of_image>"
+    assert prompt.mask.all()  # one length with the tiny BPE: no padding for transformers either
     mine = m.generate_codes(SampleBatch(None, prompt, 1))
-    ref = _generate_reference(m, torch.stack(rows))
+    ref = _generate_reference(m, prompt.input_ids)
     assert torch.equal(mine, ref), (mine, ref)
     assert mine.unique().numel() > 3  # not one code repeated
     images = m(SampleBatch(None, prompt, 1), "sample")
@@ -256,6 +252,7 @@ def _rows(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
 
 
+@pytest.mark.integration  # a whole program: once, not again in the compat tier
 def test_cli_trains_resumes_samples_and_exports_a_transformers_release(tmp_path):
     """The user's path, `reca train --preset janus-tiny --data demo` (loss falls), `--resume`,
     `reca sample` (text and image), `reca export`: a directory transformers' from_pretrained

@@ -193,3 +193,40 @@ def test_export_never_replaces_an_earlier_export_in_silence_and_sample_refuses_z
     with pytest.raises(SystemExit) as exit_:
         main(["sample", str(run), "--prompt", "a cat", "--steps", "0", "--out", str(tmp_path / "s")])
     assert exit_.value.code == 2 and "--steps and --num must be at least 1" in capsys.readouterr().err
+
+
+TEXT_PROMPTS = {  # reca sample --prompt: each family's own text-to-image prompt (model.text_prompt)
+    "tiny": "<|im_start|>{instruction}<|im_end|>",
+    "harmon-tiny": "<|im_start|>user\n{instruction}<|im_end|>\n<|im_start|>assistant\n",
+    "openuni-tiny": "<|im_start|>user\n{instruction}<|im_end|>\n<|im_start|>assistant\n<img>",
+    "showo-tiny": "<|mmu|><|endoftext|>USER: \n {instruction} ASSISTANT:<|endoftext|>",
+}
+
+
+def test_text_prompts_are_the_families_own():
+    """Text-only sampling lays out the adapter's `text_prompt` (the engine holds no list of the
+    built-in families' markers); without one, the RecA template with `{image}` removed; one
+    without `{instruction}` is one line."""
+    import reca
+    from reca.engine.generate import text_prompt
+    from reca.models import build_model
+
+    for name, layout in TEXT_PROMPTS.items():
+        cfg = reca.preset(name)
+        with torch.device("meta"):
+            model = build_model(cfg.model)
+        tok = model.tokenizer
+        head, tail = layout.split("{instruction}")
+        assert text_prompt(model, cfg, ["a red bus"]).input_ids[0].tolist() == (
+            tok.encode(head) + tok.encode("a red bus") + tok.encode(tail)), name
+
+    class Plain:  # an adapter without text_prompt
+        tokenizer, template = tiny_tokenizer(), PromptTemplate(text="<|im_start|>{image}{instruction}<|im_end|>")
+
+    cfg = reca.preset("tiny")
+    tok = tiny_tokenizer()
+    assert text_prompt(Plain(), cfg, ["a cat"]).input_ids[0].tolist() == (
+        tok.encode("<|im_start|>") + tok.encode("a cat") + tok.encode("<|im_end|>"))
+    Plain.text_prompt = "<|im_start|>no slot<|im_end|>"
+    with pytest.raises(UserError, match="instruction"):
+        text_prompt(Plain(), cfg, ["a cat"])

@@ -214,3 +214,24 @@ def test_load_tokenizer_fallback(tok, tmp_path):
         load_tokenizer(str(tmp_path), 1024)
     with pytest.raises(ValueError, match="no such directory"):
         load_tokenizer(str(tmp_path / "missing"), 1024)
+
+
+def test_a_family_names_its_own_special_tokens(tmp_path):
+    """The no-download tokenizer takes a family's special tokens (its template's image, pad and
+    end-of-turn tokens; Qwen's only by default): ids 0, 1, ... in order, matched literally in
+    text, saved as the pad / end-of-text token and read back by transformers alike."""
+    specials = ("<pad>", "<image>", "<eot>")
+    own = load_tokenizer(None, 512, special_tokens=specials)
+    assert own is tiny_tokenizer(512, specials) and own.special_tokens == specials
+    assert [own.token_id(t) for t in specials] == [0, 1, 2]
+    with pytest.raises(KeyError):
+        own.token_id("<|im_end|>")
+    assert own.encode("a photo<image><image>of<eot>").count(1) == 2 and own.encode("x<eot>")[-1] == 2
+    assert tiny_tokenizer(512).special_tokens == SPECIAL_TOKENS  # the default is untouched
+    own.save(str(tmp_path))
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert config["pad_token"] == config["eos_token"] == "<pad>"
+    hf = load_tokenizer(str(tmp_path), 512)
+    assert [hf.token_id(t) for t in specials] == [0, 1, 2] and hf.encode("a<eot>") == own.encode("a<eot>")
+    with pytest.raises(ValueError, match="distinct"):
+        BPETokenizer.train(["abc"], 512, ("<a>", "<a>"))

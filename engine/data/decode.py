@@ -6,6 +6,7 @@ nothing but Pillow and numpy to do their part.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import warnings
@@ -180,6 +181,14 @@ def probe(data: bytes, *, max_pixels: int, min_side: int) -> tuple[str, str, int
     return (fmt, mode, h, w) if orient in (5, 6, 7, 8) else (fmt, mode, w, h)
 
 
+def views_for(views: ViewSpec, cfg: Any) -> ViewSpec:
+    """The model's views with `cfg.und_resize` (a DataConfig's) applied: "auto" keeps the family's."""
+    choice = getattr(cfg, "und_resize", "auto")
+    if choice == "auto" or choice == views.und_resize:
+        return views
+    return dataclasses.replace(views, und_resize=choice)
+
+
 def make_views(
     img: Image.Image, views: ViewSpec, cfg: Any, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -193,18 +202,24 @@ def make_views(
     anywhere: in a worker, in the main process, or after a resume.
     """
     box, flip = crop_box(img.width, img.height, views, cfg, rng)
+    und_src, und_box = img, box
+    if views.und_resize == "pad" and cfg.crop_scale >= 1.0 and img.width != img.height:
+        # the whole image, padded to a square with the understanding mean (expand2square)
+        und_src, und_box = _pad_square(img, tuple(int(255 * m) for m in views.und_mean)), None
     if views.gen_resize == "pad" and box[2] - box[0] != box[3] - box[1]:
         img, box = _pad_square(img.crop(box)), None  # Harmon's image-to-text input: grey bands, nothing cut
+        if views.und_resize == "same":
+            und_src, und_box = img, box
     if views.same_pixels(cfg.und_downscale):  # one array serves as both views
         gen_img = img.resize((views.gen_size,) * 2, Image.Resampling.BICUBIC, box=box)
         gen = np.ascontiguousarray(_chw(gen_img, flip) * np.float32(2 / 255) - np.float32(1.0), np.float32)
         return gen, gen
     if cfg.und_downscale < 1.0:  # down then up: detail is lost on purpose, the size is kept
         small = max(1, round(views.und_size * cfg.und_downscale))
-        und_img = img.resize((small, small), Image.Resampling.BICUBIC, box=box)
+        und_img = und_src.resize((small, small), Image.Resampling.BICUBIC, box=und_box)
         und_img = und_img.resize((views.und_size,) * 2, Image.Resampling.BICUBIC)
     else:
-        und_img = img.resize((views.und_size,) * 2, Image.Resampling.BICUBIC, box=box)
+        und_img = und_src.resize((views.und_size,) * 2, Image.Resampling.BICUBIC, box=und_box)
     gen_img = img.resize((views.gen_size,) * 2, Image.Resampling.BICUBIC, box=box)
 
     mean = np.asarray(views.und_mean, np.float32)[:, None, None]
@@ -214,9 +229,9 @@ def make_views(
     return np.ascontiguousarray(und, np.float32), np.ascontiguousarray(gen, np.float32)
 
 
-def _pad_square(img: Image.Image) -> Image.Image:
+def _pad_square(img: Image.Image, fill: tuple[int, int, int] = (ALPHA_BACKGROUND,) * 3) -> Image.Image:
     side = max(img.size)
-    canvas = Image.new("RGB", (side, side), (ALPHA_BACKGROUND,) * 3)
+    canvas = Image.new("RGB", (side, side), fill)
     canvas.paste(img, ((side - img.width) // 2, (side - img.height) // 2))
     return canvas
 

@@ -60,7 +60,7 @@ from PIL import Image
 
 from reca.engine.data.backends.dali import PLAIN_MODES, BatchBackend, make_backend
 from reca.engine.data.decode import (
-    BadImage, ImageDecoder, PillowDecoder, crop_box, make_views, needed_side, probe,
+    BadImage, ImageDecoder, PillowDecoder, crop_box, make_views, needed_side, probe, views_for,
 )
 from reca.engine.data.order import Order, parse_source_spec
 from reca.engine.data.prefetch import Prefetch, Streams
@@ -170,7 +170,7 @@ class _Samples(torch.utils.data.Dataset):
         except BadImage as e:
             self._bad[(s, i)] = str(e)
             raise
-        if fmt not in self.formats or mode not in PLAIN_MODES or self.views.gen_resize == "pad":
+        if fmt not in self.formats or mode not in PLAIN_MODES or "pad" in (self.views.gen_resize, self.views.und_resize):
             return None  # padding to a square is done by the Pillow path alone
         box, flip = crop_box(w, h, self.views, self.cfg, rng)
         return data, box, flip
@@ -585,6 +585,9 @@ def build_loader(cfg: Any, views: ViewSpec, *, rank: int = 0, world_size: int = 
         raise UserError(f"data.und_downscale must be in (0, 1], got {cfg.und_downscale}")
     if views.gen_resize not in ("crop", "stretch", "pad"):
         raise UserError(f"gen_resize must be 'crop', 'stretch' or 'pad', got {views.gen_resize!r}")
+    views = views_for(views, cfg)  # data.und_resize
+    if views.und_resize not in ("same", "pad"):
+        raise UserError(f"und_resize must be 'same' or 'pad', got {views.und_resize!r}")
     if not 0 <= rank < world_size:
         raise UserError(f"rank {rank} is outside world_size {world_size}")
     backend = make_backend(cfg, views, cfg.batch_size, decode_device(cfg))

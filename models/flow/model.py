@@ -109,6 +109,7 @@ class FlowModel(RecaModule):
         if self.tokenizer.vocab_size > q.vocab_size:
             raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} tokens but the LLM only {q.vocab_size}")
         self.template = PromptTemplate(text="<|vision_start|>{image}<|vision_end|><|im_start|>{instruction}<|im_end|>")
+        self.text_prompt = "<|im_start|>{instruction}<|im_end|>"  # the image and its markers dropped
         self.views = ViewSpec(und_size=v.image_size, und_mean=(0.5, 0.5, 0.5), und_std=(0.5, 0.5, 0.5),
                               gen_size=cfg.gen_size, gen_resize="crop")
         self.num_visual_tokens = vit_grid**2

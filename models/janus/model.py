@@ -37,7 +37,7 @@ from transformers import JanusForConditionalGeneration, JanusVisionConfig, Janus
 from reca.kernels import KernelOps, get_ops
 from reca.models.adapter import CaptionBatch, LossOutput, PromptBatch, PromptTemplate, ReconBatch, ViewSpec
 from reca.models.base import Conditioning, RecaModule
-from reca.models.janus.vocab import ASSISTANT, BOI, BOS, EOI, EOS, IMAGE, PAD, USER, janus_tokenizer
+from reca.models.janus.vocab import ASSISTANT, BOI, BOS, EOI, EOS, IMAGE, PAD, SPECIALS, USER, check_tokenizer
 from reca.models.tokenizer import load_tokenizer
 
 # JanusProcessor's default system prompt of image-to-text (processing_janus.py; the converted
@@ -155,13 +155,16 @@ class JanusModel(RecaModule):
 
     objectives = frozenset({"recon", "caption", "sample"})
     capabilities = frozenset({"init_from", "export"})
-    text_prompt_keeps_image = True  # `generate` drops the visual block of a text-only prompt itself
+    # `reca sample --prompt`: Janus's own text-to-image prompt (generation_inference.py: the
+    # conversation without a system prompt, then the image start tag)
+    text_prompt = f"{BOS}{USER}: {{instruction}}\n\n{ASSISTANT}:{BOI}"
 
     def __init__(self, cfg: JanusConfig, ops: KernelOps | None = None):
         super().__init__()
         _check(cfg)
         self.cfg, self.ops = cfg, ops or get_ops("torch")
-        self.tokenizer = janus_tokenizer(load_tokenizer(cfg.tokenizer or None, 1024))
+        self.tokenizer = load_tokenizer(cfg.tokenizer or None, 1024, special_tokens=SPECIALS)
+        check_tokenizer(self.tokenizer)
         tid = self.tokenizer.token_id
         vocab = cfg.llm.vocab_size or self.tokenizer.vocab_size
         if max(tid(t) for t in (BOS, EOS, PAD, IMAGE, BOI, EOI)) >= vocab:
@@ -186,16 +189,14 @@ class JanusModel(RecaModule):
         # long side cropped); caption: the whole image padded to a square with grey (127) bands,
         # as Janus's understanding data and JanusImageProcessor (background = mean * 255)
         self.views = ViewSpec(und_size=size, und_mean=half, und_std=half, gen_size=size, gen_resize="crop")
-        self.caption_views = ViewSpec(und_size=size, und_mean=half, und_std=half, gen_size=size, gen_resize="pad")
+        self.caption_views = ViewSpec(und_size=size, und_mean=half, und_std=half, gen_size=size, gen_resize="crop",
+                                      und_resize="pad")
         block = f"{BOI}{{image}}{EOI}\n"
         self.template = PromptTemplate(text=f"{BOS}{USER}: {block}{{instruction}}\n\n{ASSISTANT}:{BOI}",
                                        image_token=IMAGE, pad_token=PAD, end_of_turn=EOS)
         self.caption_template = PromptTemplate(text=f"{BOS}{SYSTEM}\n\n{USER}: {block}{{instruction}}\n\n{ASSISTANT}:",
                                                image_token=IMAGE, pad_token=PAD, answer_prefix=" ", end_of_turn=EOS,
                                                next_turn=f"{USER}: {{instruction}}\n\n{ASSISTANT}:")
-        # the visual block's place in the RecA prompt: a text-to-image prompt is the template without it
-        self._block = (len(self.tokenizer.encode(f"{BOS}{USER}: ")),
-                       2 + self.num_visual_tokens + len(self.tokenizer.encode("\n")))
 
     @property
     def lm(self) -> nn.Module:
@@ -207,6 +208,11 @@ class JanusModel(RecaModule):
         return {"vision_model": m.vision_model, "aligner": m.aligner, "vqmodel": m.vqmodel,
                 "generation_embeddings": m.generation_embeddings, "generation_aligner": m.generation_aligner,
                 "generation_head": m.generation_head, "language_model": m.language_model, "lm_head": self.janus.lm_head}
+
+    def eval_modules(self) -> tuple[str, ...]:
+        """SigLIP and the VQ model, frozen, stay in eval mode (transformers' JanusVQVAE puts itself
+        in eval at construction: "Janus's VQ model is frozen")."""
+        return ("janus.model.vision_model", "janus.model.vqmodel")
 
     def blocks(self) -> list[nn.Module]:
         """The LLM's decoder layers and SigLIP's encoder layers (compiled, checkpointed, sharded);
@@ -293,26 +299,16 @@ class JanusModel(RecaModule):
 
     @torch.no_grad()
     def generate_codes(self, batch, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Codes [B, N] (`sampling.sample_codes`). A text-only request (`und` None) gets the RecA
-        prompt without its visual block: Janus's own text-to-image prompt
-        `<bos><|User|>: {instruction}\\n\\n<|Assistant|>:<begin_of_image>`."""
+        """Codes [B, N] (`sampling.sample_codes`): from the visual prompt of `batch.und` in the RecA
+        template, or (`und` None) from the text prompt alone (`text_prompt`)."""
         from reca.models.janus.sampling import sample_codes
 
-        prompt = batch.prompt
+        ids = batch.prompt.input_ids
         if batch.und is None:
-            prompt = self.text_to_image(prompt)
-            embeds = self.lm.embed_tokens(prompt.input_ids)
+            embeds = self.lm.embed_tokens(ids)
         else:
-            embeds = self.conditioning(prompt.input_ids, self.encode_visual_prompt(batch.und))
-        return sample_codes(self, embeds, prompt, generator)
-
-    def text_to_image(self, prompt: PromptBatch) -> PromptBatch:
-        """RecA prompts [B, P] -> the same without the visual block `<begin_of_image>{Nv}<end_of_image>\\n`
-        (at one place in every row: the template's head is fixed) [B, P - Nv - 2 - len("\\n")]."""
-        start, length = self._block
-        keep = torch.ones(prompt.input_ids.shape[1], dtype=torch.bool, device=prompt.input_ids.device)
-        keep[start:start + length] = False
-        return PromptBatch(prompt.input_ids[:, keep], prompt.mask[:, keep])
+            embeds = self.conditioning(ids, self.encode_visual_prompt(batch.und))
+        return sample_codes(self, embeds, batch.prompt, generator)
 
     # --- engine extras --------------------------------------------------------------------------
     def parameter_breakdown(self) -> dict[str, int]:

@@ -208,6 +208,7 @@ class OpenUniModel(RecaModule):
         self.template = PromptTemplate(
             text="<|im_start|>user\n<img>{image}</img>\n{instruction}<|im_end|>\n<|im_start|>assistant\n<img>",
             image_token=image_token)
+        self.text_prompt = "<|im_start|>user\n{instruction}<|im_end|>\n<|im_start|>assistant\n<img>"  # no input image
         self.views = ViewSpec(und_size=cfg.image_size, und_mean=(0.5, 0.5, 0.5), und_std=(0.5, 0.5, 0.5),
                               gen_size=cfg.image_size, gen_resize="crop")
         self.num_visual_tokens = int(v.image_size // v.patch_size * v.downsample_ratio) ** 2

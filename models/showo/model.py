@@ -162,6 +162,8 @@ class ShowoModel(RecaModule):
                                                    end_of_turn="<|endoftext|>", next_turn="USER: {instruction} ASSISTANT:")
             cap_und = und
         freeze_except(self, tuple(modules), tuple(m for m in cfg.trainable if m in modules))
+        # RecA's text-only prompt: the recon template without the image and its <|soi|><|eoi|>
+        self.text_prompt = "<|mmu|><|endoftext|>USER: \n {instruction} ASSISTANT:<|endoftext|>"
         self.views = ViewSpec(**und, gen_size=cfg.image_size, gen_resize="stretch")
         self.caption_views = ViewSpec(**cap_und, gen_size=cfg.image_size, gen_resize="crop")
         self.latent_grid = cfg.image_size // self.vq.downsample
