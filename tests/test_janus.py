@@ -288,3 +288,30 @@ def test_cli_trains_resumes_samples_and_exports_a_transformers_release(tmp_path)
     for key, value in trained.state_dict().items():
         assert torch.equal(again.state_dict()[key], value), key
     assert "agrees with the preset" in again.init_from_report
+
+
+def test_engine_trains_recon_and_image_to_text_in_one_step(tmp_path):
+    """The real presets' mix through the engine (janus shares its LLM: image-to-text beside
+    RecA): one step of recon and caption micro-batches, each loss logged; the caption images are
+    padded to a square (Janus's understanding input), the recon views one square crop."""
+    from PIL import Image
+
+    from reca.engine.metrics import read_metrics
+    from reca.engine.train import train
+
+    assert preset("janus-pro-7b").mix.cycle == ("recon", "caption")
+    m = _model()
+    assert m.caption_views.und_resize == "pad" and m.views.same_pixels()
+    root = tmp_path / "captioned"
+    root.mkdir()
+    for i in range(2):
+        Image.new("RGB", (40, 24), (40 * i, 180, 60)).save(root / f"img{i}.png")
+        (root / f"img{i}.txt").write_text(f"a flat green field, shade {i}")
+    cfg = apply_overrides(preset("janus-tiny"), [
+        f"output.dir={tmp_path / 'run'}", "output.tensorboard=false", "output.preview_images=0", "data.batch_size=2",
+        "train.steps=1", "mix.cycle=recon,caption", "optim.grad_accum=2", "output.log_every=1",
+        f"mix.caption_source={root}"])
+    train(cfg, quiet=True)
+    (row,) = read_metrics(cfg.output.dir)
+    assert row["loss"] == pytest.approx((row["loss/recon"] + row["loss/caption"]) / 2, rel=1e-5)
+    assert row["caption/caption_tokens"] > 0

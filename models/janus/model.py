@@ -319,7 +319,10 @@ class JanusModel(RecaModule):
         lm = self.lm
         out["language_model.embed_tokens"] = count(lm.embed_tokens)
         out["language_model.layers"] = count(lm.layers)
-        out["lm_head"] = 0 if self.cfg.tie_word_embeddings else count(self.janus.lm_head)  # tied: the embedding table
+        if self.cfg.tie_word_embeddings:
+            out["lm_head (tied: embed_tokens)"] = 0
+        else:
+            out["lm_head"] = count(self.janus.lm_head)
         return out
 
     def load_pretrained(self, directory: str) -> dict[str, int]:
