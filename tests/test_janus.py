@@ -56,8 +56,12 @@ def test_reca_info_prints_the_published_shapes_counts(capsys):
     def layer(d, ff):  # q, k, v, o (no bias, as many KV heads as heads) + gate, up, down + 2 RMSNorms
         return 4 * d * d + 3 * d * ff + 2 * d
 
-    siglip = 303_688_704  # 24 x (4 (1024^2 + 1024) + 2 (1024 x 4096) + 4096 + 1024 + 4 x 1024) + patch + 576 pos + norm
-    vq = 71_883_403
+    # SigLIP-L/16-384: 24 x (q, k, v, o with biases; MLP 1024 -> 4096 -> 1024; 2 LayerNorms), the
+    # 16 x 16 patch embedding, 576 positions, the post-LayerNorm
+    siglip = 24 * (4 * (1024**2 + 1024) + (1024 * 4096 + 4096) + (4096 * 1024 + 1024) + 2 * 2048) \
+        + (3 * 16 * 16 * 1024 + 1024) + 576 * 1024 + 2048
+    assert siglip == 303_688_704
+    vq = 71_883_403  # transformers' JanusVQVAE at its defaults (LlamaGen's VQ-16, "72M")
     want = {
         "janus-pro-1b": {"language_model.layers": 24 * layer(2048, 5632), "language_model.embed_tokens": 102_400 * 2048,
                          "lm_head": 102_400 * 2048, "aligner": (1024 * 2048 + 2048) + (2048 * 2048 + 2048),

@@ -21,8 +21,8 @@ one DeepSeek-LLM (Llama) between them. RecA here:
 Both views are 384 px for Janus-Pro: the understanding input is SigLIP's own size (RecA's
 bottleneck rule: never a larger understanding view than the family's encoder takes), the
 generation view VQ-16's 24 x 24 codes; both show the same crop, so one tensor serves both.
-Frozen: SigLIP and the VQ model (Janus-Pro's stage II/III keep the generation encoder frozen;
-the understanding encoder stays frozen here as RecA's guide asks of understanding parts).
+Frozen: SigLIP and the VQ model (Janus-Pro keeps its generation encoder frozen in every stage;
+RecA's reproduction guide freezes the understanding components of decoupled-encoder models).
 Shapes: B batch, P prompt, Nv visual tokens, N codes, D LLM width, K codebook, V vocabulary.
 """
 from __future__ import annotations

@@ -33,20 +33,15 @@ VQ_KEYS = ("embed_dim", "num_embeddings", "latent_channels", "base_channels", "c
            "projection_dim", "image_token_embed_dim")
 
 
-def _files(root: Path) -> list[Path]:
-    if (root / "model.safetensors.index.json").exists() or (root / "model.safetensors").exists():
-        return [root]
-    return sorted(root.glob("*.safetensors"))
-
-
 def load_pretrained(model, directory: str | Path) -> dict[str, int]:
     root = Path(directory)
     if not root.is_dir():
         raise ValueError(f"--init-from directory not found: {root}")
-    files = _files(root)
-    if not files:
+    shards = sorted(p.name for p in root.glob("*.safetensors"))
+    if not shards:
         raise ValueError(f"{root} holds no model.safetensors (a transformers-format Janus release: config.json and "
-                         "model.safetensors, or its shards with model.safetensors.index.json)")
+                         "model.safetensors, or its shards with model.safetensors.index.json; deepseek-ai's original "
+                         "pytorch_model.bin converts with transformers' convert_janus_weights_to_hf.py)")
     hf = model.janus.config
     config = root / "config.json"
     check_release_config(config, {"model_type": "janus", "image_token_id": model.image_token_id}, "config.json")
@@ -56,7 +51,6 @@ def load_pretrained(model, directory: str | Path) -> dict[str, int]:
                          section="vision_config")
     check_release_config(config, expected_fields(hf.vq_config, VQ_KEYS), "config.json vq_config", section="vq_config")
     state = read_safetensors(root)
-    shards = sorted({p.name for p in root.glob("*.safetensors")})
     name = shards[0] if len(shards) == 1 else f"{shards[0]} (+{len(shards) - 1} shards)"
     if model.cfg.tie_word_embeddings and HEAD in state:
         head, embed = state.pop(HEAD), state.get(EMBED)
