@@ -264,14 +264,14 @@ def test_cli_trains_resumes_samples_and_exports_a_transformers_release(tmp_path)
     from transformers import JanusForConditionalGeneration
 
     run = tmp_path / "run"
-    sets = ["data.batch_size=4", "optim.warmup_steps=2", "output.log_every=1", "output.preview_images=0",
-            "output.tensorboard=false"]
-    main(["train", "--quiet", "--preset", "janus-tiny", "--data", "demo", "--steps", "14", "--out", str(run),
+    sets = ["data.batch_size=4", "optim.warmup_steps=2", "optim.lr=3e-3", "output.log_every=1",
+            "output.preview_images=0", "output.tensorboard=false"]
+    main(["train", "--quiet", "--preset", "janus-tiny", "--data", "demo", "--steps", "10", "--out", str(run),
           *(f"--set={s}" for s in sets)])
-    losses = [r["loss"] for r in _rows(run)]
-    assert len(losses) == 14 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05, losses
-    main(["train", "--quiet", "--resume", str(run), "--steps", "16"])
-    assert [r["step"] for r in _rows(run)] == list(range(1, 17))
+    losses = [r["loss"] for r in _rows(run)]  # from ln(256) = 5.545, the codebook's uniform guess
+    assert len(losses) == 10 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05, losses
+    main(["train", "--quiet", "--resume", str(run), "--steps", "12"])
+    assert [r["step"] for r in _rows(run)] == list(range(1, 13))
     main(["sample", str(run), "--prompt", "a red bus", "--num", "2", "--out", str(tmp_path / "s")])
     photo = tmp_path / "photo.png"
     from PIL import Image
