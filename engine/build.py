@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 
 from reca.engine.compile import apply_checkpointing, apply_compile, compile_ops, set_attention
-from reca.engine.config import RunConfig
+from reca.engine.config import RunConfig, with_code
 from reca.engine.data import build_loader
 from reca.engine.ema import EMA
 from reca.engine.errors import UserError
@@ -72,7 +72,7 @@ def build(cfg: RunConfig, *, rank: int = 0, world_size: int = 1,
     device, sharded, then filled from rank 0), so the optimizer and the EMA are built over the
     model as it trains."""
     device = resolve_device(cfg.train.device)
-    cfg = with_release_tokenizer(resolve_mode(cfg, device))
+    cfg = with_code(with_release_tokenizer(resolve_mode(cfg, device)))  # config.json names the family's module
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     try:

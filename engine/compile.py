@@ -11,6 +11,7 @@ are fixed (`dynamic=False`): prompts are padded to P, so the step never recompil
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -32,17 +33,78 @@ def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(f"{n}.{i}", b) for n, m in inner for i, b in enumerate(m)]
 
 
+@contextlib.contextmanager
+def blocks_checked(model: nn.Module, cfg, *, sharded: bool = False):
+    """Around a run's first step: every block that compile (`train.compile`), activation
+    checkpointing (`train.checkpoint_every`, the trainable blocks) or FSDP (`sharded`) wrapped
+    must be called through its own forward. A submodule of a block that runs while the block's
+    own forward never has (a container indexed as `down[i].block[j]`: compile and checkpointing
+    would silently not apply, FSDP would fail on mixed Tensor and DTensor) stops the run there,
+    in one line naming the block. The step runs eagerly (`eager`): the hooks that watch it are
+    gone before anything is compiled. Nothing to check: a plain step."""
+    if cfg.train.compile or sharded:
+        blocks = find_blocks(model)
+    elif cfg.train.checkpoint_every > 0:
+        blocks = [(n, b) for n, b in find_blocks(model) if any(p.requires_grad for p in b.parameters())]
+    else:
+        blocks = []
+    if not blocks:
+        yield
+        return
+    ran: set[int] = set()
+
+    def entered(block_id: int):
+        return lambda module, args: ran.add(block_id)
+
+    def inside(name: str, sub: str, block_id: int):
+        def check(module, args):
+            if block_id not in ran:
+                raise UserError(f"block {name} never ran its own forward, yet its submodule {sub} did (the model calls "
+                                "into the block, e.g. down[i].block[j]): compile, activation checkpointing and FSDP "
+                                "wrap a block's forward, so return modules whose forward runs from the model's blocks()")
+        return check
+
+    handles = []
+    for name, block in blocks:
+        handles.append(block.register_forward_pre_hook(entered(id(block))))
+        for sub_name, sub in block.named_modules():
+            if sub is not block:
+                handles.append(sub.register_forward_pre_hook(inside(name, f"{name}.{sub_name}", id(block))))
+    try:
+        with eager():
+            yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _repeated(m: nn.ModuleList) -> bool:
     kinds = {type(c) for c in m}
     return len(m) >= 2 and len(kinds) == 1 and any(True for _ in m[0].parameters())
 
 
 def apply_compile(model: nn.Module) -> list[str]:
-    """Compile every block in place (fullgraph: a graph break is an error, not a slow path)."""
+    """Compile every block in place (fullgraph: a graph break is an error, not a slow path). A
+    block of torch.nn's own classes is refused in one line: dynamo starts no frame in torch's
+    files, so fullgraph would fail at the first step with "found no compiled frames"."""
     blocks = find_blocks(model)
-    for _, block in blocks:
+    for name, block in blocks:
+        kind = type(block)
+        if kind.__module__.split(".")[0] == "torch":
+            raise UserError(f"train.compile: block {name} is a {kind.__module__}.{kind.__name__}, which torch.compile "
+                            "does not trace at the top of a frame; wrap it in a module class of your own (or return "
+                            "other modules from the model's blocks())")
         block.compile(fullgraph=True, dynamic=False)
     return [n for n, _ in blocks]
+
+
+def eager():
+    """A context in which every compiled block and op runs as plain PyTorch
+    (`torch.compiler.set_stance("force_eager")`; the compiled code is kept for later). Previews
+    draw under it: a sampler's shapes may change every call (a token-by-token sampler's sequence
+    grows each token), and blocks compiled for fixed shapes would recompile at every length up
+    to dynamo's limit, then fail. FLOP counting too: compiled frames refuse FlopCounterMode."""
+    return torch.compiler.set_stance("force_eager")
 
 
 def compile_ops(ops: KernelOps) -> KernelOps:

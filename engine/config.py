@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import json
 import math
+import os
 import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -243,8 +246,24 @@ class DistributedConfig:
 
 
 @dataclass(kw_only=True)
+class CodeConfig:
+    """The Python modules a run's model family (and preset) come from, recorded when a run is
+    built and imported before the rest of a saved config is read back (`--resume`, `--config`,
+    `reca sample RUN`, `reca export RUN`): the module that called `register_family`, the module
+    of a `--preset module:function`. Importing a module runs its code: a run directory is read
+    back only by those who would run its code (README: Using reca from another repository)."""
+
+    SECTION: ClassVar[str] = "code"
+    modules: tuple[str, ...] = ()  # imported in order; reca's own families need none
+    # the sys.path entries they were imported from: appended to sys.path (never prepended: an
+    # installed package is never shadowed) only for a module that is not importable without them
+    paths: tuple[str, ...] = ()
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     preset: str = ""
+    code: CodeConfig = field(default_factory=CodeConfig)
     model: ModelConfig = field(default_factory=lambda: FAMILIES["flow"].config())
     data: DataConfig = field(default_factory=DataConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
@@ -278,10 +297,80 @@ class RunConfig:
         model = d.pop("model", {})
         if not isinstance(model, dict):
             raise UserError(f"model expects a table of fields, got {model!r}")
+        code = _build(CodeConfig, d.pop("code", {}), "code")
+        import_code(code)  # the family's module registers it
         family = model.get("family", "flow")
         if family not in FAMILIES:
-            raise UserError(f"unknown model family {family!r} (known: {', '.join(sorted(FAMILIES))})")
-        return _build(cls, d, "", model=_build(FAMILIES[family].config, model, "model"))
+            where = (f"; the run's code.modules ({', '.join(code.modules)}) did not register it" if code.modules
+                     else "; a family of another repository is registered by importing its module")
+            if "__main__" in code.modules:
+                where = ("; it was registered by a script run as __main__, which reca cannot import again: call "
+                         "register_family at the top level of an importable module")
+            raise UserError(f"unknown model family {family!r} (known: {', '.join(sorted(FAMILIES))}{where})")
+        return _build(cls, d, "", code=code, model=_build(FAMILIES[family].config, model, "model"))
+
+
+def import_code(code: CodeConfig) -> None:
+    """Import `code.modules` (see `CodeConfig`): a module already imported is left as it is; one
+    that cannot be imported is one line naming it. `code.paths` and the working directory (where
+    `--preset module:function` finds a .py file) are appended to sys.path for a module that is
+    not importable without them."""
+    for name in code.modules:
+        if name in sys.modules or name == "__main__":  # __main__: a script's, never imported again
+            continue
+        try:
+            importlib.import_module(name)
+            continue
+        except ModuleNotFoundError as e:
+            if e.name is None or not (name == e.name or name.startswith(e.name + ".")):
+                raise UserError(f"importing {name} (the run's code.modules) failed: {e}") from None
+        except Exception as e:  # noqa: BLE001: the module's own error, on one line
+            raise UserError(f"importing {name} (the run's code.modules) failed: {type(e).__name__}: "
+                            f"{' '.join(str(e).split())}") from None
+        extra = [p for p in (*code.paths, os.getcwd()) if p not in sys.path and os.path.isdir(p)]
+        sys.path.extend(dict.fromkeys(extra))
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name is None or not (name == e.name or name.startswith(e.name + ".")):
+                raise UserError(f"importing {name} (the run's code.modules) failed: {e}") from None
+            raise UserError(f"this run's model family comes from module {name} (config.json code.modules), which "
+                            f"cannot be imported here (looked in {', '.join(code.paths + (os.getcwd(),))}); run reca "
+                            "where it can be imported: its project directory, PYTHONPATH, or installed") from None
+        except Exception as e:  # noqa: BLE001
+            raise UserError(f"importing {name} (the run's code.modules) failed: {type(e).__name__}: "
+                            f"{' '.join(str(e).split())}") from None
+
+
+def with_code(cfg: RunConfig) -> RunConfig:
+    """`cfg` with `code` naming what reading it back must import: the module that registered its
+    family (a family of another repository) after what `code` already lists, and the sys.path
+    entries they came from."""
+    family = FAMILIES.get(cfg.model.family)
+    modules = list(cfg.code.modules)
+    if family is not None and not family.builtin and family.module not in modules:
+        modules.append(family.module)
+    paths = list(cfg.code.paths)
+    for name in modules:
+        root = _import_root(name)
+        if root and root not in paths:
+            paths.append(root)
+    if tuple(modules) == cfg.code.modules and tuple(paths) == cfg.code.paths:
+        return cfg
+    return dataclasses.replace(cfg, code=CodeConfig(modules=tuple(modules), paths=tuple(paths)))
+
+
+def _import_root(name: str) -> str:
+    """The sys.path entry module `name` was imported from ("" when unknown: a script, a module
+    without a file)."""
+    module = sys.modules.get(name)
+    path = getattr(module, "__file__", None)
+    if name == "__main__" or not path:
+        return ""
+    root = os.path.dirname(os.path.abspath(path))
+    for _ in range(name.count(".") + (os.path.basename(path).startswith("__init__.") and 1)):
+        root = os.path.dirname(root)
+    return root
 
 
 def load_config(path: str | Path) -> RunConfig:

@@ -30,6 +30,7 @@ torchrun, `reca train --resume` of a run with step-N/ folders comes here, as a g
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import signal
@@ -223,6 +224,7 @@ def _train_ranks(cfg: RunConfig, r: Rank, device: torch.device, run: Path, resum
                  quiet: bool) -> dict:
     from reca.engine.build import resolve_mode
     from reca.engine.checkpoint import dcp
+    from reca.engine.compile import blocks_checked
     from reca.engine.checkpoint.guard import frozen_fingerprint, refuse_conflicts
     from reca.engine.fsdp import on_rank0
     from reca.engine.logger import Logger
@@ -292,7 +294,9 @@ def _train_ranks(cfg: RunConfig, r: Rank, device: torch.device, run: Path, resum
         try:
             for step in range(start, end):
                 lr = cfg.optim.lr * lr_factor(step, cfg.optim, cfg.train.steps)
-                values = mean_over_ranks(c.update(step_c, next_batches(c)), r.world_size)
+                first = blocks_checked(c.model, cfg, sharded=cfg.distributed.strategy == "fsdp") if step == 0 else None
+                with first or contextlib.nullcontext():  # each wrapped block ran its own forward
+                    values = mean_over_ranks(c.update(step_c, next_batches(c)), r.world_size)
                 c.scheduler.step()
                 done = step + 1
                 if logger is not None:

@@ -538,4 +538,7 @@ def _from_module(spec: str) -> RunConfig:
         raise UserError(f"preset {spec!r}: {fn_name}() raised {type(e).__name__}: {' '.join(str(e).split())}") from None
     if not isinstance(cfg, RunConfig):
         raise UserError(f"preset {spec!r}: {fn_name}() returned {type(cfg).__name__}, not a RunConfig")
+    # the run remembers the module: plain `reca` imports it again to read the run back (CodeConfig)
+    modules = (module_name, *(m for m in cfg.code.modules if m != module_name))
+    cfg = dataclasses.replace(cfg, code=dataclasses.replace(cfg.code, modules=modules))
     return cfg if cfg.preset else dataclasses.replace(cfg, preset=spec)

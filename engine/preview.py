@@ -15,6 +15,7 @@ import torch
 
 from reca.engine.alignment import alignment_metrics, derangement, describe
 from reca.engine.build import Components, autocast
+from reca.engine.compile import eager
 from reca.engine.data import build_loader
 from reca.engine.metrics import MetricsWriter, plot_alignment, save_grid
 from reca.engine.objectives import prompt_to
@@ -51,7 +52,7 @@ class Previewer:
                     out.append(None)
                     continue
                 request = SampleBatch(visual, prompt, c.cfg.output.preview_steps)
-                with autocast(c.cfg, c.device):
+                with autocast(c.cfg, c.device), eager():  # the sampler's shapes may change every call
                     images = model(request, "sample", generator=torch.Generator(c.device).manual_seed(0))
                 out.append(images.float().cpu())
         finally:

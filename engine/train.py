@@ -17,6 +17,7 @@ import torch
 from reca.engine.build import Components, autocast, build, resolve_device, resolve_mode  # noqa: F401
 from reca.engine.checkpoint import (CHECKPOINT, checkpoint_bytes, fingerprint_conflict, frozen_fingerprint,
                                     load_checkpoint, refuse_conflicts, restore, save_checkpoint)
+from reca.engine.compile import blocks_checked
 from reca.engine.config import RunConfig
 from reca.engine.errors import UserError
 from reca.engine.logger import Logger
@@ -181,7 +182,8 @@ def _loop(c: Components, start: int, stop_after: int | None, logger: Logger, pre
         if stop.signum is not None:  # arrived during the previous checkpoint or preview
             break
         lr = cfg.optim.lr * lr_factor(step, cfg.optim, cfg.train.steps)  # a host float: no readback
-        logger.push(step + 1, lr, c.update(c, next_batches(c)))
+        with blocks_checked(c.model, cfg) if step == 0 else contextlib.nullcontext():  # each block ran its forward
+            logger.push(step + 1, lr, c.update(c, next_batches(c)))
         c.scheduler.step()
         done = step + 1
         if done == end or stop.signum is not None:

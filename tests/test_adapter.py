@@ -5,6 +5,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -178,3 +179,30 @@ def test_a_metric_is_named_once_with_its_objective():
                         params=[m.w], optimizer=torch.optim.AdamW([m.w], fused=True), ema=None, generator=None)
     out = train_step(c, [MicroBatch("recon", None)])
     assert {"recon/mse", "recon/acc"} <= set(out) and not any(k.count("recon/") > 1 for k in out), sorted(out)
+
+
+def test_flops_are_counted_eagerly_through_compiled_blocks():
+    """`reca bench step` counts the FLOPs of an adapter without `flop_plan` with FlopCounterMode;
+    compiled frames refuse it (it failed with "fullgraph=True found no compiled frames"), so
+    compiled blocks run eagerly while it counts. A block of torch.nn's own classes, which
+    torch.compile cannot trace at the top of a frame, is refused when compiled, in one line."""
+    from reca.engine.bench.flops import counted_flops
+    from reca.engine.compile import apply_compile
+    from reca.engine.errors import UserError
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return torch.relu(self.lin(x))
+
+    model = nn.Module()
+    model.layers = nn.ModuleList([Block(), Block()])
+    assert apply_compile(model) == ["layers.0", "layers.1"]
+    x = torch.randn(4, 8)
+    assert counted_flops(lambda: model.layers[1](model.layers[0](x))) == 2 * (2 * 4 * 8 * 8)
+    model.layers = nn.ModuleList([nn.TransformerEncoderLayer(8, 2, 16, batch_first=True) for _ in range(2)])
+    with pytest.raises(UserError, match="layers.0 is a torch.nn.modules.transformer.TransformerEncoderLayer"):
+        apply_compile(model)

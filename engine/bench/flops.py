@@ -65,10 +65,13 @@ def step_flops(model: nn.Module, prompt_len: float, batch: int, codec_flops: flo
 
 
 def counted_flops(fn: Callable[[], object]) -> float:
-    """FLOPs of fn() as FlopCounterMode counts them (matmul, convolution, attention kernels)."""
+    """FLOPs of fn() as FlopCounterMode counts them (matmul, convolution, attention kernels),
+    with every compiled block and op run eagerly (compiled frames refuse the counting mode)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
+    from reca.engine.compile import eager
+
+    with eager(), FlopCounterMode(display=False) as counter:
         fn()
     return float(counter.get_total_flops())
 
