@@ -128,5 +128,16 @@ def fully_shard_model(model: nn.Module, cfg: RunConfig, r, device: torch.device)
     if cfg.distributed.cpu_offload:
         kw["offload_policy"] = CPUOffloadPolicy()
     for _, block in find_blocks(model):
-        fully_shard(block, **kw)
+        if not _shares_outside(model, block):  # a tensor tied across units: the root's unit holds it once
+            fully_shard(block, **kw)
     fully_shard(model, **kw)
+
+
+def _shares_outside(model: nn.Module, block: nn.Module) -> bool:
+    """Whether a parameter of `block` is also a parameter of a module outside it (tied weights:
+    a head sharing an embedding table that the block holds). Sharded with the block, the outside
+    module would hold an untied copy, or a resharded tensor by the time it runs."""
+    inside = {id(m) for m in block.modules()}
+    mine = {id(p) for p in block.parameters()}
+    return any(id(p) in mine for m in model.modules() if id(m) not in inside for p in m._parameters.values()
+               if p is not None)

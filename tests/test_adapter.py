@@ -4,6 +4,7 @@ calls the model through its forward only."""
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -79,6 +80,10 @@ def test_a_toy_adapter_trains_through_the_engine(tmp_path):
     losses = [r["loss"] for r in read_metrics(tmp_path / "run")]
     assert len(losses) == 40 and sum(losses[-5:]) < 0.5 * sum(losses[:5]), losses
     assert (tmp_path / "run" / "recon_step40.png").exists()  # previews through model(batch, "sample")
+    import json  # the run names the module that registered its family: reading it back imports it
+
+    code = json.loads((tmp_path / "run" / "config.json").read_text())["code"]
+    assert code["modules"] == [__name__] and code["paths"] == [str(Path(__file__).resolve().parent)]
 
 
 def test_the_engine_reaches_the_model_only_through_forward(tmp_path):

@@ -168,3 +168,62 @@ def test_a_block_whose_own_forward_never_runs_stops_the_first_step(tmp_path, mon
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+TIED_ACROSS = '''
+import dataclasses
+
+from my_adapter import ToyConfig, ToyUMM, preset as toy_preset
+from reca.models import register_family
+
+
+@dataclasses.dataclass(kw_only=True)
+class TiedConfig(ToyConfig):
+    family: str = "toy-tied-across"
+
+
+class TiedAcross(ToyUMM):
+    """The README's adapter with its final norm tied to a parameter of its first block."""
+
+    def __init__(self, cfg, ops=None):
+        super().__init__(cfg, ops)
+        self.norm.weight = self.layers[0].norm1.weight
+
+
+register_family("toy-tied-across", TiedConfig, TiedAcross)
+
+
+def preset():
+    return dataclasses.replace(toy_preset(), model=TiedConfig())
+'''
+
+
+def test_a_tensor_tied_across_fsdp_units_is_one(tmp_path, monkeypatch):
+    """FSDP shards each block as a unit: a block holding a tensor tied to a module outside it
+    (here the final norm to the first block's) is left to the root's unit, which holds the
+    tensor once (FSDP refused: "shared with a parameter already managed by another FSDP
+    group"); the run samples with the tie kept. A group of one, in this process."""
+    import importlib
+
+    import torch.distributed as dist
+
+    from reca.engine.config import apply_overrides
+    from reca.engine.distributed import train_distributed
+    from reca.engine.generate import load_model, sample
+    from reca.engine.presets import preset
+
+    project, run = tmp_path / "project", tmp_path / "run"
+    write_example(project)
+    (project / "tied_across.py").write_text(TIED_ACROSS, encoding="utf-8")
+    monkeypatch.syspath_prepend(str(project))
+    importlib.import_module("tied_across")
+    cfg = apply_overrides(preset("tied_across:preset"), [f"output.dir={run}", "output.tensorboard=false",
+                                                         "train.steps=2", "data.batch_size=2", "distributed.strategy=fsdp"])
+    try:
+        train_distributed(cfg, quiet=True)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    cfg, model = load_model(run=str(run), device="cpu")
+    assert model.norm.weight is model.layers[0].norm1.weight
+    assert [p.name for p in sample(model, cfg, out=str(tmp_path / "s"), prompt="a cat", steps=1)] == ["text_00.png"]

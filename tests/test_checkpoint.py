@@ -359,3 +359,25 @@ def test_frozen_fingerprint_chunks_agree(monkeypatch):
     whole = frozen_fingerprint(model)
     monkeypatch.setattr(guard, "_CHUNK", 7)
     assert frozen_fingerprint(model) == whole
+
+
+def test_a_tied_tensor_is_saved_once_and_loads_under_either_name():
+    """Tied weights (an LM head sharing the embedding table) are one tensor: listed once, under
+    the first name; a checkpoint holding both names (a step-N/ folder written before) loads when
+    they are equal, is refused in one line when they differ, and either name alone fills both."""
+    from torch import nn
+
+    from reca.engine.checkpoint import load_trainable, tied_names, trainable_state
+
+    m = nn.Module()
+    m.embed, m.head = nn.Embedding(5, 3), nn.Linear(3, 5, bias=False)
+    m.head.weight = m.embed.weight
+    assert tied_names(m) == {"head.weight": "embed.weight"} and list(trainable_state(m)) == ["embed.weight"]
+    w = torch.randn(5, 3)
+    load_trainable(m, {"embed.weight": w, "head.weight": w.clone()})
+    assert torch.equal(m.embed.weight, w) and m.head.weight is m.embed.weight
+    load_trainable(m, {"head.weight": 2 * w})
+    assert torch.equal(m.embed.weight, 2 * w)
+    with pytest.raises(UserError, match="two different tensors for embed.weight and head.weight"):
+        load_trainable(m, {"embed.weight": w, "head.weight": w + 1})
+    assert torch.equal(m.embed.weight, 2 * w)  # left as it was

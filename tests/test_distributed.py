@@ -231,8 +231,12 @@ def simulate(name: str, worlds: list[int]) -> tuple[list[float], dict[str, torch
 
 @pytest.fixture(scope="module")
 def parity_runs(tmp_path_factory) -> Path:
-    """One torchrun launch of this file: 20 steps of every (preset, strategy) in PAIRS."""
+    """One torchrun launch of this file: 20 steps of every (preset, strategy) in PAIRS, and of
+    the README's adapter (`--preset my_adapter:preset`, fsdp) into ROOT/readme-fsdp."""
+    from readme_example import write_example
+
     root = tmp_path_factory.mktemp("parity")
+    write_example(root / "project")
     run_ok(torchrun(__file__, str(root)))
     return root
 
@@ -320,6 +324,36 @@ def test_export_gathers_a_torchrun_run(parity_runs, tmp_path, capsys):
             exported = load_file(str(out / "model.safetensors"))
             assert whole["model"] and all(torch.equal(exported[n], t) for n, t in whole["model"].items())
     assert capsys.readouterr().out.count("safetensors") == 3
+
+
+def test_a_tied_torchrun_run_is_sampled_and_exported_by_plain_reca(parity_runs, tmp_path):
+    """Tied weights (an LM head sharing the embedding table: the README's adapter, Harmon's
+    Qwen2.5) in a 2-rank fsdp job: the step-N/ folder holds the tensor once, under its first
+    name, and plain `reca sample` / `reca export` (another folder, nothing on PYTHONPATH) load it
+    (before: the folder held both names and the load refused lm_head.weight). The README run
+    imports its family's module again from config.json's code.modules."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint import FileSystemReader
+
+    env = {k: v for k, v in _env().items() if k != "PYTHONPATH"}
+
+    def reca(*args) -> str:
+        proc = subprocess.run([sys.executable, "-m", "reca.engine", *map(str, args)], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    for name, head, embed in (("readme", "lm_head.weight", "embed.weight"),
+                              ("harmon-tiny", "llm.lm_head.weight", "llm.model.embed_tokens.weight")):
+        run = parity_runs / f"{name}-fsdp"
+        saved = FileSystemReader(str(run / f"step-{STEPS}")).read_metadata().state_dict_metadata
+        assert f"model.{embed}" in saved and f"model.{head}" not in saved, name
+        out = reca("sample", run, "--prompt", "a red bus", "--out", tmp_path / name, "--steps", 2)
+        assert [Path(p).name for p in out.split()] == ["text_00.png"], name
+    assert json.loads((parity_runs / "readme-fsdp" / "config.json").read_text())["code"]["modules"] == ["my_adapter"]
+    reca("export", parity_runs / "readme-fsdp", "--to", tmp_path / "export")
+    exported = load_file(str(tmp_path / "export" / "model.safetensors"))
+    assert torch.equal(exported["lm_head.weight"], exported["embed.weight"])
 
 
 def test_a_torchrun_run_is_never_silently_replaced(parity_runs, tmp_path, capsys):
@@ -629,6 +663,10 @@ if __name__ == "__main__":  # under torchrun: the parity runs (see parity_runs)
         cfg = apply_overrides(preset(name), [*SETS, f"distributed.strategy={strategy}",
                                              f"output.dir={root / f'{name}-{strategy}'}"])
         train_distributed(cfg, quiet=True)
+    sys.path.insert(0, str(root / "project"))  # where `reca train --preset my_adapter:preset` runs
+    cfg = apply_overrides(preset("my_adapter:preset"), [*SETS, "distributed.strategy=fsdp",
+                                                        f"output.dir={root / 'readme-fsdp'}"])
+    train_distributed(cfg, quiet=True)
     # janus-tiny under FSDP (JANUS_SETS), then the same job resumed by torchrun from its step-10/
     whole, resumed = root / "janus-tiny-fsdp", root / "janus-tiny-fsdp-resumed"
     cfg = apply_overrides(preset("janus-tiny"), [*JANUS_SETS, f"output.dir={whole}"])

@@ -80,6 +80,16 @@ def _check_loaded(folder: Path, state: dict) -> None:
                         f"{sorted(missing)[0]} (a damaged or foreign step folder?)")
 
 
+def _untied(model_state: dict, model) -> dict:
+    """A model state dict with each tied tensor under its first name only (`tied_names`): saved
+    once, and a folder written with both names still loads."""
+    from reca.engine.checkpoint.single import tied_names
+
+    for alias in tied_names(model):
+        model_state.pop(alias, None)
+    return model_state
+
+
 def save(run: str | Path, step: int, c, r, *, keep: int, frozen: dict[str, str] | None = None) -> Path:
     """Every rank: write step `step` of the components `c` into RUN/step-N/ (see the module).
     `frozen`: rank 0's fingerprint of the frozen weights (`guard.frozen_fingerprint` of the whole
@@ -94,7 +104,7 @@ def save(run: str | Path, step: int, c, r, *, keep: int, frozen: dict[str, str] 
         tmp.mkdir(parents=True)
     dist.barrier()
     model, optim = get_state_dict(c.model, c.optimizer, options=_options())
-    state = {"model": model, "optim": optim}
+    state = {"model": _untied(model, c.model), "optim": optim}
     if c.ema is not None:  # each rank's shards of the shadows, as the weights
         state["ema"] = dict(zip(c.ema.names, c.ema.shadows))
     dcp.save(state, checkpoint_id=str(tmp))
@@ -138,7 +148,7 @@ def load(folder: str | Path, c, r, frozen: dict[str, str] | None = None) -> int:
 
     on_rank0(check, r)
     model, optim = get_state_dict(c.model, c.optimizer, options=_options())
-    state = {"model": model, "optim": optim}
+    state = {"model": _untied(model, c.model), "optim": optim}
     if c.ema is not None and extra.get("ema") is not None:  # loaded in place into this rank's shards
         state["ema"] = dict(zip(c.ema.names, c.ema.shadows))
     dcp.load(state, checkpoint_id=str(folder), planner=DefaultLoadPlanner(allow_partial_load=True))

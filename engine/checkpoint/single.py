@@ -38,14 +38,42 @@ def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable parameters by name; a tensor tied under several names (an LM head sharing
+    the embedding table) appears once, under its first name (`named_parameters`' order)."""
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def tied_names(model: torch.nn.Module) -> dict[str, str]:
+    """Every other name of a parameter tied under several -> the name it is saved under (its
+    first, as `named_parameters` lists it): {"lm_head.weight": "embed.weight"}. Checkpoints,
+    the optimizer, the EMA and FSDP hold such a tensor once."""
+    first: dict[int, str] = {}
+    out: dict[str, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            out[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return out
 
 
 def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor], *, source: str = "the checkpoint") -> None:
     """Copy `state` into the model's trainable parameters. Every name and shape is checked
     before anything is copied: a mismatch raises a `UserError` naming the tensor, and the
-    model is left as it was."""
+    model is left as it was. A tied tensor's other name (what a torchrun run's step-N/ folder
+    written before they were dropped holds) is the same tensor: it must equal it."""
     params = dict(model.named_parameters())
+    state = dict(state)
+    for alias, name in tied_names(model).items():
+        if alias not in state:
+            continue
+        value = state.pop(alias)
+        if name not in state:
+            state[name] = value
+        elif not (isinstance(value, torch.Tensor) and value.shape == state[name].shape
+                  and torch.equal(value, state[name])):
+            raise UserError(f"{source} holds two different tensors for {name} and {alias}, which this model ties "
+                            "(one tensor under both names)")
     for name, value in state.items():
         p = params.get(name)
         if p is None:
