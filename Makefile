@@ -45,7 +45,7 @@ PYTEST := $(BIN)/pytest tests -q -p no:cacheprovider --durations=10
 COMPAT_TRANSFORMERS := 5.17.0
 COMPAT := $(VENV)/compat-transformers-$(COMPAT_TRANSFORMERS)
 COMPAT_TESTS := tests/test_imports.py tests/test_harmon.py tests/test_bagel.py tests/test_showo.py \
-	tests/test_openuni.py tests/test_loading.py tests/test_tokenizer.py
+	tests/test_openuni.py tests/test_janus.py tests/test_loading.py tests/test_tokenizer.py
 
 # transformers 5.17 and the hub client it pins (< 2), first on PYTHONPATH; the rest from the venv
 $(COMPAT)/.installed: | $(VENV)/.installed

@@ -410,12 +410,90 @@ def showo_1_3b_512() -> RunConfig:
     return _showo("showo-1.3b-512", 512, 2, "constant")  # cosine over 1,000,000 steps: constant over these
 
 
+def janus_tiny() -> RunConfig:
+    """Janus-Pro at CPU scale, a tiny random config of transformers' JanusForConditionalGeneration:
+    a 2-layer Llama (64 wide) over reca's tiny tokenizer with Janus's eight special tokens, its
+    lm_head tied to the embedding table (transformers' JanusConfig default), a 2-layer SigLIP
+    (32 px, 8 px patches: 16 visual tokens), a 4-level VQ model (/8: 4 x 4 = 16 codes of a
+    256-entry codebook). Janus-Pro's recipe otherwise (janus_pro_1b): the crop unflipped, SigLIP
+    and the VQ model frozen, 10 % unconditional rows. The VQ model is random: previews are not
+    images."""
+    from reca.models.janus import JanusConfig, JanusVisionShape, JanusVQShape, LlamaShape
+
+    return RunConfig(
+        preset="janus-tiny",
+        model=JanusConfig(
+            llm=LlamaShape(vocab_size=0, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                           num_kv_heads=4, max_position=1024),
+            vision=JanusVisionShape(hidden_size=32, num_layers=2, num_heads=2, image_size=32, patch_size=8),
+            vq=JanusVQShape(codebook_size=256, latent_channels=32, base_channels=32, channel_multiplier=(1, 1, 1, 1),
+                            num_res_blocks=1),
+            tie_word_embeddings=True,
+        ),
+        data=DataConfig(source="demo", batch_size=8, crop_scale=1.0, hflip=False),
+        sample=SampleConfig(max_text_tokens=32),
+        optim=OptimConfig(lr=1e-3, warmup_steps=20, weight_decay=0.0, schedule="cosine", min_lr_ratio=0.1),
+        train=TrainConfig(steps=600, precision="fp32"),
+        output=OutputConfig(dir="runs/janus-tiny", log_every=10, ckpt_every=200, preview_every=300, preview_steps=1),
+    )
+
+
+def _janus(name: str, llm: LlamaShape, batch: int) -> RunConfig:
+    """Janus-Pro's RecA run. Shapes: transformers' JanusConfig defaults (SigLIP-Large-Patch16-384:
+    576 visual tokens; VQ-16: 24 x 24 codes of 16,384) with the release's text_config
+    (deepseek-community/Janus-Pro-*B config.json; convert_janus_weights_to_hf.py copies
+    the original language_config, LlamaConfig's defaults filling what it omits). Both views 384
+    px: the understanding input at SigLIP's own size (RecA's bottleneck rule); one square crop,
+    short side to 384 (Janus-Pro's generation data: "the short side is resized to 384, and the
+    long side is cropped to 384"), unflipped. RecA and image-to-text alternate (Janus shares
+    its LLM between the two: the RecA authors' REPRODUCE_GUIDE keeps image-to-text data for
+    shared-parameter models; Janus-Pro's stage III mixes understanding and generation 5 : 4);
+    captioned images: --set mix.caption_source=DIR. Optimiser as Janus-Pro's stage III (its
+    report, Table 2): AdamW lr 4e-5, betas (0.9, 0.95), no weight decay, constant, no warm-up,
+    clip 1.0; batch 128 over 8 ranks (16 a rank, each objective). 10 % of the RecA rows are the
+    unconditional prompt, so classifier-free guidance (scale 5, generation_inference.py)
+    keeps working. Steps: Janus-Pro publishes none for RecA; 5,000 is our choice. SigLIP and
+    the VQ model frozen. The real tokenizer comes with --init-from the release directory."""
+    from reca.models.janus import JanusConfig, JanusVisionShape, JanusVQShape
+
+    return RunConfig(
+        preset=name,
+        model=JanusConfig(llm=llm, vision=JanusVisionShape(), vq=JanusVQShape(), tie_word_embeddings=False),
+        data=DataConfig(batch_size=batch, num_workers=8, crop_scale=1.0, hflip=False),
+        sample=SampleConfig(max_text_tokens=128),
+        mix=MixConfig(cycle=("recon", "caption"), max_answer_tokens=256),
+        optim=OptimConfig(lr=4e-5, betas=(0.9, 0.95), weight_decay=0.0, warmup_steps=0, schedule="constant",
+                          clip_grad=1.0, grad_accum=2),
+        train=TrainConfig(steps=5_000, checkpoint_every=1),
+        output=OutputConfig(dir=f"runs/{name}", log_every=10, ckpt_every=500, preview_every=1000, preview_steps=1),
+    )
+
+
+def janus_pro_1b() -> RunConfig:
+    """Janus-Pro-1B (deepseek-community/Janus-Pro-1B): DeepSeek-LLM-1.5B (2048 wide, 24 layers,
+    16 heads, MLP 5632, vocabulary 102,400, its own lm_head), aligners to 2048."""
+    from reca.models.janus import LlamaShape
+
+    return _janus("janus-pro-1b", LlamaShape(hidden_size=2048, intermediate_size=5632, num_layers=24, num_heads=16,
+                                             num_kv_heads=16), batch=16)
+
+
+def janus_pro_7b() -> RunConfig:
+    """Janus-Pro-7B (deepseek-community/Janus-Pro-7B): DeepSeek-LLM-7B (4096 wide, 30 layers,
+    32 heads, MLP 11008, vocabulary 102,400, its own lm_head), aligners to 4096."""
+    from reca.models.janus import LlamaShape
+
+    return _janus("janus-pro-7b", LlamaShape(hidden_size=4096, intermediate_size=11008, num_layers=30, num_heads=32,
+                                             num_kv_heads=32), batch=16)
+
+
 PRESETS: dict[str, Callable[[], RunConfig]] = {
     "tiny": tiny, "demo": demo, "flow-7b": flow_7b,
     "harmon-tiny": harmon_tiny, "harmon-0.5b": harmon_0_5b, "harmon-1.5b": harmon_1_5b,
     "bagel-tiny": bagel_tiny, "bagel-7b-mot": bagel_7b_mot,
     "openuni-tiny": openuni_tiny, "openuni-b-512": openuni_b_512, "openuni-l-512": openuni_l_512,
     "showo-tiny": showo_tiny, "showo-1.3b-256": showo_1_3b_256, "showo-1.3b-512": showo_1_3b_512,
+    "janus-tiny": janus_tiny, "janus-pro-1b": janus_pro_1b, "janus-pro-7b": janus_pro_7b,
 }
 
 

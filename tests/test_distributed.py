@@ -406,6 +406,34 @@ def test_resume_two_ranks_in_one_process(parity_runs, tmp_path, name, strategy):
     assert (run / f"step-{STEPS}").is_dir()
 
 
+JANUS_SETS = [*SETS, "distributed.strategy=fsdp", "data.batch_size=1", f"train.steps={STEPS}"]
+
+
+def test_janus_fsdp_resume_is_exact_and_the_run_samples(parity_runs, tmp_path, capsys):
+    """janus-tiny (transformers' JanusForConditionalGeneration, its lm_head tied to the embedding
+    table, SigLIP and the VQ model frozen) on 2 gloo ranks under FSDP: the job resumed by
+    torchrun from its step-10/ writes the uninterrupted job's losses and step-20 weights bit for
+    bit (the same world size: the same sums in the same order, each rank's noise restored: the
+    unconditional rows among them); `reca sample` and `reca export` read the torchrun run."""
+    from reca.engine.cli import main
+    from reca.engine.generate import run_weights
+
+    whole, resumed = parity_runs / "janus-tiny-fsdp", parity_runs / "janus-tiny-fsdp-resumed"
+    assert [row["step"] for row in rows(resumed)] == list(range(1, STEPS + 1))
+    assert losses(resumed) == losses(whole)
+    assert any(row["recon/unconditional"] > 0 for row in rows(whole))  # some rows trained unconditional
+    a, b = run_weights(whole)["model"], run_weights(resumed)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    main(["sample", str(whole), "--prompt", "a red bus", "--out", str(tmp_path / "s")])
+    main(["export", str(whole), "--to", str(tmp_path / "release")])
+    from transformers import JanusForConditionalGeneration
+
+    hf = JanusForConditionalGeneration.from_pretrained(str(tmp_path / "release")).state_dict()
+    for key, value in a.items():  # the trained tensors, by the release's names
+        assert torch.equal(hf[key.removeprefix("janus.")], value), key
+    assert (tmp_path / "s" / "text_00.png").is_file()
+
+
 def test_a_step_folder_lacking_a_tensor_is_refused(parity_runs, tmp_path, capsys):
     """A folder whose metadata lacks a tensor the run needs (not a never-stepped parameter's
     whole AdamW state) is one line, nothing written."""
@@ -639,14 +667,26 @@ def test_a_killed_launcher_leaves_no_worker_running(tmp_path):
 
 
 if __name__ == "__main__":  # under torchrun: the parity runs (see parity_runs)
+    import torch.distributed as dist
+
     from reca.engine.config import apply_overrides
     from reca.engine.distributed import train_distributed
 
+    root = Path(sys.argv[1])
     for name, strategy in PAIRS:
         cfg = apply_overrides(preset(name), [*SETS, f"distributed.strategy={strategy}",
-                                             f"output.dir={Path(sys.argv[1]) / f'{name}-{strategy}'}"])
+                                             f"output.dir={root / f'{name}-{strategy}'}"])
         train_distributed(cfg, quiet=True)
-    sys.path.insert(0, str(Path(sys.argv[1]) / "project"))  # where `reca train --preset my_adapter:preset` runs
+    sys.path.insert(0, str(root / "project"))  # where `reca train --preset my_adapter:preset` runs
     cfg = apply_overrides(preset("my_adapter:preset"), [*SETS, "distributed.strategy=fsdp",
-                                                        f"output.dir={Path(sys.argv[1]) / 'readme-fsdp'}"])
+                                                        f"output.dir={root / 'readme-fsdp'}"])
     train_distributed(cfg, quiet=True)
+    # janus-tiny under FSDP (JANUS_SETS), then the same job resumed by torchrun from its step-10/
+    whole, resumed = root / "janus-tiny-fsdp", root / "janus-tiny-fsdp-resumed"
+    cfg = apply_overrides(preset("janus-tiny"), [*JANUS_SETS, f"output.dir={whole}"])
+    train_distributed(cfg, quiet=True)
+    if dist.get_rank() == 0:
+        shutil.copytree(whole, resumed)
+        shutil.rmtree(resumed / f"step-{STEPS}")
+    dist.barrier()
+    train_distributed(replace(cfg, output=replace(cfg.output, dir=str(resumed))), resume=True, quiet=True)

@@ -1,5 +1,5 @@
 """What trains and what is frozen, for the families whose own test files do not pin it (flow,
-harmon; bagel, showo and openuni have theirs): through the engine's own step, a frozen
+harmon, janus; bagel, showo and openuni have theirs): through the engine's own step, a frozen
 parameter gets no gradient and no AdamW state, and every trained one both. The real presets'
 frozen parts (built on the meta device) are those the README's families table names."""
 import pytest
@@ -17,7 +17,7 @@ from reca.kernels import get_ops
 UNREACHED = {"harmon-tiny": {"mar.class_emb.weight"}}
 
 
-@pytest.mark.parametrize("name", ["tiny", "harmon-tiny"])
+@pytest.mark.parametrize("name", ["tiny", "harmon-tiny", "janus-tiny"])
 def test_the_step_leaves_frozen_parts_alone(tmp_path, name):
     cfg = apply_overrides(preset(name), [f"output.dir={tmp_path}", "data.batch_size=2",
                                          "optim.clip_grad=0", "optim.warmup_steps=0"])

@@ -20,7 +20,9 @@ LAYOUTS = {
     "bagel-tiny": ("ema.safetensors", lambda m, p: m.export(str(p)), "llm2vae.weight"),
     "openuni-tiny": ("openuni.pth", lambda m, p: m.export(str(p)), "connector.layers.0.mlp.fc1.weight"),
     "showo-tiny": ("model.safetensors", lambda m, p: m.export(str(p)), "showo.model.layers.0.self_attn.q_layernorm.weight"),
+    "janus-tiny": ("model.safetensors", lambda m, p: m.export(str(p)), "model.language_model.layers.0.mlp.up_proj.weight"),
 }
+PREFIX = {"tiny": "llm.", "janus-tiny": "janus."}  # the file's names inside the model (tiny's file is llm/)
 
 
 def _write(name: str, root, change=None):
@@ -57,7 +59,7 @@ def test_layout_parameters_exist():
     for name, (_, _, key) in LAYOUTS.items():
         model = seeded_model(preset(name), get_ops("torch"), torch.device("cpu"))
         names = {n for n, _ in model.named_parameters()}
-        assert (f"llm.{key}" if name == "tiny" else key) in names, (name, key)  # tiny's file is llm/
+        assert PREFIX.get(name, "") + key in names, (name, key)
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))

@@ -223,3 +223,18 @@ def test_harmon_prompt_ids_are_the_official_whole_string_tokenisation():
         assert whole[:len(head)] == head  # the split lies on a token boundary
         official = whole[:len(head)] + [m.image_token_id] * nv + whole[len(head):]
         assert b.ids(choice) == official, choice
+
+
+@pytest.mark.parametrize("name", ["janus-pro-1b", "janus-pro-7b"])
+def test_janus_presets_follow_janus_pro_stage_three(name):
+    """Janus-Pro's report, Table 2, stage III: AdamW lr 4e-5, betas (0.9, 0.95), weight decay 0,
+    constant, no warm-up, clip 1.0; its generation data cropped (the short side to 384), never
+    said to be flipped; CFG 5 at inference (generation_inference.py), so 10 % unconditional rows."""
+    cfg = preset(name)
+    o = cfg.optim
+    assert (o.lr, o.betas, o.weight_decay, o.schedule, o.warmup_steps, o.clip_grad) == \
+        (4e-5, (0.9, 0.95), 0.0, "constant", 0, 1.0)
+    assert cfg.data.crop_scale == 1.0 and not cfg.data.hflip and cfg.mix.cycle == ("recon", "caption")
+    m = cfg.model
+    assert (m.cfg_dropout, m.guidance_scale, m.sample_temperature, m.vision.image_size) == (0.1, 5.0, 1.0, 384)
+    assert cfg.data.batch_size * 8 == 128  # Janus-Pro's batch over 8 ranks

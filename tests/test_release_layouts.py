@@ -15,11 +15,13 @@ from reca.engine.cli import main
 from reca.engine.config import apply_overrides, load_config
 from reca.engine.presets import preset
 from reca.kernels import get_ops
+from reca.models.janus.vocab import SPECIALS as JANUS_SPECIALS
 from reca.models.tokenizer import tiny_tokenizer
 
 
 def _donor(name: str, tokenizer_dir):
-    tiny_tokenizer(512).save(str(tokenizer_dir))
+    # a Janus release's tokenizer has Janus's special tokens
+    tiny_tokenizer(512, *([JANUS_SPECIALS] if name == "janus-tiny" else [])).save(str(tokenizer_dir))
     cfg = preset(name)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, tokenizer=str(tokenizer_dir)))
     return seeded_model(cfg, get_ops("torch"), torch.device("cpu"))
@@ -107,8 +109,22 @@ def write_showo(m, d):
     return d / "phi"
 
 
+def write_janus(m, d):
+    """deepseek-community/Janus-Pro-*B as on the hub: what transformers' save_pretrained writes
+    (config.json, generation_config.json, model-0000k-of-0000n.safetensors with
+    model.safetensors.index.json; a tied lm_head left out), the tokenizer's files and the processor's."""
+    m.janus.save_pretrained(str(d), max_shard_size="300KB")
+    m.tokenizer.save(str(d))
+    (d / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "JanusImageProcessor", "size": {"height": 32, "width": 32}, "image_mean": [0.5] * 3,
+        "image_std": [0.5] * 3, "background_color": [127] * 3, "min_size": 14, "processor_class": "JanusProcessor"}))
+    (d / "processor_config.json").write_text(json.dumps({"num_image_tokens": 16, "processor_class": "JanusProcessor"}))
+    assert len(list(d.glob("model-*-of-*.safetensors"))) > 1 and (d / "model.safetensors.index.json").exists()
+    return d
+
+
 LAYOUTS = {"tiny": write_flow, "harmon-tiny": write_harmon, "bagel-tiny": write_bagel,
-           "openuni-tiny": write_openuni, "showo-tiny": write_showo}
+           "openuni-tiny": write_openuni, "showo-tiny": write_showo, "janus-tiny": write_janus}
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))

@@ -64,6 +64,7 @@ FAMILIES: dict[str, Family] = {
     "bagel": Family("reca.models.bagel.model:BagelConfig", "reca.models.bagel.model:BagelModel"),
     "openuni": Family("reca.models.openuni.model:OpenUniConfig", "reca.models.openuni.model:OpenUniModel"),
     "showo": Family("reca.models.showo.model:ShowoConfig", "reca.models.showo.model:ShowoModel"),
+    "janus": Family("reca.models.janus.model:JanusConfig", "reca.models.janus.model:JanusModel"),
 }
 
 
@@ -88,7 +89,7 @@ def build_model(cfg, ops=None):
 # The built-in families' classes by name, imported on first access (`from reca.models import FlowConfig`).
 _LAZY = {"FlowConfig": "flow", "FlowModel": "flow", "HarmonConfig": "harmon", "HarmonModel": "harmon",
          "BagelConfig": "bagel", "BagelModel": "bagel", "OpenUniConfig": "openuni", "OpenUniModel": "openuni",
-         "ShowoConfig": "showo", "ShowoModel": "showo"}
+         "ShowoConfig": "showo", "ShowoModel": "showo", "JanusConfig": "janus", "JanusModel": "janus"}
 
 
 def __getattr__(name: str):
