@@ -94,8 +94,32 @@ def apply_compile(model: nn.Module) -> list[str]:
             raise UserError(f"train.compile: block {name} is a {kind.__module__}.{kind.__name__}, which torch.compile "
                             "does not trace at the top of a frame; wrap it in a module class of your own (or return "
                             "other modules from the model's blocks())")
+        plain_forwards(block)
         block.compile(fullgraph=True, dynamic=False)
     return [n for n, _ in blocks]
+
+
+def plain_forwards(block: nn.Module) -> list[str]:
+    """Give each module of `block` whose class Hugging Face's `kernels` package decorated
+    (`use_kernelized_func`: transformers' attention classes, when `kernels` is installed, as
+    transformers 5 requires) its own undecorated forward, as an instance attribute -> their
+    names. The decorator routes calls through a context variable that it writes, under
+    compile, as a global: inside a checkpointed compiled block (a higher-order op that refuses
+    side effects) dynamo stops with "HOP: Unsafe side effect" from the second step. Hub kernels
+    are never selected here (the engine picks its kernels through `KernelConfig`), so the plain
+    forward computes exactly what the decorated one did; the class itself is left as it was."""
+    import types
+
+    done = []
+    for name, m in block.named_modules():
+        forward = type(m).forward
+        inner = getattr(forward, "__wrapped__", None)
+        # the wrapper's own module (functools.wraps copied the class's __module__ onto it)
+        home = getattr(forward, "__globals__", {}).get("__name__", "")
+        if inner is not None and home.split(".")[0] == "kernels":
+            m.forward = types.MethodType(inner, m)
+            done.append(name)
+    return done
 
 
 def eager():
