@@ -106,14 +106,17 @@ def fill_from_rank0(model: nn.Module, whole: nn.Module | None, r) -> None:
         raise RuntimeError(f"tensors left on the meta device after sharding (register them as buffers): {left[:3]}")
 
 
-def fully_shard_model(model: nn.Module, cfg: RunConfig, r, device: torch.device) -> None:
-    """`fully_shard` on every block of `find_blocks`, then the root (see the module)."""
+def fully_shard_model(model: nn.Module, cfg: RunConfig, r, device: torch.device, *, as_device: str | None = None) -> None:
+    """`fully_shard` on every block of `find_blocks`, then the root (see the module). `as_device`:
+    the mixed precision and offload of that device type on `device` (`reca bench memory` shards
+    fake CPU tensors as a CUDA job does; pinning needs an accelerator, and moves no bytes)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     from reca.engine.compile import find_blocks
 
-    if cfg.distributed.cpu_offload and device.type != "cuda":  # FSDP2's offload moves shards to an accelerator
+    kind = as_device or device.type
+    if cfg.distributed.cpu_offload and kind != "cuda":  # FSDP2's offload moves shards to an accelerator
         raise UserError("distributed.cpu_offload needs CUDA devices (on the CPU every shard is in host memory already)")
     rep = cfg.distributed.replicate
     if r.world_size % rep:
@@ -122,11 +125,11 @@ def fully_shard_model(model: nn.Module, cfg: RunConfig, r, device: torch.device)
         mesh = init_device_mesh(device.type, (rep, r.world_size // rep), mesh_dim_names=("replicate", "shard"))
     else:
         mesh = init_device_mesh(device.type, (r.world_size,), mesh_dim_names=("shard",))
-    bf16 = device.type == "cuda" and cfg.train.precision != "fp32"
+    bf16 = kind == "cuda" and cfg.train.precision != "fp32"
     kw = {"mesh": mesh, "mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
                                                           reduce_dtype=torch.float32)}
     if cfg.distributed.cpu_offload:
-        kw["offload_policy"] = CPUOffloadPolicy()
+        kw["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")
     for _, block in find_blocks(model):
         fully_shard(block, **kw)
     fully_shard(model, **kw)

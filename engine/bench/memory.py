@@ -40,7 +40,8 @@ _BF16, _FP32 = 2, 4
 
 def memory_per_rank(model: nn.Module, cfg, world_sizes=WORLD_SIZES) -> dict:
     """{"rows": [{"world_size", "parameters", "gradients", "optimizer", "gathered", "activations",
-    "total", "fits"} in bytes], "card_bytes", "tokens_per_sample"} for a (meta-device) model."""
+    "total", "fits"} in bytes ("ema": the EMA's part of "optimizer")], "card_bytes",
+    "tokens_per_sample"} for a (meta-device) model."""
     params = list(model.parameters())
     trainable = [p for p in params if p.requires_grad]
     param_bytes = sum(p.numel() * p.element_size() for p in params)
@@ -56,7 +57,7 @@ def memory_per_rank(model: nn.Module, cfg, world_sizes=WORLD_SIZES) -> dict:
     rows = []
     for n in world_sizes:
         row = {"world_size": n, "parameters": param_bytes / n, "gradients": _FP32 * train_numel / n,
-               "optimizer": (2 * _FP32 * train_numel + ema_bytes) / n, "gathered": float(gathered),
+               "optimizer": (2 * _FP32 * train_numel + ema_bytes) / n, "ema": ema_bytes / n, "gathered": float(gathered),
                "activations": float(activations)}
         row["total"] = sum(row[k] for k in ("parameters", "gradients", "optimizer", "gathered", "activations"))
         row["fits"] = row["total"] <= USABLE * card

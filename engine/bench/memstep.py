@@ -1,0 +1,253 @@
+"""One training step of a run's config, measured by `reca bench memory` without a GPU: the
+family's model code at the config's sizes, its micro-batch shapes, bf16 autocast, the activation
+checkpointing configured, AdamW and the EMA, the backward and the optimizer step, on fake tensors
+(`FakeTensorMode`: nothing allocated) with every tensor's bytes tracked (`reca.engine.bench.fake`).
+
+    world size 1   the one-process run (`reca train` on one GPU): the whole model on the device
+    N > 1          one rank of an FSDP2 job (`reca.engine.fsdp`: `fully_shard` per block, then the
+                   root; bf16 gathered, fp32 gradients) over torch's fake process group of N ranks
+                   (collectives move nothing); with `distributed.cpu_offload` also at N = 1
+
+The optimizer state and the EMA exist before the measured step (one step of zero gradients, as
+after the run's first), so the peak is the steady state's. `fake=False` runs the same step on
+real CPU tensors under the same tracker (`--validate`: tiny presets only).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+from dataclasses import dataclass, replace
+
+import torch
+
+from reca.engine.bench.fake import (CATEGORIES, FSDPStepTracker, StepTracker, cuda_like, in_recompute,
+                                    untracked_propagation)
+from reca.engine.config import RunConfig
+from reca.engine.errors import UserError
+
+CAPTION = "a photograph " * 512  # a caption longer than any max_answer_tokens: answers at their full length
+
+
+@dataclass(frozen=True)
+class _Rank:  # reca.engine.distributed.Rank's fields, for a rank of the fake group
+    rank: int
+    world_size: int
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def bench_config(cfg: RunConfig) -> RunConfig:
+    """The config as a CUDA run resolves it: bf16 autocast (precision auto), eager (compile and
+    CUDA graphs change what is saved, and are not measured), BAGEL's flex attention."""
+    t = cfg.train
+    train = replace(t, mode="custom", compile=False, cuda_graph=False, device="cpu",
+                    precision="bf16" if t.precision == "auto" else t.precision)
+    model = cfg.model
+    if getattr(model, "attention", None) == "auto":  # BAGEL: flex on a GPU
+        model = replace(model, attention="flex")
+    return replace(cfg, train=train, model=model, output=replace(cfg.output, tensorboard=False))
+
+
+def uses_fsdp(cfg: RunConfig, world_size: int) -> bool:
+    return world_size > 1 or cfg.distributed.cpu_offload
+
+
+def measure_step(cfg: RunConfig, world_size: int = 1, *, fake: bool = True) -> dict:
+    """One steady-state optimizer step of `cfg` on one rank of `world_size` -> {"peak_device_bytes",
+    "categories" (bytes per `CATEGORIES` at that peak), "where", "peak_step_host_bytes" (host
+    memory the step holds: offloaded shards, the EMA on the host), "pack_tokens" (BAGEL: the
+    longest pack of a micro-batch, else None), "seconds"}."""
+    cfg = bench_config(cfg)
+    if world_size > 1 and cfg.distributed.strategy != "fsdp":
+        raise UserError("reca bench memory measures distributed.strategy=fsdp across ranks")
+    t0 = time.perf_counter()
+    with _fake_mode(fake) as mode, _fake_group(world_size if uses_fsdp(cfg, world_size) else 0), cuda_like() as packs:
+        c, r = _components(cfg, world_size)
+        _prime_optimizer(c)
+        host = _host_categories(cfg)
+        if r is None:
+            tracker = StepTracker(host)
+            tracker.track_external(c.model, c.optimizer)
+        else:
+            tracker = FSDPStepTracker(c.model, c.optimizer, host)
+        if c.ema is not None:
+            tracker.track_ema(c.ema.shadows)
+        with tracker:
+            step = _instrumented(c, r, tracker)
+            batches = _batches(c, mode)
+            tracker.reset_peaks()  # the batch's own bytes count from here: they are activations
+            from reca.engine.train import train_step
+
+            train_step(step, batches)
+        del batches, step
+    return {"peak_device_bytes": tracker.device_peak, "categories": dict(tracker.device_snap),
+            "where": tracker.where, "peak_step_host_bytes": tracker.host_peak,
+            "pack_tokens": max(packs, default=None), "seconds": time.perf_counter() - t0}
+
+
+def startup_host_bytes(cfg: RunConfig) -> int:
+    """Rank 0's host peak while it builds the whole model on the CPU (`reca.engine.fsdp.whole_copy`,
+    the one-process build: random init in the dtypes it trains in), measured on fake tensors."""
+    from reca.kernels import get_ops
+    from reca.models import build_model
+
+    with _fake_mode(True):
+        tracker = StepTracker()
+        with tracker, torch.device("cpu"):
+            model = build_model(bench_config(cfg).model, get_ops("torch"))
+        del model
+    return tracker.total_peak
+
+
+# --- building the step ------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _fake_mode(fake: bool):
+    if not fake:
+        yield None
+        return
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    # the prompts are built as real (small) tensors outside the mode and meet fake ones inside it
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode, untracked_propagation():
+        yield mode
+
+
+@contextlib.contextmanager
+def _fake_group(world_size: int):
+    """torch's fake process group of `world_size` ranks (0: none), as rank 0 of it."""
+    if not world_size:
+        yield
+        return
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        raise UserError("reca bench memory runs outside torchrun (it makes its own fake process group)")
+    dist.init_process_group("fake", store=dist.HashStore(), rank=0, world_size=world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _components(cfg: RunConfig, world_size: int):
+    """(`build.Components` on the CPU, as the CUDA run builds them; the fake rank or None)."""
+    from reca.engine.build import Components
+    from reca.engine.compile import apply_checkpointing, find_blocks, set_attention
+    from reca.engine.ema import EMA
+    from reca.engine.objectives import objectives_of
+    from reca.engine.optim import build_optimizer, build_scheduler
+    from reca.engine.train import train_step
+    from reca.kernels import get_ops
+    from reca.models import build_model
+
+    device, ops = torch.device("cpu"), get_ops("torch")
+    r = _Rank(0, world_size) if uses_fsdp(cfg, world_size) else None
+    try:
+        with torch.device("meta" if r is not None else device):
+            model = build_model(cfg.model, ops)
+    except ValueError as e:
+        raise UserError(f"model config: {e}") from None
+    set_attention(model, cfg.train.attention)
+    for _, block in find_blocks(model):
+        block.forward = in_recompute(block.forward)
+    apply_checkpointing(model, cfg.train.checkpoint_every, device_type="cuda")
+    if r is not None:
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        from reca.engine.fsdp import fully_shard_model
+
+        with unset_fake_temporarily():  # the device mesh reads its rank table back: a real tensor
+            fully_shard_model(model, cfg, r, device, as_device="cuda")
+        model.to_empty(device=device)
+    model.train()
+    objectives = objectives_of(cfg, model)
+    builders = {o.name: o.builder(model, cfg) for o in objectives}
+    try:
+        optimizer = build_optimizer(model, cfg.optim, device, exempt=tuple(model.no_weight_decay_modules()))
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
+    generator = torch.Generator(device).manual_seed(cfg.train.seed + 1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    ema = EMA(model, cfg.train.ema) if cfg.train.ema else None
+    c = Components(cfg, device, model, ops, objectives, {}, builders, optimizer, scheduler, generator, params,
+                   train_step, ema)
+    return c, r
+
+
+def _host_categories(cfg: RunConfig) -> frozenset:
+    host = set()
+    if cfg.distributed.cpu_offload:  # FSDP2's CPUOffloadPolicy: shards, their gradients, AdamW state
+        host |= {"parameters", "gradients", "optimizer", "ema"}  # the EMA clones the (host) shards
+    return frozenset(host)
+
+
+@torch.no_grad()
+def _prime_optimizer(c) -> None:
+    """AdamW's moments exist before the measured step (created lazily by its first step)."""
+    for p in c.params:
+        p.grad = torch.zeros_like(p)
+    c.optimizer.step()
+    c.optimizer.zero_grad(set_to_none=True)
+
+
+def _instrumented(c, r, tracker):
+    """The components as the step sees them: the model call names the micro-batch for the
+    tracker (and, under FSDP, reduces gradients on the last one only, as `apply_strategy` does)."""
+    from reca.engine.distributed import apply_strategy
+
+    step = apply_strategy(c, r) if r is not None else c
+    inner, accum, calls = step.model, c.cfg.optim.grad_accum, [0]
+
+    def call(*args, **kwargs):
+        calls[0] += 1
+        tracker.enter_phase(f"micro-batch {calls[0]} of {accum}")
+        tracker.reset_mod_stats()  # the tracker refuses a second call of the root otherwise
+        return inner(*args, **kwargs)
+
+    if c.ema is not None:
+        update = c.ema.update
+
+        @functools.wraps(update)
+        def ema_update():
+            tracker.enter_phase("the EMA update")
+            update()
+
+        c.ema.update = ema_update
+    return replace(step, model=call)
+
+
+def _batches(c, mode) -> list:
+    """The step's micro-batches: images of the model's view sizes (fake under `mode`), prompts and
+    captions built as the loader's are (real: small integer tensors)."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    from reca.engine.data.loader import ImageBatch
+    from reca.engine.train import MicroBatch
+
+    cfg = c.cfg
+    b, accum, cycle = cfg.data.batch_size, cfg.optim.grad_accum, cfg.mix.cycle
+    out = []
+    for i in range(accum):
+        name = cycle[i % len(cycle)]
+        objective = next(o for o in c.objectives if o.name == name)
+        views = objective.views(c.model)
+        und = torch.rand(b, 3, views.und_size, views.und_size) * 2 - 1
+        gen = und if views.same_pixels(cfg.data.und_downscale) else \
+            torch.rand(b, 3, views.gen_size, views.gen_size) * 2 - 1
+        with unset_fake_temporarily() if mode is not None else contextlib.nullcontext():
+            positions = torch.arange(i * b, (i + 1) * b)
+        images = ImageBatch(und, gen, [str(p) for p in range(b)], positions, [CAPTION] * b)
+        with unset_fake_temporarily() if mode is not None else contextlib.nullcontext():
+            batch = objective.batch(c.builders[name], cfg, images, c.device)
+        out.append(MicroBatch(name, batch))
+    return out
+
+
+def categories_sum(categories: dict[str, int]) -> int:
+    return sum(categories[k] for k in CATEGORIES)
