@@ -191,6 +191,7 @@ class TrainConfig:
     attention: Attention = "sdpa"  # flash (flash-attn): causal only, refused for RecA masks
     checkpoint_every: int = 0  # activation checkpointing: recompute every k-th block (engine/compile.py find_blocks) in the backward; 1 = all, 0 = none
     ema: float = 0.0  # decay of an exponential moving average of the trained weights, updated every step (BAGEL: 0.9999); 0 = none
+    ema_on_host: bool = False  # keep the EMA (each rank's shard of it) in host memory; the update copies the trained weights there once a step
 
     def __post_init__(self) -> None:
         _literals(self)

@@ -106,7 +106,8 @@ def fill_from_rank0(model: nn.Module, whole: nn.Module | None, r) -> None:
         raise RuntimeError(f"tensors left on the meta device after sharding (register them as buffers): {left[:3]}")
 
 
-def fully_shard_model(model: nn.Module, cfg: RunConfig, r, device: torch.device, *, as_device: str | None = None) -> None:
+def fully_shard_model(model: nn.Module, cfg: RunConfig, r, device: torch.device, *,
+                      as_device: str | None = None) -> None:
     """`fully_shard` on every block of `find_blocks`, then the root (see the module). `as_device`:
     the mixed precision and offload of that device type on `device` (`reca bench memory` shards
     fake CPU tensors as a CUDA job does; pinning needs an accelerator, and moves no bytes)."""

@@ -91,8 +91,9 @@ class _Peaks:
         device = sum(now.values()) - host
         self.total_peak = max(self.total_peak, device + host)
         self.host_peak = max(self.host_peak, host)
-        if device > self.device_peak:
-            self.device_peak, self.device_snap, self.where = device, now, self._where()
+        if device > self.device_peak:  # the categories on the device: the host's read 0
+            self.device_snap = {k: 0 if k in self.host else v for k, v in now.items()}
+            self.device_peak, self.where = device, self._where()
 
     def _where(self) -> str:
         if self._in_opt:

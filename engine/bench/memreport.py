@@ -136,7 +136,7 @@ def _with_batch(cfg: RunConfig, b: int) -> RunConfig:
 
 
 def _ema_on_host(cfg: RunConfig) -> bool:
-    return bool(getattr(cfg.train, "ema_on_host", False))
+    return cfg.train.ema_on_host
 
 
 def format_report(r: dict) -> list[str]:

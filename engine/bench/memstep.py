@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
+import warnings
 from dataclasses import dataclass, replace
 
 import torch
@@ -65,7 +66,16 @@ def measure_step(cfg: RunConfig, world_size: int = 1, *, fake: bool = True) -> d
     if world_size > 1 and cfg.distributed.strategy != "fsdp":
         raise UserError("reca bench memory measures distributed.strategy=fsdp across ranks")
     t0 = time.perf_counter()
-    with _fake_mode(fake) as mode, _fake_group(world_size if uses_fsdp(cfg, world_size) else 0), cuda_like() as packs:
+    with warnings.catch_warnings():
+        # torch's ModTracker doubts its module stack when a checkpointed block recomputes; the
+        # peaks do not depend on it (the tracker's own note: categories may mix, totals do not)
+        warnings.filterwarnings("ignore", message="The module hierarchy tracking")
+        return _measure(cfg, world_size, fake, t0)
+
+
+def _measure(cfg: RunConfig, world_size: int, fake: bool, t0: float) -> dict:
+    group = world_size if uses_fsdp(cfg, world_size) else 0
+    with _fake_mode(fake), _fake_group(group), cuda_like() as packs:
         c, r = _components(cfg, world_size)
         _prime_optimizer(c)
         host = _host_categories(cfg)
@@ -78,8 +88,7 @@ def measure_step(cfg: RunConfig, world_size: int = 1, *, fake: bool = True) -> d
             tracker.track_ema(c.ema.shadows)
         with tracker:
             step = _instrumented(c, r, tracker)
-            batches = _batches(c, mode)
-            tracker.reset_peaks()  # the batch's own bytes count from here: they are activations
+            batches = _batches(c)  # created inside: the images count as activations
             from reca.engine.train import train_step
 
             train_step(step, batches)
@@ -90,17 +99,15 @@ def measure_step(cfg: RunConfig, world_size: int = 1, *, fake: bool = True) -> d
 
 
 def startup_host_bytes(cfg: RunConfig) -> int:
-    """Rank 0's host peak while it builds the whole model on the CPU (`reca.engine.fsdp.whole_copy`,
-    the one-process build: random init in the dtypes it trains in), measured on fake tensors."""
-    from reca.kernels import get_ops
+    """Rank 0's host memory for the whole model it builds on the CPU to fill every rank's shards
+    (`reca.engine.fsdp.whole_copy`): every parameter and buffer in the dtype it is built in (the
+    initialisers' temporaries, one tensor at a time, are not counted)."""
     from reca.models import build_model
 
-    with _fake_mode(True):
-        tracker = StepTracker()
-        with tracker, torch.device("cpu"):
-            model = build_model(bench_config(cfg).model, get_ops("torch"))
-        del model
-    return tracker.total_peak
+    with torch.device("meta"):
+        model = build_model(bench_config(cfg).model)
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 # --- building the step ------------------------------------------------------------------------
@@ -147,8 +154,9 @@ def _components(cfg: RunConfig, world_size: int):
 
     device, ops = torch.device("cpu"), get_ops("torch")
     r = _Rank(0, world_size) if uses_fsdp(cfg, world_size) else None
-    try:
-        with torch.device("meta" if r is not None else device):
+    fake = torch._guards.active_fake_mode() is not None
+    try:  # on fake tensors: built on meta outside the mode (initialisers may read values back), then given storage
+        with torch.device("meta" if r is not None or fake else device), _real():
             model = build_model(cfg.model, ops)
     except ValueError as e:
         raise UserError(f"model config: {e}") from None
@@ -157,12 +165,12 @@ def _components(cfg: RunConfig, world_size: int):
         block.forward = in_recompute(block.forward)
     apply_checkpointing(model, cfg.train.checkpoint_every, device_type="cuda")
     if r is not None:
-        from torch._subclasses.fake_tensor import unset_fake_temporarily
-
         from reca.engine.fsdp import fully_shard_model
 
-        with unset_fake_temporarily():  # the device mesh reads its rank table back: a real tensor
+        with _real():  # the device mesh reads its rank table back: a real tensor
             fully_shard_model(model, cfg, r, device, as_device="cuda")
+        model.to_empty(device=device)
+    elif fake:
         model.to_empty(device=device)
     model.train()
     objectives = objectives_of(cfg, model)
@@ -174,16 +182,25 @@ def _components(cfg: RunConfig, world_size: int):
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
     generator = torch.Generator(device).manual_seed(cfg.train.seed + 1)
     params = [p for p in model.parameters() if p.requires_grad]
-    ema = EMA(model, cfg.train.ema) if cfg.train.ema else None
+    ema = EMA(model, cfg.train.ema, on_host=cfg.train.ema_on_host) if cfg.train.ema else None
     c = Components(cfg, device, model, ops, objectives, {}, builders, optimizer, scheduler, generator, params,
                    train_step, ema)
     return c, r
+
+
+def _real():
+    """Outside the fake mode, if one is active."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    return unset_fake_temporarily()
 
 
 def _host_categories(cfg: RunConfig) -> frozenset:
     host = set()
     if cfg.distributed.cpu_offload:  # FSDP2's CPUOffloadPolicy: shards, their gradients, AdamW state
         host |= {"parameters", "gradients", "optimizer", "ema"}  # the EMA clones the (host) shards
+    if cfg.train.ema_on_host:
+        host.add("ema")
     return frozenset(host)
 
 
@@ -222,11 +239,9 @@ def _instrumented(c, r, tracker):
     return replace(step, model=call)
 
 
-def _batches(c, mode) -> list:
+def _batches(c) -> list:
     """The step's micro-batches: images of the model's view sizes (fake under `mode`), prompts and
     captions built as the loader's are (real: small integer tensors)."""
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-
     from reca.engine.data.loader import ImageBatch
     from reca.engine.train import MicroBatch
 
@@ -240,10 +255,10 @@ def _batches(c, mode) -> list:
         und = torch.rand(b, 3, views.und_size, views.und_size) * 2 - 1
         gen = und if views.same_pixels(cfg.data.und_downscale) else \
             torch.rand(b, 3, views.gen_size, views.gen_size) * 2 - 1
-        with unset_fake_temporarily() if mode is not None else contextlib.nullcontext():
+        with _real():
             positions = torch.arange(i * b, (i + 1) * b)
         images = ImageBatch(und, gen, [str(p) for p in range(b)], positions, [CAPTION] * b)
-        with unset_fake_temporarily() if mode is not None else contextlib.nullcontext():
+        with _real():
             batch = objective.batch(c.builders[name], cfg, images, c.device)
         out.append(MicroBatch(name, batch))
     return out
