@@ -231,6 +231,9 @@ class DistributedConfig:
     strategy: Literal["ddp", "fsdp"] = "fsdp"
     replicate: int = 1  # fsdp across nodes (HSDP): shard within groups of world_size / replicate ranks
     cpu_offload: bool = False  # fsdp: sharded parameters, gradients and AdamW state in host memory
+    # fsdp with train.init_from: every rank reads its own shards from the weight files (reca.engine.shards);
+    # false: rank 0 builds the whole model on the CPU and sends every rank its shards (the seed's draws as one process)
+    init_from_shards: bool = True
     keep_checkpoints: int = 2  # RUN/step-N/ folders kept (the newest)
 
     def __post_init__(self) -> None:

@@ -2,8 +2,10 @@
 
     every rank   build on the meta device (no memory, no init) -> `speed_up` (checkpointing,
                  compile) -> `fully_shard` per block of `find_blocks`, then the root ->
-                 `to_empty` (storage for its own shards only) -> filled from rank 0
-    rank 0       also builds the whole model on the CPU as a one-process run does
+                 `to_empty` (storage for its own shards only) -> filled from rank 0, or with
+                 `train.init_from` from the weight files, each rank reading its own shards
+                 (`reca.engine.shards`; `distributed.init_from_shards`, on by default)
+    rank 0       without that, also builds the whole model on the CPU as a one-process run does
                  (`seeded_model`: the seed's weights, `train.init_from`; a resumed one-process
                  checkpoint's trainable weights go into it too) and streams it one tensor at a
                  time: `set_model_state_dict(..., broadcast_from_rank0=True)` sends each whole
@@ -58,9 +60,11 @@ def whole_copy(cfg: RunConfig) -> nn.Module:
     return seeded_model(cfg, get_ops("torch"), torch.device("cpu"))  # a source of weights: never run
 
 
-def sharded_model(cfg: RunConfig, ops, device: torch.device, *, r, whole: nn.Module | None) -> nn.Module:
+def sharded_model(cfg: RunConfig, ops, device: torch.device, *, r, whole: nn.Module | None,
+                  stream: bool = False) -> nn.Module:
     """`build`'s `place` under FSDP: the model built on meta, sharded, and filled from `whole`
-    (rank 0's copy; None on the other ranks). See the module."""
+    (rank 0's copy; None on the other ranks), or with `stream` from `train.init_from`'s files by
+    every rank (`reca.engine.shards`). See the module."""
     from reca.engine.build import speed_up
     from reca.models import build_model
 
@@ -81,7 +85,13 @@ def sharded_model(cfg: RunConfig, ops, device: torch.device, *, r, whole: nn.Mod
                     mod._buffers[name] = buf.to(device)
     else:
         model.to_empty(device=device)
-    fill_from_rank0(model, whole, r)
+    if stream:
+        from reca.engine.shards import fill_from_files
+
+        model.init_from_report = fill_from_files(model, cfg)
+        _no_meta_left(model)
+    else:
+        fill_from_rank0(model, whole, r)
     return model
 
 
@@ -100,6 +110,10 @@ def fill_from_rank0(model: nn.Module, whole: nn.Module | None, r) -> None:
         if r.main:
             buf.copy_(theirs[name])
         dist.broadcast(buf, src=0)
+    _no_meta_left(model)
+
+
+def _no_meta_left(model: nn.Module) -> None:
     left = [f"{m}.{k}" for m, mod in model.named_modules() for k, v in vars(mod).items()
             if isinstance(v, torch.Tensor) and v.is_meta]
     if left:  # a tensor held as a plain attribute: no FSDP API sees it; the family must register it
