@@ -39,6 +39,7 @@ def test_validate_fake_against_real_tensors(tmp_path, capsys, name):
     v = json.loads(out.read_text())
     assert abs(v["measured_over_real"] - 1) < 0.10, v
     assert v["real"] > 1_000_000
+    assert v["fake_categories"]["parameters"] == v["real_categories"]["parameters"]  # tied weights once
 
 
 def test_bench_memory_cli_table_and_json(tmp_path, capsys):

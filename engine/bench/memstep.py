@@ -171,7 +171,7 @@ def _components(cfg: RunConfig, world_size: int):
             fully_shard_model(model, cfg, r, device, as_device="cuda")
         model.to_empty(device=device)
     elif fake:
-        model.to_empty(device=device)
+        _storage_for(model, device)
     model.train()
     objectives = objectives_of(cfg, model)
     builders = {o.name: o.builder(model, cfg) for o in objectives}
@@ -186,6 +186,22 @@ def _components(cfg: RunConfig, world_size: int):
     c = Components(cfg, device, model, ops, objectives, {}, builders, optimizer, scheduler, generator, params,
                    train_step, ema)
     return c, r
+
+
+def _storage_for(model: torch.nn.Module, device: torch.device) -> None:
+    """`to_empty` that keeps tied parameters tied (meta -> fake swaps each module's parameter
+    for a new one: a tied LM head would count twice)."""
+    new, old = {}, []
+    for mod in model.modules():
+        for name, p in mod._parameters.items():
+            if p is not None:
+                if id(p) not in new:
+                    old.append(p)  # alive until the end: its id stays its own
+                    new[id(p)] = torch.nn.Parameter(torch.empty_like(p, device=device), requires_grad=p.requires_grad)
+                mod._parameters[name] = new[id(p)]
+        for name, b in mod._buffers.items():
+            if b is not None:
+                mod._buffers[name] = torch.empty_like(b, device=device)
 
 
 def _real():
