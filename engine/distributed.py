@@ -143,7 +143,9 @@ def apply_strategy(c, r: Rank):
         ddp = DistributedDataParallel(c.model, device_ids=[c.device.index] if c.device.type == "cuda" else None,
                                       find_unused_parameters=True)
         return replace(c, model=_SyncOnLast(ddp, accum, lambda on: setattr(ddp, "require_backward_grad_sync", on)))
-    return replace(c, model=_SyncOnLast(c.model, accum, c.model.set_requires_gradient_sync))
+    from reca.engine.fsdp import set_gradient_sync
+
+    return replace(c, model=_SyncOnLast(c.model, accum, functools.partial(set_gradient_sync, c.model)))
 
 
 class _SyncOnLast:

@@ -148,3 +148,18 @@ def fully_shard_model(model: nn.Module, cfg: RunConfig, r, device: torch.device,
     for _, block in find_blocks(model):
         fully_shard(block, **kw)
     fully_shard(model, **kw)
+
+
+def set_gradient_sync(model: nn.Module, on: bool) -> None:
+    """`set_requires_gradient_sync(on)` on the sharded model, but never off for a block whose
+    parameters are all frozen: FSDP2 (torch 2.13) fails in the backward of an accumulated
+    micro-batch on a block that has never run a forward, such as a VAE decoder in training
+    ("'FSDPParam' object has no attribute '_unsharded_param'"), while its reducing path skips
+    such a block; a frozen block has no gradient to reduce either way."""
+    from torch.distributed.fsdp import FSDPModule
+
+    model.set_requires_gradient_sync(on)
+    if not on:
+        for m in model.modules():
+            if isinstance(m, FSDPModule) and m is not model and not any(p.requires_grad for p in m.parameters()):
+                m.set_requires_gradient_sync(True, recurse=False)
