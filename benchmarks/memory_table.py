@@ -6,10 +6,13 @@ real-size preset at 1, 2, 4 and 8 ranks, and BAGEL's options for fewer or smalle
 Every run's raw report goes to the JSON file as it finishes (a rerun skips the runs it holds).
 Per preset and rank count the step is measured once per objective of its cycle, as two
 micro-batches of that objective where the preset accumulates (the second holds the first's
-gradients, as every later one of a longer accumulation does): the row's peak is the larger. The peak is linear in the
+gradients, as every later one of a longer accumulation does; a second objective after one
+micro-batch of the first): the row's peak is the larger. The peak is linear in the
 micro-batch (each sample adds its activations), so a second batch (half the preset's) at 1 and
-at 8 ranks gives each objective's bytes per sample (one process and FSDP), from which the
-largest micro-batch under 90 % of each card follows; `--verify` measures those predictions.
+at 8 ranks gives the line (one process and FSDP), from which the largest micro-batch under 90 %
+of each card follows; `--verify` measures the 80 GiB prediction at 1 and 8 ranks, and again from
+the line through the nearest measured batches where it misses (the line bends where the peak
+moves to another part of the step).
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from pathlib import Path
 import torch
 
 from reca.engine.bench.memory import USABLE
-from reca.engine.bench.memreport import memory_report
+from reca.engine.bench.memreport import memory_report, predict
 from reca.engine.config import apply_overrides
 from reca.engine.presets import preset
 
@@ -41,6 +44,12 @@ BAGEL_OPTIONS = {
     "4 samples x 2 accumulated": ["data.batch_size=4", "optim.grad_accum=2"],
     "2 samples x 4 accumulated": ["data.batch_size=2", "optim.grad_accum=4"],
     "7 samples (31,488 tokens)": ["data.batch_size=7"],
+    "4 x 2, each micro-batch reduced": ["data.batch_size=4", "optim.grad_accum=2",
+                                        "distributed.reduce_every_micro_batch=true"],
+    "2 x 4, each micro-batch reduced": ["data.batch_size=2", "optim.grad_accum=4",
+                                        "distributed.reduce_every_micro_batch=true"],
+    "EMA on the host, 4 x 2 reduced": ["train.ema_on_host=true", "data.batch_size=4", "optim.grad_accum=2",
+                                       "distributed.reduce_every_micro_batch=true"],
 }
 BAGEL_WORLDS = (1, 4, 8)
 
@@ -69,11 +78,11 @@ def objective_sets(name: str, batch: int | None = None) -> list[list[str]]:
     b = [] if batch is None else [f"data.batch_size={batch}"]
     accum = min(cfg.optim.grad_accum, 2)
     first, *rest = dict.fromkeys(cfg.mix.cycle)
-    # another objective after the first: FSDP2 fails in the backward of an accumulated micro-batch
-    # when a block has never run a forward (Harmon's MAR in a captioning micro-batch): never at the
-    # start of the preset's own cycle, which begins with its first objective
+    # another objective runs after the first, twice (accumulated, then reduced), as in the
+    # presets' cycles: FSDP2 refuses to reduce a block whose parameters first get a gradient in
+    # the last micro-batch while others hold accumulated ones (engine/fsdp.py)
     return [[f"mix.cycle={first}", f"optim.grad_accum={accum}", *b]] + \
-        [[f"mix.cycle={first},{o}", f"optim.grad_accum={accum}", *b] for o in rest]
+        [[f"mix.cycle={first},{o},{o}", f"optim.grad_accum={min(cfg.optim.grad_accum, 3)}", *b] for o in rest]
 
 
 def measure_all(results: dict, path: Path, names, verify: bool) -> None:
@@ -85,11 +94,13 @@ def measure_all(results: dict, path: Path, names, verify: bool) -> None:
         for world in (1, 8):  # the bytes per sample, one process and FSDP
             for sets in objective_sets(name, b0 // 2 if b0 > 1 else 2):
                 run(results, path, name, world, sets)
-        if verify:
+        if verify:  # the 80 GiB prediction measured, and measured again where it misses
             for world in (1, 8):
-                b = largest(results, name, world, 80)["batch"]
-                if b > 0:
-                    for sets in objective_sets(name, b):
+                for _ in range(4):
+                    f = largest(results, name, world, 80)
+                    if f["checked"] or f["batch"] == 0:
+                        break
+                    for sets in objective_sets(name, f["batch"]):
                         run(results, path, name, world, sets)
     if "bagel-7b-mot" in names:
         for label, sets in BAGEL_OPTIONS.items():
@@ -107,20 +118,33 @@ def peak(results: dict, name: str, world: int, batch: int) -> tuple[int, dict]:
     return top["peak_device_bytes"], top
 
 
+def points(results: dict, name: str, world: int) -> dict[int, int]:
+    """batch -> peak for every batch measured at `world`."""
+    out = {}
+    for r in results["runs"].values():
+        if r["preset"] == name and r["world_size"] == world and r["batch"] not in out:
+            try:
+                out[r["batch"]] = peak(results, name, world, r["batch"])[0]
+            except KeyError:
+                pass
+    return out
+
+
 def largest(results: dict, name: str, world: int, card: int) -> dict:
-    """Largest batch under USABLE x card from the line through the two measured batches (the
-    slope of the nearest world size that has a second batch)."""
+    """The largest batch under USABLE x card (`memreport.predict` on the batches measured at
+    `world`; one measured there borrows the line of 1 rank (one process) or 8 (FSDP), moved to
+    pass through its own point). `checked`: that batch was measured and fits."""
     b0 = preset(name).data.batch_size
-    b1 = b0 // 2 if b0 > 1 else 2
-    slope_world = 1 if world == 1 else 8
-    p0, _ = peak(results, name, slope_world, b0)
-    p1, _ = peak(results, name, slope_world, b1)
-    slope = (p0 - p1) / (b0 - b1)
-    here, report = peak(results, name, world, b0)
+    own = points(results, name, world)
+    pts = own
+    if len(own) < 2:
+        ref = points(results, name, 1 if world == 1 else 8)
+        pts = {b: p + own[b0] - ref[b0] for b, p in ref.items()}
     room = USABLE * card * GIB
-    b = max(0, int((room - (here - slope * b0)) // slope)) if slope > 0 else b0
-    tokens = report["tokens_per_rank"]
-    return {"batch": b, "tokens": round(tokens / b0 * b) if tokens else None}
+    b = predict(pts, room)
+    tokens = peak(results, name, world, b0)[1]["tokens_per_rank"]
+    return {"batch": b, "tokens": round(tokens / b0 * b) if tokens else None,
+            "checked": b in own and own[b] <= room}
 
 
 def table(results: dict, names) -> list[str]:
@@ -135,14 +159,17 @@ def table(results: dict, names) -> list[str]:
             except KeyError:
                 continue
             unit = " tokens" if r["tokens_per_rank"] else ""
-            big = " / ".join(f"{f['tokens']:,}" if f["tokens"] else str(f["batch"]) for f in fits) + unit
+            cells = [(f"{f['tokens']:,}" if f["tokens"] else str(f["batch"])) + ("*" if f["checked"] else "")
+                     for f in fits]
+            big = " / ".join(cells) + unit
             mb = f"{b0} ({r['tokens_per_rank']:,} tokens)" if r["tokens_per_rank"] else str(b0)
             lines.append(f"| {name} | {mb} | {world} | {p / GIB:.1f} | {r['where']} | {big} |")
     return lines
 
 
 def options_table(results: dict) -> list[str]:
-    lines = ["| bagel-7b-mot | " + " | ".join(f"{w} rank{'s' if w > 1 else ''}: device (host) GiB" for w in BAGEL_WORLDS)
+    heads = [f"{w} rank{'s' if w > 1 else ''}: device (host) GiB" for w in BAGEL_WORLDS]
+    lines = ["| bagel-7b-mot | " + " | ".join(heads)
              + " |", "|---" * (len(BAGEL_WORLDS) + 1) + "|"]
     for label, sets in BAGEL_OPTIONS.items():
         cells = []

@@ -38,7 +38,8 @@ def main() -> None:
         fake = m["peak_device_bytes"] / 2**30
         rows[b] = {"fake_gib": fake, "h200_max_memory_allocated_gib": gpu, "fake_over_h200": fake / gpu,
                    "where": m["where"], "categories_gib": {k: v / 2**30 for k, v in m["categories"].items()}}
-        print(f"harmon-1.5b batch {b}: fake {fake:.2f} GiB, H200 {gpu:.2f} GiB, fake / H200 {fake / gpu:.3f}", flush=True)
+        print(f"harmon-1.5b batch {b}: fake {fake:.2f} GiB, H200 {gpu:.2f} GiB, fake / H200 {fake / gpu:.3f}",
+              flush=True)
     date = _dt.date.today().isoformat()
     out = Path(args.out or Path(__file__).parent / "results" / f"memory_fake_vs_h200_{date}.json")
     out.write_text(json.dumps({"kind": "fake-tensor figure (CPU) beside the H200's 2026-12-04 max_memory_allocated",

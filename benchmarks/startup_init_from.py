@@ -11,8 +11,9 @@ parameters, 1.1 GB in fp32), then for each mode one `torchrun --nproc-per-node 2
 (`apply_strategy`, after the frozen weights' fingerprint): the seconds since `train_distributed`
 began, its peak resident memory (VmHWM) and the peak of its anonymous memory (RssAnon sampled
 every 5 ms: what a whole copy costs; the file pages a read leaves in the page cache are not the
-process's), each also above the same process's memory before the start-up. CPU figures: the
-GPU job's host memory differs by the CUDA context and pinned buffers, not by the copy.
+process's), each also above the same process's memory before the start-up, and the bytes of
+the rank's own shards, buffers and EMA (host memory here, device memory on a GPU). CPU figures:
+the GPU job's host memory differs by those and the CUDA context, not by the copy.
 """
 from __future__ import annotations
 
@@ -40,6 +41,17 @@ def _status(field: str) -> int:
     return 0
 
 
+def _own_state(c) -> int:
+    """Bytes of this rank's shards, buffers and EMA shards: on the CPU they are host memory too."""
+    from torch.distributed.tensor import DTensor
+
+    local = [p.to_local() if isinstance(p, DTensor) else p for p in c.model.parameters()]
+    local += list(c.model.buffers())
+    if c.ema is not None:
+        local += [s.to_local() if isinstance(s, DTensor) else s for s in c.ema.shadows]
+    return sum(t.numel() * t.element_size() for t in local)
+
+
 def worker(root: Path, mode: str, layers: int) -> None:
     """Under torchrun: one step of bagel-tiny (widened) from the release; rank 0 writes its figures."""
     from reca.engine import distributed
@@ -61,7 +73,8 @@ def worker(root: Path, mode: str, layers: int) -> None:
 
     def built(c, r):  # the model is built, filled and fingerprinted: start-up is over
         stop.set()
-        figures.update(seconds=time.perf_counter() - t0, peak_rss=_status("VmHWM"), peak_anon=peak["anon"])
+        figures.update(seconds=time.perf_counter() - t0, peak_rss=_status("VmHWM"), peak_anon=peak["anon"],
+                       own_state=_own_state(c))
         return apply(c, r)
 
     distributed.apply_strategy = built
@@ -110,22 +123,29 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="reca-startup-"))
     params = release(root, args.layers)
     size = (root / "release" / "ema.safetensors").stat().st_size
-    print(f"bagel-tiny widened: {params:,} parameters, ema.safetensors {size / 2**30:.2f} GiB; 2 gloo ranks", flush=True)
+    print(f"bagel-tiny widened: {params:,} parameters, ema.safetensors {size / 2**30:.2f} GiB; 2 gloo ranks",
+          flush=True)
     rows = {}
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for mode in ("whole", "shards"):  # the baseline first
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
                         __file__, "--layers", str(args.layers), "--worker", str(root), mode], check=True, env=env)
         r = json.loads((root / f"{mode}.json").read_text())
-        rows[mode] = {**r, "rss_added": r["peak_rss"] - r["rss_before"], "anon_added": r["peak_anon"] - r["anon_before"]}
+        rows[mode] = {**r, "rss_added": r["peak_rss"] - r["rss_before"],
+                      "anon_added": r["peak_anon"] - r["anon_before"],
+                      "anon_beyond_own_state": r["peak_anon"] - r["anon_before"] - r["own_state"]}
         print(f"  {mode:>6}: start-up {r['seconds']:6.2f} s; rank 0 peak RSS {r['peak_rss'] / 2**30:5.2f} GiB "
               f"(+{rows[mode]['rss_added'] / 2**30:.2f} over its {r['rss_before'] / 2**30:.2f} before), anonymous "
-              f"peak +{rows[mode]['anon_added'] / 2**30:.2f} GiB", flush=True)
+              f"peak +{rows[mode]['anon_added'] / 2**30:.2f} GiB, of which its own shards, buffers and EMA "
+              f"{r['own_state'] / 2**30:.2f} (on a GPU, device memory)", flush=True)
     w, s = rows["whole"], rows["shards"]
     ratios = {"seconds": s["seconds"] / w["seconds"], "rss_added": s["rss_added"] / w["rss_added"],
-              "anon_added": s["anon_added"] / w["anon_added"]}
+              "anon_added": s["anon_added"] / w["anon_added"],
+              "anon_beyond_own_state": s["anon_beyond_own_state"] / w["anon_beyond_own_state"]}
     print(f"  shards / whole: start-up {ratios['seconds']:.2f}x, added RSS {ratios['rss_added']:.2f}x, "
-          f"added anonymous memory {ratios['anon_added']:.2f}x", flush=True)
+          f"added anonymous memory {ratios['anon_added']:.2f}x, beyond the rank's own state "
+          f"{w['anon_beyond_own_state'] / 2**30:.2f} -> {s['anon_beyond_own_state'] / 2**30:.2f} GiB "
+          f"({ratios['anon_beyond_own_state']:.2f}x)", flush=True)
     report = {"benchmark": "startup_init_from", "kind": "CPU, 2 gloo ranks (torchrun), not a GPU run",
               "preset": "bagel-tiny", "sets": [*SETS, f"model.llm.num_layers={args.layers}"], "parameters": params,
               "release_bytes": size, "modes": rows, "shards_over_whole": ratios, "torch": torch.__version__,

@@ -234,6 +234,9 @@ class DistributedConfig:
     # fsdp with train.init_from: every rank reads its own shards from the weight files (reca.engine.shards);
     # false: rank 0 builds the whole model on the CPU and sends every rank its shards (the seed's draws as one process)
     init_from_shards: bool = True
+    # fsdp with optim.grad_accum > 1: reduce-scatter every micro-batch's gradients (one reduce-scatter each) instead of
+    # keeping them unsharded, in fp32, until the step's last micro-batch (4 bytes a trained parameter on every rank)
+    reduce_every_micro_batch: bool = False
     keep_checkpoints: int = 2  # RUN/step-N/ folders kept (the newest)
 
     def __post_init__(self) -> None:

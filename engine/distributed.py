@@ -145,7 +145,8 @@ def apply_strategy(c, r: Rank):
         return replace(c, model=_SyncOnLast(ddp, accum, lambda on: setattr(ddp, "require_backward_grad_sync", on)))
     from reca.engine.fsdp import set_gradient_sync
 
-    return replace(c, model=_SyncOnLast(c.model, accum, functools.partial(set_gradient_sync, c.model)))
+    every = 1 if c.cfg.distributed.reduce_every_micro_batch else accum  # 1: each micro-batch reduces
+    return replace(c, model=_SyncOnLast(c.model, every, functools.partial(set_gradient_sync, c.model)))
 
 
 class _SyncOnLast:

@@ -61,9 +61,8 @@ def fill_from_files(model: nn.Module, cfg: RunConfig) -> str:
 
 def _fill(model: nn.Module, cfg: RunConfig) -> str:
     from reca.engine.build import load_init_from
-    from reca.models.loading import mapped
-
     from reca.models import build_model
+    from reca.models.loading import mapped
 
     with _registrations() as order, torch.device("meta"):
         probe = build_model(cfg.model)

@@ -28,6 +28,7 @@ if not _has_cuda():
 INTEGRATION_MODULES = {
     "test_package.py", "test_cli.py", "test_bench.py", "test_compile_sm90.py", "test_benchmarks_smoke.py",
     "test_promises.py", "test_distributed.py", "test_fsdp.py", "test_sample_cli.py", "test_data_signals.py",
+    "test_init_from_shards.py",
 }
 
 

@@ -2,7 +2,8 @@
 (engine/shards.py, `distributed.init_from_shards`), no whole copy of the model on rank 0: the
 same weights and frozen-weight fingerprint as rank 0's whole copy, drawn tensors the same at
 every world size, refusals in one line, and a job that trains and resumes across both modes.
-Also FSDP's gradient accumulation past frozen blocks that never run (engine/fsdp.py).
+Also FSDP's gradient accumulation: past frozen blocks that never run (engine/fsdp.py), and
+reducing every micro-batch (`distributed.reduce_every_micro_batch`).
 
 One torchrun launch of this file (its `__main__`, 2 gloo ranks on CPU) does the distributed part.
 """
@@ -104,6 +105,17 @@ def test_fsdp_accumulates_past_frozen_blocks_that_never_run(job):
     assert (job / "accum" / "step-2").is_dir()
 
 
+def test_reducing_every_micro_batch_keeps_the_losses(job):
+    """distributed.reduce_every_micro_batch: the same losses over 3 steps of 2 micro-batches as
+    reducing once a step (the sums in another order: relative 1e-5, as tests/test_distributed.py)."""
+    from test_distributed import TOL, losses
+
+    once, every = losses(job / "reduce-once"), losses(job / "reduce-every")
+    assert len(once) == len(every) == 3
+    for a, b in zip(once, every):
+        assert abs(a - b) <= TOL * abs(a), (once, every)
+
+
 def test_a_refusal_is_one_line_on_every_rank(job):
     """A release with a tensor the model has no place for: every rank raises the loader's line."""
     lines = (job / "refusals.txt").read_text().splitlines()
@@ -155,6 +167,12 @@ if __name__ == "__main__":  # under torchrun: build, train and resume (see `job`
     cfg = apply_overrides(preset("harmon-tiny"), [*SETS, "model.vae.kind=kl", "optim.grad_accum=2", "train.steps=2",
                                                   "data.source=demo", f"output.dir={root / 'accum'}"])
     train_distributed(cfg, quiet=True)
+
+    for name, every in (("reduce-once", False), ("reduce-every", True)):
+        cfg = apply_overrides(preset("tiny"), [*SETS, "optim.grad_accum=2", "train.steps=3", "output.log_every=1",
+                                               "data.source=demo", f"distributed.reduce_every_micro_batch={every}",
+                                               f"output.dir={root / name}"])
+        train_distributed(cfg, quiet=True)
 
     bad = root / "bad-release"
     if r.main:

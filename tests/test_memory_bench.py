@@ -45,7 +45,8 @@ def test_validate_fake_against_real_tensors(tmp_path, capsys, name):
 def test_bench_memory_cli_table_and_json(tmp_path, capsys):
     """The table a user reads and the JSON fields, for one rank of an FSDP2 job of 2; with
     distributed.cpu_offload the shards, gradients and AdamW state are host memory, not the
-    device's; with train.ema_on_host the EMA's shard is."""
+    device's; with train.ema_on_host the EMA's shard is; an accumulated micro-batch keeps the
+    gradients unsharded in fp32, unless distributed.reduce_every_micro_batch."""
     out = tmp_path / "m.json"
     main(["bench", "memory", "--preset", "bagel-tiny", "--world-size", "2", "--json", str(out)])
     text = capsys.readouterr().out
@@ -62,6 +63,19 @@ def test_bench_memory_cli_table_and_json(tmp_path, capsys):
     off = measure_step(apply_overrides(preset("bagel-tiny"), ["distributed.cpu_offload=true"]), world_size=2)
     assert off["categories"]["parameters"] == off["categories"]["optimizer"] == 0
     assert off["peak_device_bytes"] < r["peak_device_bytes"] and off["peak_step_host_bytes"] > 0
+    # accumulating 2 micro-batches keeps whole fp32 gradients between them, unless each is reduced
+    kept, reduced = (measure_step(apply_overrides(preset("bagel-tiny"), ["optim.grad_accum=2", "data.batch_size=4",
+                                                                         f"distributed.reduce_every_micro_batch={e}"]),
+                                  world_size=2)["categories"]["gradients"] for e in (False, True))
+    trained = sum(p.numel() for p in _trained(preset("bagel-tiny")))
+    assert kept >= 4 * trained and reduced <= kept / 2, (kept, reduced, trained)  # whole fp32 vs a half each
+
+
+def _trained(cfg):
+    from reca.models import build_model
+
+    with torch.device("meta"):
+        return [p for p in build_model(cfg.model).parameters() if p.requires_grad]
 
 
 def test_checkpointed_blocks_with_dropout_under_bf16_autocast():
@@ -110,8 +124,9 @@ def test_ema_on_host_changes_nothing_in_the_step(tmp_path):
 
     runs = []
     for on_host in (False, True):
-        c = build(apply_overrides(preset("tiny"), [f"output.dir={tmp_path}", "train.ema=0.9", "data.num_workers=0", "data.batch_size=2",
-                                                    f"train.ema_on_host={on_host}", "output.tensorboard=false"]))
+        c = build(apply_overrides(preset("tiny"), [f"output.dir={tmp_path}", "train.ema=0.9", "data.num_workers=0",
+                                                    "data.batch_size=2", f"train.ema_on_host={on_host}",
+                                                    "output.tensorboard=false"]))
         for _ in range(2):
             c.update(c, next_batches(c))
             c.scheduler.step()
@@ -122,3 +137,17 @@ def test_ema_on_host_changes_nothing_in_the_step(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(w0, w1))
     assert all(torch.equal(a, b) for a, b in zip(e0, e1))
     assert not all(torch.equal(a, b) for a, b in zip(e0, w0))  # the EMA lags the weights
+
+
+def test_largest_micro_batch_is_measured_to_fit(tmp_path, capsys):
+    """`--largest`: the batch the measured line predicts under 90 % of the card is measured, and
+    fits; one more image would not (on the line through the bracketing batches)."""
+    from reca.engine.bench.memreport import GIB, USABLE
+
+    out = tmp_path / "l.json"
+    main(["bench", "memory", "--preset", "tiny", "--largest", "--cards", "1", "--json", str(out)])
+    assert "largest micro-batch that fits (* measured): 1 GiB" in capsys.readouterr().out
+    big = json.loads(out.read_text())["largest"]["1"]
+    assert big["checked"] and big["batch"] > 8 and big["peak_device_bytes"] <= USABLE * GIB
+    more = measure_step(apply_overrides(preset("tiny"), [f"data.batch_size={big['batch'] + 8}"]))
+    assert more["peak_device_bytes"] > USABLE * GIB  # the line is close: 8 more images do not fit

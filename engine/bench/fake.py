@@ -152,10 +152,12 @@ class FSDPStepTracker(_Peaks, FSDPMemTracker):
 
         @functools.wraps(orig)
         def inner(*args, **kwargs):
-            # torch's wrapper reads every parameter's unsharded gradient; a group whose forward
-            # never ran (a frozen ViT called under no_grad) has none: nothing to attribute
+            # torch's wrapper reads every parameter's unsharded gradient and the block's stats;
+            # a block whose forward never ran (since the micro-batch began: a frozen VAE decoder)
+            # has neither, and nothing to attribute
             group = fsdp_mod._get_fsdp_state()._fsdp_param_group
-            if group is not None and not all(hasattr(p, "_unsharded_param") for p in group.fsdp_params):
+            if fsdp_mod not in self.memory_tracking or (
+                    group is not None and not all(hasattr(p, "_unsharded_param") for p in group.fsdp_params)):
                 return orig(*args, **kwargs)
             return tracked(*args, **kwargs)
 
@@ -280,7 +282,10 @@ def untracked_propagation():
     makes a fake mode of its own, as it does outside one, which the tracker leaves out."""
     from torch.distributed.tensor import _sharding_prop
 
-    saved = _sharding_prop.detect_fake_mode
+    saved = getattr(_sharding_prop, "detect_fake_mode", None)
+    if saved is None:  # another torch: its propagation is left as it is
+        yield
+        return
     _sharding_prop.detect_fake_mode = lambda *args: None
     try:
         yield

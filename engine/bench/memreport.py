@@ -19,7 +19,7 @@ import torch
 
 from reca.engine.bench.fake import CATEGORIES
 from reca.engine.bench.memory import USABLE, memory_per_rank
-from reca.engine.bench.memstep import bench_config, measure_step, startup_host_bytes, uses_fsdp
+from reca.engine.bench.memstep import bench_config, largest_shard_bytes, measure_step, startup_host_bytes, uses_fsdp
 from reca.engine.config import RunConfig, apply_overrides
 from reca.engine.errors import UserError
 
@@ -64,6 +64,7 @@ def memory_report(cfg: RunConfig, world_size: int, *, cards: tuple[int, ...] = C
         "peak_device_bytes": peak, "categories": m["categories"], "where": m["where"],
         "peak_step_host_bytes": m["peak_step_host_bytes"],
         "peak_host_bytes": startup_host_bytes(cfg) if startup else None,
+        "peak_host_bytes_init_from": largest_shard_bytes(cfg, world_size) if startup else None,
         "projected": projected, "measured_over_projected": peak / projected["total"],
         "fits": {str(g): peak <= USABLE * g * GIB for g in cards}, "usable": USABLE, "not_covered": NOT_COVERED,
         "seconds": m["seconds"], "torch": torch.__version__, "date": _dt.date.today().isoformat(),
@@ -83,34 +84,56 @@ def projection(cfg: RunConfig, world_size: int) -> dict:
             "temporaries": 0.0, "total": row["total"]}
 
 
-def largest_batches(cfg: RunConfig, world_size: int, cards: tuple[int, ...], *, first: dict | None = None) -> dict:
-    """The largest micro-batch (BAGEL: samples a pack) whose measured peak fits each card: the peak
-    is linear in the batch (each sample adds its activations), so two measured batches give the
-    line, and the batch it predicts is measured (and stepped down while it does not fit)."""
+def largest_batches(cfg: RunConfig, world_size: int, cards: tuple[int, ...], *, first: dict | None = None,
+                    tries: int = 6) -> dict:
+    """The largest micro-batch (BAGEL: samples a pack) whose measured peak fits each card. The
+    peak is linear in the batch where its place in the step stays (each sample adds its
+    activations): the preset's batch and half of it give a line, the batch it predicts is
+    measured, and the line through the measured batches that bracket the card predicts again,
+    until a prediction is measured and fits (at most `tries` steps a card)."""
     b0 = cfg.data.batch_size
-    measured: dict[int, dict] = {}
-    if first is not None:
-        measured[b0] = first
+    measured: dict[int, dict] = {} if first is None else {b0: first}
 
     def peak(b: int) -> int:
         if b not in measured:
             measured[b] = memory_report(_with_batch(cfg, b), world_size, cards=cards, startup=False)
         return measured[b]["peak_device_bytes"]
 
-    b1 = b0 // 2 if b0 > 1 else 2
-    slope = (peak(b0) - peak(b1)) / (b0 - b1)
-    base = peak(b0) - slope * b0
+    peak(b0), peak(b0 // 2 if b0 > 1 else 2)
     out = {}
     for g in cards:
         room = USABLE * g * GIB
-        b = int((room - base) // slope) if slope > 0 else b0
-        b = max(b, 0)
-        while b > 0 and peak(b) > room:  # the line's prediction is measured; a miss steps down
-            b -= 1
-        out[str(g)] = {"batch": b, "tokens_per_rank": measured[b]["tokens_per_rank"] if b in measured else None,
-                       "peak_device_bytes": measured[b]["peak_device_bytes"] if b in measured else None}
-    out["per_sample_bytes"] = slope
+        for _ in range(tries):
+            b = predict({k: v["peak_device_bytes"] for k, v in measured.items()}, room)
+            if b == 0 or peak(b) <= room:
+                break
+        r = measured.get(b)
+        out[str(g)] = {"batch": b, "tokens_per_rank": r["tokens_per_rank"] if r else None,
+                       "peak_device_bytes": r["peak_device_bytes"] if r else None,
+                       "checked": r is not None and r["peak_device_bytes"] <= room}
     return out
+
+
+def predict(points: dict[int, float], room: float) -> int:
+    """The largest batch whose peak is at most `room` on the line through the measured batches
+    (batch -> peak, two at least) that bracket it, else through the two nearest; never below a
+    batch measured to fit, never at one measured not to."""
+    fit = [b for b in points if points[b] <= room]
+    lo = max(fit, default=None)
+    above = sorted(b for b in points if points[b] > room and (lo is None or b > lo))
+    if lo is not None and above:
+        a, z = lo, above[0]
+    elif lo is not None:
+        a, z = sorted(points)[-2:]
+    else:
+        a, z = sorted(points)[:2]
+    slope = (points[z] - points[a]) / (z - a)
+    b = max(0, int(a + (room - points[a]) // slope)) if slope > 0 else (lo or 0)
+    if lo is not None:
+        b = max(b, lo)
+    if above:
+        b = min(b, above[0] - 1)
+    return b
 
 
 def validate(cfg: RunConfig, world_size: int = 1) -> dict:
@@ -162,16 +185,20 @@ def format_report(r: dict) -> list[str]:
     lines.append(f"  the peak: {r['where']}")
     if r["peak_step_host_bytes"]:
         lines.append(f"  host memory held during the step (offloaded): {r['peak_step_host_bytes'] / div:.2f} {unit}")
-    if r.get("peak_host_bytes") is not None:
-        lines.append(f"  rank 0's host at start-up: {r['peak_host_bytes'] / div:.2f} {unit} (the whole model built "
-                     "once on the CPU to fill every rank's shards)")
+    if r.get("peak_host_bytes") is not None and r["path"] == "fsdp2":
+        lines.append(f"  rank 0's host at start-up: with --init-from {r['peak_host_bytes_init_from'] / div:.2f} {unit} "
+                     "(each rank reads its own rows of one tensor at a time; the buffers); without it "
+                     f"{r['peak_host_bytes'] / div:.2f} {unit} (the whole model, built once on the CPU)")
+    elif r.get("peak_host_bytes") is not None:
+        lines.append("  host at start-up: the model is built on the GPU; --init-from reads each weight file whole "
+                     f"while copying it (the whole model: {r['peak_host_bytes'] / div:.2f} {unit})")
     verdict = ", ".join(f"{g} GiB {'yes' if ok else 'no'}" for g, ok in r["fits"].items())
     lines.append(f"  fits (peak <= {r['usable']:.0%} of the card): {verdict}")
     if "largest" in r:
         big = r["largest"]
-        lines.append("  largest micro-batch that fits: " + ", ".join(
-            f"{g} GiB {big[g]['batch']}" + (f" ({big[g]['tokens_per_rank']:,} tokens)" if big[g]["tokens_per_rank"]
-                                            else "") for g in r["fits"]))
+        lines.append("  largest micro-batch that fits (* measured): " + ", ".join(
+            f"{g} GiB {big[g]['batch']}{'*' if big[g]['checked'] else ''}"
+            + (f" ({big[g]['tokens_per_rank']:,} tokens)" if big[g]["tokens_per_rank"] else "") for g in r["fits"]))
     lines.append(f"  not covered: {r['not_covered']}")
     lines.append(f"  measured in {r['seconds']:.0f} s on fake tensors (torch {r['torch']}, {r['date']})")
     return lines

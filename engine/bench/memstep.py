@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import time
 import warnings
 from dataclasses import dataclass, replace
@@ -108,6 +109,18 @@ def startup_host_bytes(cfg: RunConfig) -> int:
         model = build_model(bench_config(cfg).model)
     tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
     return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def largest_shard_bytes(cfg: RunConfig, world_size: int) -> int:
+    """The most host memory a rank's `--init-from` read holds at once (`reca.engine.shards`): its
+    rows of the largest tensor (in the model's dtype), besides the buffers."""
+    from reca.models import build_model
+
+    with torch.device("meta"):
+        model = build_model(bench_config(cfg).model)
+    largest = max(-(-p.shape[0] // world_size) * math.prod(p.shape[1:]) * p.element_size() if p.dim()
+                  else p.element_size() for p in model.parameters())
+    return largest + sum(b.numel() * b.element_size() for b in model.buffers())
 
 
 # --- building the step ------------------------------------------------------------------------
