@@ -103,7 +103,11 @@ def build(cfg: RunConfig, *, rank: int = 0, world_size: int = 1,
 
         update = GraphStep(train_step)
     params = [p for p in model.parameters() if p.requires_grad]
-    ema = EMA(model, cfg.train.ema) if cfg.train.ema else None  # after init_from: it starts from those weights
+    if cfg.train.ema and cfg.train.ema_on_host and cfg.train.cuda_graph:
+        raise UserError("train.ema_on_host copies the weights to the host inside the step, which a CUDA graph "
+                        "cannot hold; turn off train.cuda_graph (or train.mode=fast) or train.ema_on_host")
+    # after init_from: the EMA starts from those weights
+    ema = EMA(model, cfg.train.ema, on_host=cfg.train.ema_on_host) if cfg.train.ema else None
     return Components(cfg, device, model, ops, objectives, loaders, builders, optimizer, scheduler, generator,
                       params, update, ema)
 

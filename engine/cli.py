@@ -1,5 +1,6 @@
 """`reca` command line: `reca train`, `reca sample`, `reca export`, `reca info`, `reca bench step`,
-`reca bench batch`, and `reca launch` (torchrun with reca's endings: `reca.engine.launch`).
+`reca bench batch`, `reca bench memory`, and `reca launch` (torchrun with reca's endings:
+`reca.engine.launch`).
 
 User errors (a missing folder, an unknown preset or config key, a GPU asked for and absent)
 print one line on stderr and exit with status 2; no traceback.
@@ -86,6 +87,18 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--no-baseline", action="store_true",
                    help="under torchrun: skip rank 0's one-device baseline (a model that does not fit one device)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    y = bsub.add_parser("memory", help="peak memory per rank of a preset's training step, measured on fake tensors "
+                                       "(no GPU), beside reca info's projection", epilog=EPILOG)
+    y.add_argument("--preset", default="tiny", help="named preset, or module:function returning a RunConfig")
+    y.add_argument("--world-size", type=int, default=1, metavar="N",
+                   help="ranks: 1 = one process (reca train), N > 1 = one rank of an FSDP2 job of N")
+    y.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    y.add_argument("--cards", default="80,48,40", help="card sizes in GiB the verdicts name (comma-separated)")
+    y.add_argument("--largest", action="store_true",
+                   help="also find the largest micro-batch that fits each card (a few more measured steps)")
+    y.add_argument("--validate", action="store_true",
+                   help="measure the step on fake and on real CPU tensors and print measured_over_real (tiny presets)")
+    y.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     m = bsub.add_parser("batch", help="the largest micro-batch of a preset that trains on this device", epilog=EPILOG)
     m.add_argument("--preset", default="tiny", help="named preset, or module:function returning a RunConfig")
     m.add_argument("--max", type=int, help="largest batch tried (default: the preset's micro-batch)")
@@ -232,6 +245,9 @@ def _info(args) -> None:
 
 
 def _bench(args) -> None:
+    if args.bench == "memory":
+        _bench_memory(args)
+        return
     if args.bench == "batch":
         from reca.engine.bench.batch import bench_batch
 
@@ -262,6 +278,34 @@ def _under_torchrun() -> bool:
     import os
 
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ  # distributed.launched
+
+
+def _bench_memory(args) -> None:
+    from reca.engine.config import apply_overrides
+    from reca.engine.presets import preset
+
+    if args.world_size < 1:
+        raise UserError("--world-size must be at least 1")
+    try:
+        cards = tuple(int(c) for c in args.cards.split(",") if c.strip())
+    except ValueError:
+        raise UserError(f"--cards takes card sizes in GiB, e.g. 80,48,40; got {args.cards!r}") from None
+    if not cards or min(cards) < 1:
+        raise UserError(f"--cards takes card sizes in GiB, e.g. 80,48,40; got {args.cards!r}")
+    cfg = apply_overrides(preset(args.preset), args.set)
+    if args.validate:
+        from reca.engine.bench.memreport import validate
+
+        v = validate(cfg, args.world_size)
+        print(f"reca bench memory --validate: {args.preset} at {args.world_size} rank(s): peak {v['fake']:,} bytes on "
+              f"fake tensors, {v['real']:,} on real CPU tensors; measured_over_real {v['measured_over_real']:.4f}")
+        if args.json:
+            Path(args.json).write_text(json.dumps({"preset": args.preset, "world_size": args.world_size, **v}, indent=2))
+        return
+    from reca.engine.bench.memreport import bench_memory
+
+    bench_memory(cfg, name=args.preset, world_size=args.world_size, cards=cards, largest=args.largest,
+                 json_out=args.json)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -137,13 +137,15 @@ def compile_ops(ops: KernelOps) -> KernelOps:
     return ops.map(lambda _, op: torch.compile(op, fullgraph=True, dynamic=False))
 
 
-def apply_checkpointing(model: nn.Module, every: int) -> list[str]:
+def apply_checkpointing(model: nn.Module, every: int, device_type: str | None = None) -> list[str]:
     """Activation checkpointing from outside, over the blocks `apply_compile` compiles: every
     `every`-th trainable block (1 = all, 2 = half ...; 0 = none) recomputes its forward in the
     backward, trading compute for activation memory. The block's `forward` is wrapped on the
     instance, so parameter names, `Module.compile` (applied after, as torchtitan orders them) and
     later sharding see the same module. Frozen blocks are left alone (no activation they keep is
-    needed by a gradient of theirs). Returns the names of the blocks checkpointed."""
+    needed by a gradient of theirs). `device_type` fixes the options to that device's (default: the
+    device of the block's inputs; `reca bench memory` runs CUDA's on fake CPU tensors). Returns
+    the names of the blocks checkpointed."""
     if every <= 0:
         return []
     from reca.models.layers import checkpoint_kwargs
@@ -152,7 +154,8 @@ def apply_checkpointing(model: nn.Module, every: int) -> list[str]:
     done = []
     for i, (name, block) in enumerate(trainable):
         if i % every == 0:
-            block.forward = _checkpointed(block.forward, {d: checkpoint_kwargs(block, d) for d in ("cpu", "cuda")})
+            kwargs = {d: checkpoint_kwargs(block, device_type or d) for d in ("cpu", "cuda")}
+            block.forward = _checkpointed(block.forward, kwargs)
             done.append(name)
     return done
 
@@ -167,7 +170,28 @@ def _checkpointed(forward, kwargs: dict[str, dict]):
         if not torch.is_grad_enabled():  # previews, evaluation: nothing to save or recompute
             return forward(*args, **kw)
         cuda = any(isinstance(a, torch.Tensor) and a.is_cuda for a in (*args, *kw.values()))
-        return checkpoint(forward, *args, **kwargs["cuda" if cuda else "cpu"], **kw)
+        opts = kwargs["cuda" if cuda else "cpu"]
+        fn = _uncached(forward, "cuda" if cuda else "cpu") if "context_fn" in opts else forward
+        return checkpoint(fn, *args, **opts, **kw)
+
+    return run
+
+
+def _uncached(forward, device_type: str):
+    """`forward` with autocast's cache of low-precision weight copies off. Selective
+    checkpointing counts the ops of a region in the forward and again in the recomputation;
+    with the cache on, a block that runs twice in one forward (Harmon's MAR encoder: the visual
+    prompt, then the masked tokens) finds its weights already cast the second time, while the
+    recomputation, under an autocast of its own, casts them again: the counts differ and the
+    backward fails ("_to_copy ... not found in storage"). The copies inside the region are
+    recomputed in the backward either way, so turning the cache off there keeps nothing more."""
+
+    @functools.wraps(forward)
+    def run(*args, **kw):
+        if not torch.is_autocast_enabled(device_type):
+            return forward(*args, **kw)
+        with torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type), cache_enabled=False):
+            return forward(*args, **kw)
 
     return run
 

@@ -199,6 +199,7 @@ class TrainConfig:
     attention: Attention = "sdpa"  # flash (flash-attn): causal only, refused for RecA masks
     checkpoint_every: int = 0  # activation checkpointing: recompute every k-th block (engine/compile.py find_blocks) in the backward; 1 = all, 0 = none
     ema: float = 0.0  # decay of an exponential moving average of the trained weights, updated every step (BAGEL: 0.9999); 0 = none
+    ema_on_host: bool = False  # keep the EMA (each rank's shard of it) in host memory; the update copies the trained weights there once a step
 
     def __post_init__(self) -> None:
         _literals(self)
@@ -238,6 +239,12 @@ class DistributedConfig:
     strategy: Literal["ddp", "fsdp"] = "fsdp"
     replicate: int = 1  # fsdp across nodes (HSDP): shard within groups of world_size / replicate ranks
     cpu_offload: bool = False  # fsdp: sharded parameters, gradients and AdamW state in host memory
+    # fsdp with train.init_from: every rank reads its own shards from the weight files (reca.engine.shards);
+    # false: rank 0 builds the whole model on the CPU and sends every rank its shards (the seed's draws as one process)
+    init_from_shards: bool = True
+    # fsdp with optim.grad_accum > 1: reduce-scatter every micro-batch's gradients (one reduce-scatter each) instead of
+    # keeping them unsharded, in fp32, until the step's last micro-batch (4 bytes a trained parameter on every rank)
+    reduce_every_micro_batch: bool = False
     keep_checkpoints: int = 2  # RUN/step-N/ folders kept (the newest)
 
     def __post_init__(self) -> None:

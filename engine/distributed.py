@@ -113,17 +113,18 @@ def _attempt_store(r: Rank):
 job_store = None  # torchrun's store without an attempt's prefix, once this rank has joined
 
 
-def build_on_ranks(cfg: RunConfig, r: Rank, whole: torch.nn.Module | None):
+def build_on_ranks(cfg: RunConfig, r: Rank, whole: torch.nn.Module | None, stream: bool = False):
     """Every rank: the run's components, with this rank's share of the data. Under fsdp the
     model is built on the meta device, sharded and filled from `whole`, rank 0's copy on the CPU
-    (`reca.engine.fsdp`; None on the other ranks, and under ddp, where every rank builds it)."""
+    (`reca.engine.fsdp`; None on the other ranks, and under ddp, where every rank builds it), or
+    with `stream` by every rank from `train.init_from`'s files (`reca.engine.shards`)."""
     from reca.engine.build import build
 
     place = None
     if cfg.distributed.strategy == "fsdp":
         from reca.engine.fsdp import sharded_model
 
-        place = functools.partial(sharded_model, r=r, whole=whole)
+        place = functools.partial(sharded_model, r=r, whole=whole, stream=stream)
     return build(cfg, rank=r.rank, world_size=r.world_size, place=place)
 
 
@@ -151,7 +152,10 @@ def apply_strategy(c, r: Rank):
         ddp = DistributedDataParallel(c.model, device_ids=[c.device.index] if c.device.type == "cuda" else None,
                                       find_unused_parameters=True)
         return replace(c, model=_SyncOnLast(ddp, accum, lambda on: setattr(ddp, "require_backward_grad_sync", on)))
-    return replace(c, model=_SyncOnLast(c.model, accum, c.model.set_requires_gradient_sync))
+    from reca.engine.fsdp import set_gradient_sync
+
+    every = 1 if c.cfg.distributed.reduce_every_micro_batch else accum  # 1: each micro-batch reduces
+    return replace(c, model=_SyncOnLast(c.model, every, functools.partial(set_gradient_sync, c.model)))
 
 
 class _SyncOnLast:
@@ -262,6 +266,7 @@ def _train_ranks(cfg: RunConfig, r: Rank, device: torch.device, run: Path, resum
     from reca.engine.logger import Logger
     from reca.engine.optim import lr_factor
     from reca.engine.rundir import read_run_config, replace_run
+    from reca.engine.shards import sharded_fingerprint, streams
     from reca.engine.train import StopFlag, next_batches, write_config
 
     cfg = replace(cfg, train=replace(cfg.train, device=str(device)))
@@ -287,13 +292,16 @@ def _train_ranks(cfg: RunConfig, r: Rank, device: torch.device, run: Path, resum
 
     agreed(check, r)  # every rank reads the run; should one read it otherwise, they still end alike
     extra = dcp.verify(folder, r) if resume and folder is not None else None  # every file's sha256, first
-    whole = whole_on_rank0(cfg, r)
+    stream = streams(cfg, from_single=resume and folder is None)  # each rank its shards from the files
+    whole = None if stream else whole_on_rank0(cfg, r)
     full = None  # a one-process checkpoint.pt: under fsdp into rank 0's copy, before sharding
     if resume and folder is None and cfg.distributed.strategy == "fsdp":
         full = on_rank0(lambda: dcp.single_into_copy(run, whole, cfg), r)
     frozen = frozen_fingerprint(whole) if whole is not None else None
-    c = build_on_ranks(cfg, r, whole)
+    c = build_on_ranks(cfg, r, whole, stream)
     whole = None  # the shards are filled: rank 0's host copy goes
+    if stream:
+        frozen = sharded_fingerprint(c.model)  # every rank: its shards' sums, all-reduced
     cfg = c.cfg
     if resume and folder is None and cfg.distributed.strategy == "ddp":
         full = dcp.load_single(run, c)  # every rank holds the whole model: loaded as one process does

@@ -6,6 +6,12 @@ device and in its own type: under FSDP2 the parameters are sharded DTensors, so 
 parameters have no shadow: their EMA is themselves (BAGEL's EMA copies the whole model but only
 updates the trainable flat parameters, so the frozen part stays equal to the model's).
 
+`on_host=True` (`train.ema_on_host`) keeps the shadows (each rank's shard of them) in host
+memory: 4 bytes a trained fp32 parameter (/ N under FSDP) leave the device. The update then
+copies each trained weight to the host and lerps there: a host sync and a device-to-host copy
+of the trained weights every step (about 0.3 s a step for BAGEL's 7B trained on 4 ranks at
+~20 GB/s), the same arithmetic (`lerp`) on the same values.
+
     ema = EMA(model, decay=0.9999)
     ...optimizer.step(); ema.update()          # one fused foreach lerp, no host sync
     state = ema.state_dict(); ema.load_state_dict(state)   # checkpoints
@@ -21,20 +27,24 @@ import torch.nn as nn
 
 
 class EMA:
-    def __init__(self, model: nn.Module, decay: float = 0.9999):
+    def __init__(self, model: nn.Module, decay: float = 0.9999, on_host: bool = False):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
-        self.model, self.decay = model, decay
+        self.model, self.decay, self.on_host = model, decay, on_host
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
         params = dict(model.named_parameters())
         self.params = [params[n] for n in self.names]
         with torch.no_grad():
-            self.shadows = [p.detach().clone() for p in self.params]
+            self.shadows = [_host_copy(p) if on_host else p.detach().clone() for p in self.params]
 
     @torch.no_grad()
     def update(self) -> None:
         """shadow <- decay * shadow + (1 - decay) * param, for every trained parameter."""
-        torch._foreach_lerp_(self.shadows, [p.detach() for p in self.params], 1.0 - self.decay)
+        if not self.on_host:
+            torch._foreach_lerp_(self.shadows, [p.detach() for p in self.params], 1.0 - self.decay)
+            return
+        for s, p in zip(self.shadows, self.params):  # one weight at a time: no host copy of them all
+            _local(s).lerp_(_local(p).to("cpu"), 1.0 - self.decay)
 
     def state_dict(self) -> dict:
         return {"decay": self.decay, "shadows": dict(zip(self.names, self.shadows))}
@@ -76,3 +86,22 @@ class EMA:
         with self.swapped() as model:
             model.export(str(path))
         return path
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A tensor's own storage: this rank's shard of a DTensor (FSDP2), else the tensor."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t.detach()
+
+
+def _host_copy(p: torch.Tensor) -> torch.Tensor:
+    """A host copy of `p` (this rank's shard of it, as a DTensor on `p`'s mesh: checkpoints and
+    `swapped` treat it as they treat `p`)."""
+    from torch.distributed.tensor import DTensor
+
+    local = _local(p).to("cpu", copy=True)
+    if isinstance(p, DTensor):
+        return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                  stride=p.stride())
+    return local

@@ -2,8 +2,10 @@
 
     every rank   build on the meta device (no memory, no init) -> `speed_up` (checkpointing,
                  compile) -> `fully_shard` per block of `find_blocks`, then the root ->
-                 `to_empty` (storage for its own shards only) -> filled from rank 0
-    rank 0       also builds the whole model on the CPU as a one-process run does
+                 `to_empty` (storage for its own shards only) -> filled from rank 0, or with
+                 `train.init_from` from the weight files, each rank reading its own shards
+                 (`reca.engine.shards`; `distributed.init_from_shards`, on by default)
+    rank 0       without that, also builds the whole model on the CPU as a one-process run does
                  (`seeded_model`: the seed's weights, `train.init_from`; a resumed one-process
                  checkpoint's trainable weights go into it too) and streams it one tensor at a
                  time: `set_model_state_dict(..., broadcast_from_rank0=True)` sends each whole
@@ -58,9 +60,11 @@ def whole_copy(cfg: RunConfig) -> nn.Module:
     return seeded_model(cfg, get_ops("torch"), torch.device("cpu"))  # a source of weights: never run
 
 
-def sharded_model(cfg: RunConfig, ops, device: torch.device, *, r, whole: nn.Module | None) -> nn.Module:
+def sharded_model(cfg: RunConfig, ops, device: torch.device, *, r, whole: nn.Module | None,
+                  stream: bool = False) -> nn.Module:
     """`build`'s `place` under FSDP: the model built on meta, sharded, and filled from `whole`
-    (rank 0's copy; None on the other ranks). See the module."""
+    (rank 0's copy; None on the other ranks), or with `stream` from `train.init_from`'s files by
+    every rank (`reca.engine.shards`). See the module."""
     from reca.engine.build import speed_up
     from reca.models import build_model
 
@@ -81,7 +85,13 @@ def sharded_model(cfg: RunConfig, ops, device: torch.device, *, r, whole: nn.Mod
                     mod._buffers[name] = buf.to(device)
     else:
         model.to_empty(device=device)
-    fill_from_rank0(model, whole, r)
+    if stream:
+        from reca.engine.shards import fill_from_files
+
+        model.init_from_report = fill_from_files(model, cfg)
+        _no_meta_left(model)
+    else:
+        fill_from_rank0(model, whole, r)
     return model
 
 
@@ -100,20 +110,28 @@ def fill_from_rank0(model: nn.Module, whole: nn.Module | None, r) -> None:
         if r.main:
             buf.copy_(theirs[name])
         dist.broadcast(buf, src=0)
+    _no_meta_left(model)
+
+
+def _no_meta_left(model: nn.Module) -> None:
     left = [f"{m}.{k}" for m, mod in model.named_modules() for k, v in vars(mod).items()
             if isinstance(v, torch.Tensor) and v.is_meta]
     if left:  # a tensor held as a plain attribute: no FSDP API sees it; the family must register it
         raise RuntimeError(f"tensors left on the meta device after sharding (register them as buffers): {left[:3]}")
 
 
-def fully_shard_model(model: nn.Module, cfg: RunConfig, r, device: torch.device) -> None:
-    """`fully_shard` on every block of `find_blocks`, then the root (see the module)."""
+def fully_shard_model(model: nn.Module, cfg: RunConfig, r, device: torch.device, *,
+                      as_device: str | None = None) -> None:
+    """`fully_shard` on every block of `find_blocks`, then the root (see the module). `as_device`:
+    the mixed precision and offload of that device type on `device` (`reca bench memory` shards
+    fake CPU tensors as a CUDA job does; pinning needs an accelerator, and moves no bytes)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     from reca.engine.compile import find_blocks
 
-    if cfg.distributed.cpu_offload and device.type != "cuda":  # FSDP2's offload moves shards to an accelerator
+    kind = as_device or device.type
+    if cfg.distributed.cpu_offload and kind != "cuda":  # FSDP2's offload moves shards to an accelerator
         raise UserError("distributed.cpu_offload needs CUDA devices (on the CPU every shard is in host memory already)")
     rep = cfg.distributed.replicate
     if r.world_size % rep:
@@ -122,11 +140,11 @@ def fully_shard_model(model: nn.Module, cfg: RunConfig, r, device: torch.device)
         mesh = init_device_mesh(device.type, (rep, r.world_size // rep), mesh_dim_names=("replicate", "shard"))
     else:
         mesh = init_device_mesh(device.type, (r.world_size,), mesh_dim_names=("shard",))
-    bf16 = device.type == "cuda" and cfg.train.precision != "fp32"
+    bf16 = kind == "cuda" and cfg.train.precision != "fp32"
     kw = {"mesh": mesh, "mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
                                                           reduce_dtype=torch.float32)}
     if cfg.distributed.cpu_offload:
-        kw["offload_policy"] = CPUOffloadPolicy()
+        kw["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")
     for _, block in find_blocks(model):
         if not _shares_outside(model, block):  # a tensor tied across units: the root's unit holds it once
             fully_shard(block, **kw)
@@ -141,3 +159,18 @@ def _shares_outside(model: nn.Module, block: nn.Module) -> bool:
     mine = {id(p) for p in block.parameters()}
     return any(id(p) in mine for m in model.modules() if id(m) not in inside for p in m._parameters.values()
                if p is not None)
+
+
+def set_gradient_sync(model: nn.Module, on: bool) -> None:
+    """`set_requires_gradient_sync(on)` on the sharded model, but never off for a block whose
+    parameters are all frozen: FSDP2 (torch 2.13) fails in the backward of an accumulated
+    micro-batch on a block that has never run a forward, such as a VAE decoder in training
+    ("'FSDPParam' object has no attribute '_unsharded_param'"), while its reducing path skips
+    such a block; a frozen block has no gradient to reduce either way."""
+    from torch.distributed.fsdp import FSDPModule
+
+    model.set_requires_gradient_sync(on)
+    if not on:
+        for m in model.modules():
+            if isinstance(m, FSDPModule) and m is not model and not any(p.requires_grad for p in m.parameters()):
+                m.set_requires_gradient_sync(True, recurse=False)

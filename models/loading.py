@@ -40,6 +40,7 @@ from safetensors.torch import load_file
 Rule = Union[str, Callable[[str], bool]]  # a regular expression (re.search) or a predicate on the key
 _HEADERS = contextvars.ContextVar("reca_headers_only", default=False)
 _RECORD: contextvars.ContextVar = contextvars.ContextVar("reca_load_record", default=None)
+_MAPPED: contextvars.ContextVar = contextvars.ContextVar("reca_mapped", default=None)
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}
@@ -55,6 +56,32 @@ def headers_only():
         yield
     finally:
         _HEADERS.reset(token)
+
+
+@contextlib.contextmanager
+def mapped(model: torch.nn.Module):
+    """Inside, files are read a slice at a time (`reca.models.mapped`): `load_into` copies into
+    `model`'s real tensors and, for its meta ones, records the file's tensor under its full name
+    in the yielded `Mapped`'s `sink`, for `Mapped.read` to read each rank's rows of later."""
+    from reca.models.mapped import Mapped
+
+    m = Mapped({id(mod): f"{name}." if name else "" for name, mod in model.named_modules()})
+    token = _MAPPED.set(m)
+    try:
+        yield m
+    finally:
+        _MAPPED.reset(token)
+        m.close()
+
+
+def copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """`dst.copy_(src)` where a family fills part of a tensor itself (Show-o's resized embedding
+    rows): nothing with `headers_only`, or where `dst` is a meta tensor (`mapped`)."""
+    if _HEADERS.get() or dst.is_meta:
+        return
+    m = _MAPPED.get()
+    with torch.no_grad():
+        dst.copy_(m.read(src) if m is not None else src)
 
 
 @contextlib.contextmanager
@@ -93,13 +120,19 @@ def _safetensors_file(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _read_safetensors_file(path: Path) -> dict[str, torch.Tensor]:
-    if not _HEADERS.get():
+    m = _MAPPED.get()
+    if not _HEADERS.get() and m is None:
         return load_file(str(path))
     with safe_open(str(path), framework="pt") as f:
         out = {}
         for key in f.keys():
             part = f.get_slice(key)
-            out[key] = torch.empty(part.get_shape(), dtype=_DTYPES.get(part.get_dtype(), torch.float32), device="meta")
+            dtype = _DTYPES.get(part.get_dtype())
+            if dtype is None and m is not None:
+                raise ValueError(f"{path}: {key} is {part.get_dtype()}, a type reca does not read")
+            out[key] = torch.empty(part.get_shape(), dtype=dtype or torch.float32, device="meta")
+            if m is not None:
+                m.register(out[key], path, key)
         return out
 
 
@@ -128,6 +161,8 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         if _HEADERS.get():
             state = torch.load(path, map_location="meta", weights_only=True, mmap=True)
+        elif _MAPPED.get() is not None:  # pages are read as each rank copies its rows
+            state = _load_mmap(path)
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, ImportError) as e:
@@ -141,6 +176,15 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path}: not a state dict of tensors")
     return state
+
+
+def _load_mmap(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):  # only the pre-1.6 format cannot be memory-mapped: it is read whole
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _matcher(rules: Iterable[Rule]) -> Callable[[str], bool]:
@@ -171,10 +215,14 @@ def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], where: st
     if missing:
         raise ValueError(f"{where}: the checkpoint lacks {_count(missing, 'parameter')} of this model, e.g. {missing[0]}")
     matched = [k for k in state if k in own]
+    m = _MAPPED.get()
     if not _HEADERS.get():
         with torch.no_grad():
             for key in matched:
-                own[key].copy_(state[key])
+                if m is not None and own[key].is_meta:  # read later, a shard at a time
+                    m.sink[m.prefix(module) + key] = state[key]
+                else:
+                    own[key].copy_(m.read(state[key]) if m is not None else state[key])
     record = _RECORD.get()
     if record is not None:
         loaded, dropped = record["files"].get(where, (0, 0))

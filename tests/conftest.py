@@ -29,7 +29,7 @@ INTEGRATION_MODULES = {
     "test_package.py", "test_cli.py", "test_bench.py", "test_compile_sm90.py", "test_benchmarks_smoke.py",
     "test_promises.py", "test_distributed.py", "test_fsdp.py", "test_sample_cli.py", "test_data_signals.py",
     "test_torchrun_refusals.py", "test_torchrun_resume.py", "test_dcp_integrity.py",
-    "test_adapter_cli.py",
+    "test_adapter_cli.py", "test_init_from_shards.py",
 }
 
 

@@ -23,8 +23,10 @@ their own dtype and gathered in bf16, gradients reduced and kept in fp32):
                  loss head's logits, the allocator's fragmentation, the CUDA context.
 
 A card fits when the total is at most `usable` of its memory (90%: the rest for the CUDA
-context, NCCL buffers and fragmentation). Host memory: rank 0 builds the whole model on the CPU
-once, in the dtypes it trains in, to fill every rank's shards (`reca.engine.fsdp`).
+context, NCCL buffers and fragmentation). Host memory: without `train.init_from`, rank 0 builds the
+whole model on the CPU once, in the dtypes it trains in, to fill every rank's shards
+(`reca.engine.fsdp`); with it each rank reads its own (`reca.engine.shards`). `reca bench memory`
+measures what this projects (`reca.engine.bench.memstep`).
 """
 from __future__ import annotations
 
@@ -40,7 +42,8 @@ _BF16, _FP32 = 2, 4
 
 def memory_per_rank(model: nn.Module, cfg, world_sizes=WORLD_SIZES) -> dict:
     """{"rows": [{"world_size", "parameters", "gradients", "optimizer", "gathered", "activations",
-    "total", "fits"} in bytes], "card_bytes", "tokens_per_sample"} for a (meta-device) model."""
+    "total", "fits"} in bytes ("ema": the EMA's part of "optimizer")], "card_bytes",
+    "tokens_per_sample"} for a (meta-device) model."""
     params = list(model.parameters())
     trainable = [p for p in params if p.requires_grad]
     param_bytes = sum(p.numel() * p.element_size() for p in params)
@@ -56,7 +59,8 @@ def memory_per_rank(model: nn.Module, cfg, world_sizes=WORLD_SIZES) -> dict:
     rows = []
     for n in world_sizes:
         row = {"world_size": n, "parameters": param_bytes / n, "gradients": _FP32 * train_numel / n,
-               "optimizer": (2 * _FP32 * train_numel + ema_bytes) / n, "gathered": float(gathered),
+               "optimizer": (2 * _FP32 * train_numel + ema_bytes) / n, "ema": ema_bytes / n,
+               "gathered": float(gathered),
                "activations": float(activations)}
         row["total"] = sum(row[k] for k in ("parameters", "gradients", "optimizer", "gathered", "activations"))
         row["fits"] = row["total"] <= USABLE * card
@@ -129,7 +133,8 @@ def format_table(report: dict, asked: int | None = None) -> list[str]:
                      f"{r['optimizer'] / gib:>7.1f}  {r['gathered'] / gib:>8.1f}  {r['activations'] / gib:>7.1f}  "
                      f"{r['total'] / gib:>7.1f}  {'yes' if r['fits'] else 'no'}{mark}")
     lines.append(f"  rank 0's host holds the whole model once at the start ({report['rank0_host_bytes'] / gib:.1f} "
-                 "GiB: every rank's shards are filled from it, then it is freed)")
+                 "GiB: every rank's shards are filled from it, then it is freed), unless --init-from's files "
+                 "fill them (each rank reads its own)")
     fitting = [r["world_size"] for r in report["rows"] if r["fits"]]
     lines.append(f"  fits an {report['card_bytes'] / gib:.0f} GiB card from {fitting[0]} rank(s)" if fitting
                  else "  fits no listed world size: raise the ranks, lower data.batch_size or set "

@@ -71,19 +71,30 @@ def frozen_fingerprint(model: torch.nn.Module) -> dict[str, str]:
     for name, p in model.named_parameters():
         if p.requires_grad or p.is_meta:
             continue
-        flat = p.detach().reshape(-1)
-        words = flat.view(torch.uint8) if flat.element_size() == 1 else flat.view(torch.int16)
-        total = torch.zeros(2, dtype=torch.int64, device=p.device)
-        for start in range(0, words.numel(), _CHUNK):
-            w = words[start : start + _CHUNK].to(torch.int64)
-            pos = torch.arange(start, start + w.numel(), device=p.device, dtype=torch.int64) % _MOD + 1
-            total[0] += w.sum()
-            total[1] += (w * pos).sum()
         names.append((name, p))
-        sums.append(total)
+        sums.append(word_sums(p.detach(), 0))
     values = torch.stack(sums).cpu().tolist() if sums else []  # the one host read
-    return {name: f"{str(p.dtype).removeprefix('torch.')} {list(p.shape)} {a:x} {b:x}"
-            for (name, p), (a, b) in zip(names, values)}
+    return {name: fingerprint_line(p, a, b) for (name, p), (a, b) in zip(names, values)}
+
+
+def word_sums(t: torch.Tensor, first: int) -> torch.Tensor:
+    """[sum of the words, sum of word x (position % 65521 + 1)] (int64, on t's device) of `t`'s
+    raw bits, `t` being the elements of a whole tensor from its element `first` on (a shard:
+    sums of shards add up to the whole's)."""
+    flat = t.reshape(-1)
+    words = flat.view(torch.uint8) if flat.element_size() == 1 else flat.view(torch.int16)
+    offset = first * max(1, flat.element_size() // 2)
+    total = torch.zeros(2, dtype=torch.int64, device=t.device)
+    for start in range(0, words.numel(), _CHUNK):
+        w = words[start : start + _CHUNK].to(torch.int64)
+        pos = (torch.arange(start, start + w.numel(), device=t.device, dtype=torch.int64) + offset) % _MOD + 1
+        total[0] += w.sum()
+        total[1] += (w * pos).sum()
+    return total
+
+
+def fingerprint_line(p: torch.Tensor, a: int, b: int) -> str:
+    return f"{str(p.dtype).removeprefix('torch.')} {list(p.shape)} {a:x} {b:x}"
 
 
 def fingerprint_conflict(saved: dict[str, str], now: dict[str, str]) -> str | None:

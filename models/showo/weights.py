@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from reca.models.loading import (INV_FREQ, POSITION_IDS, check_release_config, expected_fields, last_layers,
-                                 load_into, read_checkpoint, read_safetensors)
+from reca.models.loading import (INV_FREQ, POSITION_IDS, check_release_config, copy_into, expected_fields,
+                                 last_layers, load_into, read_checkpoint, read_safetensors)
 
 PREFIXES = ("showo.", "mm_projector.")
 _IGNORED = ("rotary_emb.inv_freq",)
@@ -68,16 +68,11 @@ def _phi(model, state: dict[str, torch.Tensor]) -> int:
             if key in state and state[key].shape[0] != own[key].shape[0]:
                 if state[key].shape[0] < text:
                     raise ValueError(f"phi/: {key} has {state[key].shape[0]} rows, fewer than the {text} text tokens")
-                if not _headers_only(state[key]):
-                    own[key][:text].copy_(state[key][:text])
+                copy_into(own[key][:text], state[key][:text])
                 state.pop(key)
                 resized.add(key)
     return load_into(model.showo, state, "phi/", unused=(INV_FREQ,),
                      optional=(QK_NORM, lambda k: k in resized)) + len(resized)
-
-
-def _headers_only(t: torch.Tensor) -> bool:
-    return t.device.type == "meta"
 
 
 def load_pretrained(model, directory: str | Path) -> dict[str, int]:
