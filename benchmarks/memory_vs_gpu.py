@@ -30,8 +30,8 @@ def main() -> None:
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     # bcfe344's models.layers.checkpoint_kwargs
-    layers.checkpoint_kwargs = lambda module, device_type="cuda": {"use_reentrant": False,
-                                                                   "preserve_rng_state": has_dropout(module)}
+    layers.checkpoint_kwargs = lambda module, device_type="cuda", captured=False: {
+        "use_reentrant": False, "preserve_rng_state": has_dropout(module)}
     rows = {}
     for b, gpu in H200.items():
         m = measure_step(apply_overrides(preset("harmon-1.5b"), ["mix.cycle=recon", f"data.batch_size={b}"]))

@@ -116,7 +116,7 @@ def speed_up(model: torch.nn.Module, cfg: RunConfig) -> torch.nn.Module:
     """Attention backend, activation checkpointing and per-block compile, applied from outside
     in torchtitan's order (checkpointing, compile, then any sharding) -> the same module."""
     set_attention(model, cfg.train.attention)
-    apply_checkpointing(model, cfg.train.checkpoint_every)
+    apply_checkpointing(model, cfg.train.checkpoint_every, captured=cfg.train.cuda_graph)
     if cfg.train.compile:
         apply_compile(model)
     return model

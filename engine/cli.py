@@ -156,10 +156,25 @@ def _train(args) -> None:
             from reca.engine.ending import ended
 
             ended(cfg.output.dir, lambda: train(cfg, resume=bool(args.resume), quiet=args.quiet))
+            _leave_group()
         else:
             train(cfg, resume=bool(args.resume), quiet=args.quiet)
     except Stopped as e:  # checkpoint written, message printed: exit as a shell expects (130, 143)
+        if launched():
+            _leave_group()
         sys.exit(e.exit_status)
+
+
+def _leave_group() -> None:
+    """A torchrun rank whose job ended well leaves the process group before the interpreter
+    exits: a gloo group still alive at exit is torn down with the process's statics and can
+    abort it ("terminate called without an active exception", status -6: a finished job reported
+    as failed by torchrun)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _sample(args) -> None:

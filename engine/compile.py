@@ -137,15 +137,18 @@ def compile_ops(ops: KernelOps) -> KernelOps:
     return ops.map(lambda _, op: torch.compile(op, fullgraph=True, dynamic=False))
 
 
-def apply_checkpointing(model: nn.Module, every: int, device_type: str | None = None) -> list[str]:
+def apply_checkpointing(model: nn.Module, every: int, device_type: str | None = None,
+                        captured: bool = False) -> list[str]:
     """Activation checkpointing from outside, over the blocks `apply_compile` compiles: every
     `every`-th trainable block (1 = all, 2 = half ...; 0 = none) recomputes its forward in the
     backward, trading compute for activation memory. The block's `forward` is wrapped on the
     instance, so parameter names, `Module.compile` (applied after, as torchtitan orders them) and
     later sharding see the same module. Frozen blocks are left alone (no activation they keep is
     needed by a gradient of theirs). `device_type` fixes the options to that device's (default: the
-    device of the block's inputs; `reca bench memory` runs CUDA's on fake CPU tensors). Returns
-    the names of the blocks checkpointed."""
+    device of the block's inputs; `reca bench memory` runs CUDA's on fake CPU tensors);
+    `captured`: the step is a CUDA graph (`train.cuda_graph`), whose blocks with dropout save
+    their random ops rather than rewind the generator (`models.layers.checkpoint_kwargs`).
+    Returns the names of the blocks checkpointed."""
     if every <= 0:
         return []
     from reca.models.layers import checkpoint_kwargs
@@ -154,7 +157,7 @@ def apply_checkpointing(model: nn.Module, every: int, device_type: str | None = 
     done = []
     for i, (name, block) in enumerate(trainable):
         if i % every == 0:
-            kwargs = {d: checkpoint_kwargs(block, device_type or d) for d in ("cpu", "cuda")}
+            kwargs = {d: checkpoint_kwargs(block, device_type or d, captured) for d in ("cpu", "cuda")}
             block.forward = _checkpointed(block.forward, kwargs)
             done.append(name)
     return done

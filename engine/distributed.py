@@ -364,6 +364,7 @@ def _train_ranks(cfg: RunConfig, r: Rank, device: torch.device, run: Path, resum
                 logger.close()
             c.close()
     dist.barrier()
+    dist.destroy_process_group(host)  # its gloo threads: a process that trains again makes another
     if not launched():
         dist.destroy_process_group()  # the group of one: a later run in this process makes its own
     if stopping:

@@ -98,24 +98,26 @@ def has_dropout(module: nn.Module) -> bool:
     return False
 
 
-def checkpoint_kwargs(module: nn.Module, device_type: str = "cuda") -> dict:
+def checkpoint_kwargs(module: nn.Module, device_type: str = "cuda", captured: bool = False) -> dict:
     """Non-reentrant checkpointing whose recomputation sees the forward's random draws.
 
-    A block that draws no random numbers needs nothing. On CUDA, a block with dropout saves
-    every op ATen tags `nondeterministic_seeded` instead of recomputing it (selective
-    checkpointing: a dropout's output and mask, an attention's output and philox seed), so the
-    backward never replays the generator. Why not the RNG rewind (`preserve_rng_state`) there:
-    it reads and resets the CUDA generator, and compiled blocks turn it into graph-safe generator
-    states of their own, which a CUDA graph captured outside the compiler does not know
+    A block that draws no random numbers needs nothing. A block with dropout rewinds the
+    generator for its recomputation (`preserve_rng_state`), except in a step captured as a CUDA
+    graph (`captured`, on CUDA): there it saves every op ATen tags `nondeterministic_seeded`
+    instead of recomputing it (selective checkpointing: a dropout's output and mask, an
+    attention's output and philox seed), so the backward never replays the generator. Why: the
+    rewind reads and resets the CUDA generator, and compiled blocks turn it into graph-safe
+    generator states of their own, which a CUDA graph captured outside the compiler does not know
     (harmon-1.5b's fast step failed so on the H200, 2026-12-04: "Attempt to increase offset for a
-    CUDA generator not in capture mode"). The price is those saved tensors, in such blocks only.
-    On the CPU, dropout is an in-place `bernoulli_` whose result is then scaled in place, which
-    selective checkpointing cannot keep; nothing is captured there, so the CPU generator is
-    rewound instead."""
+    CUDA generator not in capture mode"). The price is those saved tensors, in such blocks only
+    and only in a captured step: harmon-1.5b's 48 images a micro-batch need 144 GiB on one GPU
+    with them, 88 GiB without (`reca bench memory`; README "Memory"). On the CPU, dropout is an
+    in-place `bernoulli_` whose result is then scaled in place, which selective checkpointing
+    cannot keep, and nothing is captured: the generator is always rewound there."""
     kwargs = {"use_reentrant": False, "preserve_rng_state": False}
     if not has_dropout(module):
         return kwargs
-    if device_type != "cuda":
+    if device_type != "cuda" or not captured:
         return {**kwargs, "preserve_rng_state": True}
     from torch.utils.checkpoint import create_selective_checkpoint_contexts
 

@@ -143,6 +143,7 @@ def _worker(root: Path) -> None:
     if os.environ["TORCHELASTIC_RESTART_COUNT"] != "0":  # attempt 1: every cut-off run goes on by itself
         for name, strategy in CONFIGS:
             train_distributed(cfg(name, strategy, root / f"elastic-{name}-{strategy}"), quiet=True)
+        dist.destroy_process_group()  # before exit: a gloo group torn down with the statics can abort the rank
         return
     rank = int(os.environ["RANK"])
     for name, strategy in CONFIGS:

@@ -19,6 +19,7 @@ import torch
 
 from reca.engine.bench.fake import CATEGORIES
 from reca.engine.bench.memory import USABLE, memory_per_rank
+from reca.engine.build import resolve_mode
 from reca.engine.bench.memstep import bench_config, largest_shard_bytes, measure_step, startup_host_bytes, uses_fsdp
 from reca.engine.config import RunConfig, apply_overrides
 from reca.engine.errors import UserError
@@ -50,8 +51,9 @@ def bench_memory(cfg: RunConfig, *, name: str, world_size: int, cards: tuple[int
 def memory_report(cfg: RunConfig, world_size: int, *, cards: tuple[int, ...] = CARDS_GIB,
                   startup: bool = True) -> dict:
     """One measured step with its projection and verdicts (bytes; see `format_report`)."""
+    captured = resolve_mode(cfg, torch.device("cuda")).train.cuda_graph  # train.mode=fast: a CUDA graph
     cfg = bench_config(cfg)
-    m = measure_step(cfg, world_size)
+    m = measure_step(cfg, world_size, captured=captured)
     projected = projection(cfg, world_size)
     peak = m["peak_device_bytes"]
     report = {
@@ -59,7 +61,8 @@ def memory_report(cfg: RunConfig, world_size: int, *, cards: tuple[int, ...] = C
                 "not a GPU run",
         "world_size": world_size, "path": "fsdp2" if uses_fsdp(cfg, world_size) else "one process",
         "batch": cfg.data.batch_size, "grad_accum": cfg.optim.grad_accum, "cycle": list(cfg.mix.cycle),
-        "tokens_per_rank": m["pack_tokens"], "checkpoint_every": cfg.train.checkpoint_every, "ema": cfg.train.ema,
+        "tokens_per_rank": m["pack_tokens"], "checkpoint_every": cfg.train.checkpoint_every, "cuda_graph": captured,
+        "ema": cfg.train.ema,
         "cpu_offload": cfg.distributed.cpu_offload, "ema_on_host": _ema_on_host(cfg),
         "peak_device_bytes": peak, "categories": m["categories"], "where": m["where"],
         "peak_step_host_bytes": m["peak_step_host_bytes"],
@@ -169,6 +172,8 @@ def format_report(r: dict) -> list[str]:
            else "one process (reca train on one GPU)")
     tokens = f" ({r['tokens_per_rank']:,} tokens a pack)" if r.get("tokens_per_rank") else ""
     options = [f"checkpoint_every={r['checkpoint_every']}"]
+    if r.get("cuda_graph") and r["checkpoint_every"]:
+        options.append("a CUDA graph's step (random ops saved in checkpointed blocks with dropout)")
     if r["ema"]:
         options.append(f"EMA {r['ema']}" + (" on the host" if r["ema_on_host"] else ""))
     if r["cpu_offload"]:

@@ -58,11 +58,17 @@ def uses_fsdp(cfg: RunConfig, world_size: int) -> bool:
     return world_size > 1 or cfg.distributed.cpu_offload
 
 
-def measure_step(cfg: RunConfig, world_size: int = 1, *, fake: bool = True) -> dict:
+def measure_step(cfg: RunConfig, world_size: int = 1, *, fake: bool = True, captured: bool | None = None) -> dict:
     """One steady-state optimizer step of `cfg` on one rank of `world_size` -> {"peak_device_bytes",
     "categories" (bytes per `CATEGORIES` at that peak), "where", "peak_step_host_bytes" (host
     memory the step holds: offloaded shards, the EMA on the host), "pack_tokens" (BAGEL: the
-    longest pack of a micro-batch, else None), "seconds"}."""
+    longest pack of a micro-batch, else None), "seconds"}. `captured`: the step is a CUDA graph,
+    whose checkpointed blocks with dropout save their random ops (default: what `cfg`'s
+    train.mode resolves to on CUDA; give it for a config already through `bench_config`)."""
+    from reca.engine.build import resolve_mode
+
+    if captured is None:  # a CUDA graph's step saves its random ops in checkpointed blocks
+        captured = resolve_mode(cfg, torch.device("cuda")).train.cuda_graph
     cfg = bench_config(cfg)
     if world_size > 1 and cfg.distributed.strategy != "fsdp":
         raise UserError("reca bench memory measures distributed.strategy=fsdp across ranks")
@@ -71,13 +77,13 @@ def measure_step(cfg: RunConfig, world_size: int = 1, *, fake: bool = True) -> d
         # torch's ModTracker doubts its module stack when a checkpointed block recomputes; the
         # peaks do not depend on it (the tracker's own note: categories may mix, totals do not)
         warnings.filterwarnings("ignore", message="The module hierarchy tracking")
-        return _measure(cfg, world_size, fake, t0)
+        return _measure(cfg, world_size, fake, t0, captured)
 
 
-def _measure(cfg: RunConfig, world_size: int, fake: bool, t0: float) -> dict:
+def _measure(cfg: RunConfig, world_size: int, fake: bool, t0: float, captured: bool = False) -> dict:
     group = world_size if uses_fsdp(cfg, world_size) else 0
     with _fake_mode(fake), _fake_group(group), cuda_like() as packs:
-        c, r = _components(cfg, world_size)
+        c, r = _components(cfg, world_size, captured)
         _prime_optimizer(c)
         host = _host_categories(cfg)
         if r is None:
@@ -154,7 +160,7 @@ def _fake_group(world_size: int):
         dist.destroy_process_group()
 
 
-def _components(cfg: RunConfig, world_size: int):
+def _components(cfg: RunConfig, world_size: int, captured: bool = False):
     """(`build.Components` on the CPU, as the CUDA run builds them; the fake rank or None)."""
     from reca.engine.build import Components
     from reca.engine.compile import apply_checkpointing, find_blocks, set_attention
@@ -176,7 +182,7 @@ def _components(cfg: RunConfig, world_size: int):
     set_attention(model, cfg.train.attention)
     for _, block in find_blocks(model):
         block.forward = in_recompute(block.forward)
-    apply_checkpointing(model, cfg.train.checkpoint_every, device_type="cuda")
+    apply_checkpointing(model, cfg.train.checkpoint_every, device_type="cuda", captured=captured)
     if r is not None:
         from reca.engine.fsdp import fully_shard_model
 
